@@ -1,0 +1,296 @@
+"""N:M sparse linear: ``y = x @ W^T (+ bias)`` with ``W`` in the ``NMWeight`` layout, fp32 accumulation.
+
+Inputs (see ``sparsecore.formats.nm`` for the byte layout):
+* ``x``: ``[M, K]`` fp16/bf16/fp32, any strides (the kernel reads through both strides, so a transposed
+  or sliced activation costs no copy; a unit K stride coalesces best);
+* ``values``: ``[N, S]`` contiguous, ``S = K * n / m``, same dtype as ``x``;
+* ``positions``: uint8 ``[N, ceil(S * log2(m) / 8)]`` contiguous, per-row little-endian bit streams;
+* ``bias``: ``[N]`` contiguous or ``None``.
+Output ``y``: new contiguous ``[M, N]`` in ``x``'s dtype.
+
+Design. Decode (M = 1..64) is memory bound: each program owns ``BLOCK_N`` weight rows and streams their
+compressed values and positions exactly once, expanding a dense ``[BLOCK_N, BLOCK_G * m]`` tile in
+registers (a ``where`` over the m in-group positions of each of the n slots) that is reused for all
+``BLOCK_M`` activation rows. For ``BLOCK_M < 16`` the tile is consumed by broadcast-multiply-and-sum on
+the CUDA cores; from 16 rows on by ``tl.dot``. When even 16-row blocks of N cannot fill the GPU
+(N < ~16 * #SMs), K is split over ``SPLIT_K`` programs writing fp32 partials that are summed in a
+fixed order afterwards (deterministic; no atomics). Block sizes are autotuned per
+(M bucket, N, K, n, m, SPLIT_K, dtype).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["nm_matmul", "nm_matmul_ref", "choose_split_k", "m_bucket"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_BITS = {4: 2, 8: 3}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def m_bucket(m_rows: int) -> int:
+    """Autotune bucket of the row count: next power of two up to 64, then 128 for every larger M."""
+    return min(triton.next_power_of_2(max(1, m_rows)), 128)
+
+
+def _configs() -> list[triton.Config]:
+    cfgs = []
+    # CUDA-core (GEMV-like) configs for M <= 8: one weight stream, BLOCK_M rows re-use the expanded tile.
+    for bm, bn, bk, warps in ((1, 16, 256, 4), (1, 32, 256, 4), (1, 8, 512, 4), (1, 16, 512, 8), (1, 64, 128, 4),
+                              (2, 16, 256, 4), (2, 32, 128, 4), (2, 16, 512, 8),
+                              (4, 16, 256, 8), (4, 32, 128, 4), (4, 16, 128, 4),
+                              (8, 16, 128, 8), (8, 8, 256, 8), (8, 32, 64, 4)):
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": False},
+                                  num_warps=warps, num_stages=3))
+    # Tensor-core configs: 16..64 rows (decode/small batch) and large M (prefill).
+    for bm, bn, bk, warps, stages in ((16, 32, 128, 4, 3), (16, 64, 128, 4, 3), (16, 64, 256, 8, 3),
+                                      (32, 64, 128, 4, 3), (32, 32, 256, 4, 3), (64, 64, 128, 4, 3),
+                                      (64, 128, 64, 8, 3), (64, 32, 128, 4, 4),
+                                      (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 128, 8, 3),
+                                      (128, 256, 64, 8, 3)):
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": True},
+                                  num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep the configs made for this M bucket; a single one under the interpreter (no benchmarking there)."""
+    args = {**named_args, **kwargs}
+    bucket, m_dense = args["M_BUCKET"], args["MS"]
+    if bucket <= 8:
+        keep = [c for c in configs if not c.kwargs["USE_DOT"] and c.kwargs["BLOCK_M"] == bucket]
+    elif bucket <= 64:
+        keep = [c for c in configs if c.kwargs["USE_DOT"] and 16 <= c.kwargs["BLOCK_M"] <= bucket
+                and c.kwargs["BLOCK_N"] <= 64]
+    else:
+        keep = [c for c in configs if c.kwargs["USE_DOT"] and c.kwargs["BLOCK_M"] >= 64]
+    keep = [c for c in keep if c.kwargs["BLOCK_K"] >= m_dense]
+    if _INTERPRET:
+        # One small config under the interpreter: same code path, no benchmarking, few numpy steps.
+        c = keep[0]
+        kw = dict(c.kwargs, BLOCK_N=16, BLOCK_K=max(32, m_dense))
+        if c.kwargs["USE_DOT"]:
+            kw["BLOCK_M"] = 16
+        return [triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)]
+    return keep
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "NS", "MS", "SPLIT_K"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _nm_matmul_kernel(
+    x_ptr, v_ptr, p_ptr, b_ptr, y_ptr,
+    M, N, K, K_PER_SPLIT, M_BUCKET, SPLIT_K,
+    stride_xm, stride_xk, stride_vn, stride_pn, stride_ys, stride_ym,
+    NS: tl.constexpr, NS_P2: tl.constexpr, MS: tl.constexpr, BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    BLOCK_G: tl.constexpr = BLOCK_K // MS           # groups per K step
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)              # (BM,)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)              # (BN,)
+    ar_g = tl.arange(0, BLOCK_G)                                  # (BG,)
+    ar_j = tl.arange(0, NS_P2)                                    # (NP,) slot within group, padded to 2^x
+    ar_p = tl.arange(0, MS)                                       # (m,)  position within group
+    ar_k = tl.arange(0, BLOCK_K)                                  # (BK,)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    row_bytes = (K // MS * NS * BITS + 7) // 8
+
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    g_end = k_end // MS
+
+    # 3-D (BN, BG, NP) views of this program's slots; slot s = g * n + j.
+    v_rows = v_ptr + offs_n[:, None, None].to(tl.int64) * stride_vn
+    p_rows = p_ptr + offs_n[:, None, None].to(tl.int64) * stride_pn
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        g = k0 // MS + ar_g                                               # (BG,)
+        slot = g[None, :, None] * NS + ar_j[None, None, :]                # (1, BG, NP)
+        s_ok = n_ok[:, None, None] & (g[None, :, None] < g_end) & (ar_j[None, None, :] < NS)
+        vals = tl.load(v_rows + slot, mask=s_ok, other=0.0)             # (BN, BG, NP)
+        bit = slot * BITS
+        byte = bit // 8
+        shift = bit % 8
+        word = tl.load(p_rows + byte, mask=s_ok, other=0).to(tl.int32)
+        if BITS == 3:  # a 3-bit field may straddle into the next byte
+            hi = tl.load(p_rows + byte + 1, mask=s_ok & (byte + 1 < row_bytes), other=0).to(tl.int32)
+            word = word | (hi << 8)
+        pos = (word >> shift) & (MS - 1)                                  # (BN, BG, NP)
+        # Dense tile: w[r, g, p] = value of the slot whose position is p (positions are distinct), else 0.
+        hit = pos[:, :, :, None] == ar_p[None, None, None, :]             # (BN, BG, NP, m)
+        w3 = tl.sum(tl.where(hit, vals[:, :, :, None], 0.0), axis=2)      # (BN, BG, m)
+        w = tl.reshape(w3, (BLOCK_N, BLOCK_K)).to(vals.dtype)             # (BN, BK)
+
+        offs_k = k0 + ar_k
+        x_ok = m_ok[:, None] & (offs_k[None, :] < k_end)
+        x = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk, mask=x_ok, other=0.0)  # (BM, BK)
+        if USE_DOT:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    y_offs = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    if PARTIAL:
+        tl.store(y_ptr + pid_k * stride_ys + y_offs, acc, mask=out_ok)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a small pretend GPU
+
+
+def choose_split_k(m_rows: int, n_out: int, k_dim: int, m: int, num_sms: int) -> int:
+    """How many K slices to run: 1 unless 16-row blocks of N leave SMs idle at decode sizes.
+
+    Each slice keeps at least 256 dense K elements so that a slice still streams a useful amount.
+    """
+    if m_rows > 64:
+        return 1
+    programs = triton.cdiv(n_out, 16)
+    if programs >= num_sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * num_sms, programs), k_dim // 256, 16))
+
+
+def _check(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
+           bias: Optional[torch.Tensor], dtypes: tuple[torch.dtype, ...] = _DTYPES) -> tuple[int, int, int]:
+    if not (isinstance(n, int) and isinstance(m, int)) or m not in _BITS or not 0 < n < m:
+        raise ValueError(f"n:m must be ints with m in (4, 8) and 0 < n < m, got n={n!r}, m={m!r}")
+    for name, t in (("x", x), ("values", values), ("positions", positions)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"x must be one of {[str(d) for d in dtypes]}, got {x.dtype}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"values dtype {values.dtype} must equal x dtype {x.dtype}")
+    if positions.dtype != torch.uint8:
+        raise TypeError(f"positions must be uint8, got {positions.dtype}")
+    m_rows, k_dim = x.shape
+    if values.dim() != 2 or positions.dim() != 2:
+        raise ValueError(f"values and positions must be 2-D, got {tuple(values.shape)} and {tuple(positions.shape)}")
+    n_out, slots = values.shape
+    if k_dim % m or slots != k_dim // m * n:
+        raise ValueError(f"x has K={k_dim}; {n}:{m} values need K % {m} == 0 and shape [N, {k_dim // m * n}], "
+                         f"got values {tuple(values.shape)}")
+    row_bytes = (slots * _BITS[m] + 7) // 8
+    if tuple(positions.shape) != (n_out, row_bytes):
+        raise ValueError(f"positions must have shape {(n_out, row_bytes)}, got {tuple(positions.shape)}")
+    if not values.is_contiguous() or not positions.is_contiguous():
+        raise ValueError("values and positions must be contiguous (pack them once; the kernel streams rows)")
+    if bias is not None:
+        if bias.shape != (n_out,) or bias.dtype != x.dtype or not bias.is_contiguous():
+            raise ValueError(f"bias must be a contiguous [{n_out}] {x.dtype} tensor, got "
+                             f"{bias.dtype} {tuple(bias.shape)}")
+    devices = {t.device for t in (x, values, positions) + ((bias,) if bias is not None else ())}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    return m_rows, n_out, k_dim
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the launcher allocates comes from here (tests swap in a NaN-filled version)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
+            bias: Optional[torch.Tensor], split_k: int) -> torch.Tensor:
+    m_rows, n_out, k_dim = x.shape[0], values.shape[0], x.shape[1]
+    y = _empty((m_rows, n_out), x.dtype, x.device)
+    if m_rows == 0 or n_out == 0:
+        return y
+    if k_dim == 0:
+        return y.zero_() if bias is None else y.copy_(bias.expand_as(y))
+    if split_k <= 0:
+        split_k = choose_split_k(m_rows, n_out, k_dim, m, _num_sms(x.device))
+    k_per_split = triton.cdiv(k_dim // m, split_k) * m
+    split_k = triton.cdiv(k_dim, k_per_split)  # no empty slices
+    partial = split_k > 1
+    out = _empty((split_k, m_rows, n_out), torch.float32, x.device) if partial else y
+    grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), split_k, triton.cdiv(m_rows, meta["BLOCK_M"]))  # noqa: E731
+    _nm_matmul_kernel[grid](
+        x, values, positions, bias if bias is not None else values, out,
+        m_rows, n_out, k_dim, k_per_split, m_bucket(m_rows), split_k,
+        x.stride(0), x.stride(1), values.stride(0), positions.stride(0),
+        out.stride(0) if partial else 0, out.stride(-2),
+        NS=n, NS_P2=triton.next_power_of_2(n), MS=m, BITS=_BITS[m],
+        HAS_BIAS=bias is not None, PARTIAL=partial,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )
+    if partial:
+        acc = out.sum(0)  # fixed-order reduction of the fp32 partials: deterministic
+        if bias is not None:
+            acc += bias.float()
+        y.copy_(acc)
+    return y
+
+
+@torch.library.custom_op("sparsecore::nm_matmul", mutates_args=())
+def _nm_matmul_op(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
+                  bias: Optional[torch.Tensor] = None, split_k: int = 0) -> torch.Tensor:
+    return _launch(x, values, positions, n, m, bias, split_k)
+
+
+@_nm_matmul_op.register_fake
+def _nm_matmul_fake(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
+                    bias: Optional[torch.Tensor] = None, split_k: int = 0) -> torch.Tensor:
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
+def nm_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
+              bias: Optional[torch.Tensor] = None, split_k: int = 0) -> torch.Tensor:
+    """``y [M, N] = x [M, K] @ W^T + bias`` with ``W`` given as N:M ``values [N, S]`` and ``positions``.
+
+    ``split_k``: 0 chooses automatically (see ``choose_split_k``); >= 1 forces that many K slices.
+    Runs as the opaque custom op ``torch.ops.sparsecore.nm_matmul``.
+
+    >>> p = NMWeight.from_dense(w, keep_n_of_m(w.abs(), 2, 4))
+    >>> y = nm_matmul(x, p.values, p.positions, 2, 4)   # == F.linear(x, p.to_dense())
+    """
+    _check(x, values, positions, n, m, bias)
+    if not isinstance(split_k, int) or split_k < 0:
+        raise ValueError(f"split_k must be an int >= 0, got {split_k!r}")
+    return torch.ops.sparsecore.nm_matmul(x, values, positions, n, m, bias, split_k)
+
+
+def nm_matmul_ref(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pure-torch ``nm_matmul`` on the same packed inputs (CPU fallback and benchmark provider).
+
+    Computes in fp32 for half inputs (float64 stays float64) and returns ``x``'s dtype.
+    """
+    _check(x, values, positions, n, m, bias, _DTYPES + (torch.float64,))
+    n_out, slots = values.shape
+    groups = slots // n
+    shifts = torch.arange(8, device=positions.device)
+    stream = ((positions.to(torch.int64)[..., None] >> shifts) & 1).reshape(n_out, -1)
+    bits = _BITS[m]
+    used = stream[:, : slots * bits].reshape(n_out, slots, bits)
+    pos = (used << torch.arange(bits, device=positions.device)).sum(-1).reshape(n_out, groups, n)
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = torch.zeros(n_out, groups, m, dtype=cdt, device=values.device)
+    w.scatter_(-1, pos, values.reshape(n_out, groups, n).to(cdt))
+    y = x.to(cdt) @ w.reshape(n_out, groups * m).t()
+    if bias is not None:
+        y = y + bias.to(cdt)
+    return y.to(x.dtype)

@@ -1,0 +1,253 @@
+"""spmm: ``y = x @ W^T + bias`` with W in the tiled-bitmap unstructured format.
+
+W ``[N, K]`` is given by the packed tensors of ``sparsecore.formats.unstructured`` (see its docstring
+for the byte layout): ``bitmap`` int32 ``[TN, TK, tile_n, tile_k // 32]``, ``values`` ``[nnz]`` and
+``tile_offsets`` int32 ``[TN * TK + 1]``.
+
+Work split. Program ``(i, s, b)`` owns output columns ``i*tile_n ..`` (one tile row of W), the ``s``-th
+of ``SPLIT_K`` contiguous chunks of that tile row's K tiles, and rows ``b*BLOCK_M ..`` of x. For every
+tile it streams the tile's bitmap words and its contiguous run of values once, expands them on chip
+(an exclusive prefix sum of the bits gives each kept entry's slot in the run), and multiplies by the
+x tile in fp32. Decode (M = 1, 4) reduces in registers; from M = 5 up ``tl.dot`` runs on a 16/32/64
+row block. ``SPLIT_K > 1`` gives enough programs at M = 1 (N = 4096 has only 256 tile rows for 132
+SMs) and accumulates fp32 partials with atomics into a zeroed workspace that is cast once at the end.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsecore.formats.unstructured import TILE_K_CHOICES, TILE_N_CHOICES, decode_matrix
+
+__all__ = ["spmm", "spmm_ref"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _spmm_kernel(
+    x_ptr, bitmap_ptr, values_ptr, offsets_ptr, bias_ptr, out_ptr, ws_ptr,
+    M, N, K, n_k_tiles, m_bucket,
+    stride_xm, stride_xk, stride_om,
+    HAS_BIAS: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    WORDS: tl.constexpr = TILE_K // 32
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                     # (BM,)
+    rn = tl.arange(0, TILE_N)                                        # (TN,)
+    rk = tl.arange(0, TILE_K)                                        # (TK,)
+    rw = tl.arange(0, WORDS)
+    word_offs = rn[:, None] * WORDS + rw[None, :]                    # (TN, W) inside one tile's bitmap
+    bit_shift = tl.arange(0, 32)
+
+    per_split = tl.cdiv(n_k_tiles, SPLIT_K)
+    t_begin = pid_k * per_split
+    t_end = tl.minimum(t_begin + per_split, n_k_tiles)
+    acc = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
+    for t in range(t_begin, t_end):
+        tile = pid_n * n_k_tiles + t
+        # Each word is read once, then fanned out to its 32 bits on chip.
+        words = tl.load(bitmap_ptr + tile.to(tl.int64) * (TILE_N * WORDS) + word_offs)       # (TN, W)
+        bits = (words[:, :, None] >> bit_shift[None, None, :]) & 1                        # (TN, W, 32)
+        bits = tl.reshape(bits, (TILE_N, TILE_K))                                          # (TN, TK)
+        # Slot of each kept entry in the tile's run of values: values before it in its row, plus
+        # values in the rows above it.
+        in_row = tl.cumsum(bits, axis=1) - bits
+        row_count = tl.sum(bits, axis=1)
+        row_start = tl.cumsum(row_count, axis=0) - row_count
+        base = tl.load(offsets_ptr + tile)
+        slot = base.to(tl.int64) + (row_start[:, None] + in_row)
+        w = tl.load(values_ptr + slot, mask=bits != 0, other=0.0)                          # (TN, TK)
+
+        kk = t * TILE_K + rk
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)                 # (BM, TK)
+        if BLOCK_M >= 16:
+            if DOT_UPCAST:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=DOT_PRECISION)
+            else:
+                acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        else:
+            # Decode: a dot would pad M to 16; a register reduction is cheaper at M <= 4.
+            prod = x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)            # (BM, TN, TK)
+            acc += tl.sum(prod, axis=2)
+
+    cols = pid_n * TILE_N + rn
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, b, 0.0)[None, :]                 # added by one split only
+    out_mask = (rm[:, None] < M) & (cols[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + rm[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(ws_ptr + rm[:, None] * N + cols[None, :], acc, mask=out_mask)
+
+
+def _zero_workspace(nargs: dict) -> None:
+    if nargs["SPLIT_K"] > 1:
+        nargs["ws_ptr"].zero_()
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    # More splits than K tiles only adds empty programs and atomics.
+    n_k_tiles = named_args["n_k_tiles"]
+    kept = [c for c in configs if c.kwargs["SPLIT_K"] <= max(1, n_k_tiles)]
+    return kept or configs[:1]
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET:  # the interpreter is slow and cannot time anything: one config
+        return [triton.Config({"SPLIT_K": 1}, num_warps=4, num_stages=1, pre_hook=_zero_workspace)]
+    return [triton.Config({"SPLIT_K": s}, num_warps=w, num_stages=st, pre_hook=_zero_workspace)
+            for s in (1, 2, 4, 8) for w in (4, 8) for st in (2, 3)]
+
+
+_spmm_autotuned = triton.autotune(configs=_configs(), key=["m_bucket", "N", "K", "HAS_BIAS", "BLOCK_M"],
+                                  prune_configs_by={"early_config_prune": _prune})(_spmm_kernel)
+
+
+def _block_m(m: int) -> int:
+    if m <= 4:
+        return triton.next_power_of_2(m)
+    return 16 if m <= 16 else (32 if m <= 32 else 64)
+
+
+def _m_bucket(m: int, block_m: int) -> int:
+    """Power-of-two count of row blocks: the autotuner keys on it (not on every distinct M)."""
+    return triton.next_power_of_2(triton.cdiv(m, block_m))
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation; a module-level hook so tests can poison it with NaN."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torch.Tensor, n: int,
+           bias: torch.Tensor | None) -> None:
+    for name, t in (("x", x), ("bitmap", bitmap), ("values", values), ("tile_offsets", tile_offsets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"spmm: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"spmm: x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"spmm: x dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    if values.dtype != x.dtype or values.dim() != 1:
+        raise TypeError(f"spmm: values must be 1-D {x.dtype} (x's dtype), got {values.dtype} {tuple(values.shape)}")
+    if bitmap.dtype != torch.int32 or bitmap.dim() != 4:
+        raise TypeError(f"spmm: bitmap must be int32 [TN, TK, tile_n, tile_k/32], got {bitmap.dtype} {tuple(bitmap.shape)}")
+    tn, tk, tile_n, words = bitmap.shape
+    if tile_n not in TILE_N_CHOICES or 32 * words not in TILE_K_CHOICES:
+        raise ValueError(f"spmm: bitmap tile {tile_n} x {32 * words} not in {TILE_N_CHOICES} x {TILE_K_CHOICES}")
+    k = x.shape[1]
+    if not isinstance(n, int) or n < 0 or -(-n // tile_n) != tn:
+        raise ValueError(f"spmm: n={n!r} does not match bitmap's {tn} tile rows of {tile_n}")
+    if -(-k // (32 * words)) != tk:
+        raise ValueError(f"spmm: x has K={k}, bitmap has {tk} tile columns of {32 * words}")
+    if tile_offsets.dtype != torch.int32 or tuple(tile_offsets.shape) != (tn * tk + 1,):
+        raise TypeError(f"spmm: tile_offsets must be int32 [{tn * tk + 1}], got {tile_offsets.dtype} "
+                        f"{tuple(tile_offsets.shape)}")
+    if bias is not None and (bias.dtype != x.dtype or tuple(bias.shape) != (n,)):
+        raise ValueError(f"spmm: bias must be {x.dtype} [{n}], got {bias.dtype} {tuple(bias.shape)}")
+    tensors = [("bitmap", bitmap), ("values", values), ("tile_offsets", tile_offsets)]
+    if bias is not None:
+        tensors.append(("bias", bias))
+    for name, t in tensors:
+        if t.device != x.device:
+            raise ValueError(f"spmm: {name} is on {t.device}, x on {x.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"spmm: {name} must be contiguous (pack it once, do not pass views)")
+    if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
+        raise ValueError(f"spmm: Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), x is on {x.device}")
+
+
+def _launch(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torch.Tensor, n: int,
+            bias: torch.Tensor | None, split_k: int) -> torch.Tensor:
+    m, k = x.shape
+    _, n_k_tiles, tile_n, words = bitmap.shape
+    out = _alloc((m, n), x.dtype, x.device)
+    if m == 0 or n == 0:
+        return out
+    ws = _alloc((m, n), torch.float32, x.device)
+    if values.numel() == 0:  # 100% sparse: every load is masked, but give the kernel a valid pointer
+        values = torch.zeros(1, dtype=x.dtype, device=x.device)
+    block_m = _block_m(m)
+    # Triton 3.9's interpreter mis-computes bf16 tl.dot (it multiplies the raw bits); on CPU the bf16
+    # tiles go through an exact fp32 dot instead. GPUs always take the native bf16 dot.
+    upcast = _INTERPRET and x.dtype == torch.bfloat16
+    args = (x, bitmap, values, tile_offsets, bias if bias is not None else out, out, ws,
+            m, n, k, n_k_tiles, _m_bucket(m, block_m), x.stride(0), x.stride(1), out.stride(0))
+    meta = dict(HAS_BIAS=bias is not None, TILE_N=tile_n, TILE_K=32 * words, BLOCK_M=block_m,
+                DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else None, DOT_UPCAST=upcast)
+    grid = lambda cfg: (bitmap.shape[0], cfg["SPLIT_K"], triton.cdiv(m, block_m))  # noqa: E731
+    if split_k > 0:
+        if split_k > 1:
+            ws.zero_()
+        _spmm_kernel[grid](*args, SPLIT_K=split_k, **meta)
+        used = split_k
+    else:
+        _spmm_autotuned[grid](*args, **meta)
+        used = _spmm_autotuned.best_config.kwargs["SPLIT_K"]
+    if used > 1:
+        out.copy_(ws)
+    return out
+
+
+@torch.library.custom_op("sparsecore::spmm", mutates_args=())
+def _spmm_op(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torch.Tensor, n: int,
+             bias: torch.Tensor | None = None, split_k: int = 0) -> torch.Tensor:
+    _check(x, bitmap, values, tile_offsets, n, bias)
+    return _launch(x, bitmap, values, tile_offsets, n, bias, split_k)
+
+
+@_spmm_op.register_fake
+def _spmm_fake(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torch.Tensor, n: int,
+               bias: torch.Tensor | None = None, split_k: int = 0) -> torch.Tensor:
+    return x.new_empty((x.shape[0], n))
+
+
+def spmm(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torch.Tensor, n: int,
+         bias: torch.Tensor | None = None, *, split_k: int | None = None) -> torch.Tensor:
+    """``y [M, N] = x [M, K] @ W^T + bias [N]`` with W packed as ``UnstructuredWeight`` tensors.
+
+    fp16, bf16 or fp32 (values, x and bias share the dtype); fp32 accumulation. ``x`` may have any
+    strides; packed tensors must be contiguous and on x's device. ``split_k`` forces the number of K
+    chunks (``None``: autotuned per (M block, N, K)). Runs as the opaque op ``torch.ops.sparsecore.spmm``.
+
+    >>> p = UnstructuredWeight.from_dense(w, mask)                      # w: (N, K) on CUDA
+    >>> y = spmm(x, p.bitmap, p.values, p.tile_offsets, p.n, bias)     # (M, N)
+    """
+    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"spmm: split_k must be a positive int or None, got {split_k!r}")
+    _check(x, bitmap, values, tile_offsets, n, bias)
+    return torch.ops.sparsecore.spmm(x, bitmap, values, tile_offsets, n, bias, split_k or 0)
+
+
+def spmm_ref(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torch.Tensor, n: int,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-torch ``spmm`` on the same packed inputs: decode W, then an fp32 matmul. Any device.
+
+    ``tile_offsets`` is implied by the bitmap (it is validated when the weight is loaded), so the
+    reference decodes from the bitmap's order alone.
+    """
+    _check_ref(x, bitmap, values, n)
+    w = decode_matrix(bitmap, values, n, x.shape[1])                  # (N, K)
+    y = x.float() @ w.float().t()
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)
+
+
+def _check_ref(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, n: int) -> None:
+    if x.dim() != 2 or x.dtype != values.dtype:
+        raise ValueError(f"spmm_ref: x must be 2-D with values' dtype {values.dtype}, got {x.dtype} {tuple(x.shape)}")
+    tk, tile_k = bitmap.shape[1], 32 * bitmap.shape[3]
+    if -(-x.shape[1] // tile_k) != tk or -(-n // bitmap.shape[2]) != bitmap.shape[0]:
+        raise ValueError(f"spmm_ref: x [M, {x.shape[1]}] and n={n} do not match bitmap {tuple(bitmap.shape)}")

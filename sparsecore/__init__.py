@@ -1,0 +1,23 @@
+"""sparsecore: sparse inference for pruned PyTorch models.
+
+Prune (masks) -> pack (formats) -> swap modules (``sparsify``) -> plan backends (``plan``) -> ``save``/``load``.
+
+>>> import sparsecore as sc
+>>> model = sc.sparsify(model, sc.SparsityConfig("nm", n=2, m=4), example_inputs=(x,))
+>>> sc.save(model, "model.sparsecore.safetensors")
+"""
+__version__ = "0.1.0"
+
+from .backends import Backend, BackendUnavailable  # noqa: E402
+from .config import SparsityConfig  # noqa: E402
+from .formats import ChannelWeight, FormatError, NMWeight, PackedWeight, UnstructuredWeight  # noqa: E402
+from .io import FileFormatError, load, read, save  # noqa: E402
+from .masks import PatternError  # noqa: E402
+from .modules import SparseConv2d, SparseLinear, pack  # noqa: E402
+from .planner import plan  # noqa: E402
+from .pruning.magnitude import magnitude_masks  # noqa: E402
+from .sparsify import sparse_modules, sparsify  # noqa: E402
+
+__all__ = ["Backend", "BackendUnavailable", "SparsityConfig", "ChannelWeight", "FormatError", "NMWeight",
+           "PackedWeight", "UnstructuredWeight", "FileFormatError", "load", "read", "save", "PatternError",
+           "SparseConv2d", "SparseLinear", "pack", "plan", "magnitude_masks", "sparse_modules", "sparsify"]

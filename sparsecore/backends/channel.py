@@ -1,0 +1,1 @@
+"""Backends for the channel format (filled in by its owner)."""

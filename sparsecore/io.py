@@ -1,0 +1,177 @@
+"""Save and load packed models: one safetensors file plus a versioned JSON header. No pickle.
+
+File layout: a standard safetensors file whose tensors are ``model.state_dict()`` (packed buffers of sparse
+layers included, shared tensors stored once) and whose metadata holds one key, ``"sparsecore"``, a JSON
+document::
+
+    {"format": "sparsecore", "version": 1,
+     "layers": {fqn: {"type": "linear"|"conv2d", "packed": <format meta>, "tensors": [names],
+                      "in_channels": int, "conv": {...}, "backend": "auto"}},
+     "aliases": {key: stored_key}, "crc32": {key: int}, "config": {...} | null,
+     "torch": "2.x", "sparsecore": "0.1.0"}
+
+Loading needs the dense model's skeleton (same architecture, any weights): the sparse layers named in the
+header replace its Linear/Conv2d modules, then every tensor is loaded strictly. Each tensor's CRC-32 is
+checked, so a flipped byte names the tensor it hit.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import SparsityConfig
+from .formats import FORMATS
+from .formats.base import FormatError
+from .modules import SparseConv2d, SparseLinear
+from .sparsify import sparse_modules, swap_module
+
+__all__ = ["save", "load", "read", "SavedModel", "FileFormatError", "FILE_VERSION"]
+
+FILE_VERSION = 1
+_KEY = "sparsecore"
+
+
+class FileFormatError(ValueError):
+    """The file is not a readable sparsecore model (foreign, truncated, corrupt or a newer version)."""
+
+
+@dataclass
+class SavedModel:
+    """What a file holds: the parsed header and the tensors by state-dict key."""
+
+    header: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+
+
+def save(model: nn.Module, path: str | Path, config: SparsityConfig | None = None) -> Path:
+    """Write ``model`` (sparse layers packed) to ``path`` as safetensors + JSON header. Returns the path."""
+    from safetensors.torch import save_file
+
+    layers = {}
+    for fqn, mod in sparse_modules(model).items():
+        entry: dict[str, Any] = {"type": mod.op, "packed": mod.packed.state()[1], "tensors": list(mod._tensor_names),
+                                 "backend": mod.backend.value}
+        if isinstance(mod, SparseConv2d):
+            c = mod.conv
+            entry["in_channels"] = mod.in_channels
+            entry["conv"] = {"stride": list(c.stride), "padding": list(c.padding), "dilation": list(c.dilation),
+                             "groups": c.groups}
+        layers[fqn] = entry
+    tensors, aliases, seen = {}, {}, {}
+    for key, t in model.state_dict().items():
+        t = t.detach()
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and ident in seen:  # tied tensors: store once
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = t.cpu().contiguous()
+    header = {"format": _KEY, "version": FILE_VERSION, "layers": layers, "aliases": aliases,
+              "crc32": {k: _crc(t) for k, t in tensors.items()},
+              "config": config.to_json() if config is not None else None,
+              "torch": torch.__version__, "sparsecore": __version__}
+    path = Path(path)
+    save_file(tensors, str(path), metadata={_KEY: json.dumps(header)})
+    return path
+
+
+def read(path: str | Path) -> SavedModel:
+    """Read and validate a file without a model: header checks, CRCs, tensors on CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise FileFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if _KEY not in meta:
+        raise FileFormatError(f"{path} is a safetensors file but not a sparsecore model (no {_KEY!r} header)")
+    try:
+        header = json.loads(meta[_KEY])
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f"{path}: sparsecore header is not valid JSON: {e}") from None
+    if not isinstance(header, dict) or header.get("format") != _KEY:
+        raise FileFormatError(f"{path}: header does not declare format {_KEY!r}")
+    if header.get("version") != FILE_VERSION:
+        raise FileFormatError(f"{path}: file version {header.get('version')!r}, this sparsecore reads version {FILE_VERSION}")
+    for field, kind in (("layers", dict), ("aliases", dict), ("crc32", dict)):
+        if not isinstance(header.get(field), kind):
+            raise FileFormatError(f"{path}: header field {field!r} missing or not a {kind.__name__}")
+    if set(header["crc32"]) != set(tensors):
+        raise FileFormatError(f"{path}: tensors {sorted(set(tensors) ^ set(header['crc32']))} disagree with the header")
+    for key, t in tensors.items():
+        if _crc(t) != header["crc32"][key]:
+            raise FileFormatError(f"{path}: tensor {key!r} fails its CRC-32 check (corrupt data)")
+    for key, target in header["aliases"].items():
+        if target not in tensors:
+            raise FileFormatError(f"{path}: alias {key!r} points to missing tensor {target!r}")
+        tensors[key] = tensors[target]
+    return SavedModel(header, tensors)
+
+
+def _build_layer(fqn: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor], skeleton: nn.Module) -> nn.Module:
+    kind = entry.get("packed", {}).get("kind")
+    if kind not in FORMATS:
+        raise FileFormatError(f"layer {fqn!r}: unknown packed format {kind!r}; known {sorted(FORMATS)}")
+    names = entry.get("tensors")
+    if not isinstance(names, list):
+        raise FileFormatError(f"layer {fqn!r}: header lacks its tensor list")
+    try:
+        packed_tensors = {n: tensors[f"{fqn}.packed_{n}" if fqn else f"packed_{n}"] for n in names}
+    except KeyError as e:
+        raise FileFormatError(f"layer {fqn!r}: missing tensor {e}") from None
+    try:
+        packed = FORMATS[kind].from_state(packed_tensors, entry["packed"])
+    except FormatError as e:
+        raise FileFormatError(f"layer {fqn!r}: {e}") from None
+    bias = tensors.get(f"{fqn}.bias")
+    expect = nn.Linear if entry.get("type") == "linear" else nn.Conv2d
+    if not isinstance(skeleton, (expect, SparseLinear, SparseConv2d)):
+        raise ValueError(f"layer {fqn!r}: the file holds a sparse {entry.get('type')}, the model has {type(skeleton).__name__}")
+    if tuple(skeleton.weight.shape if hasattr(skeleton, "weight") else skeleton.packed.shape) != tuple(packed.shape):
+        shape = skeleton.weight.shape if hasattr(skeleton, "weight") else skeleton.packed.shape
+        raise ValueError(f"layer {fqn!r}: file weight shape {packed.shape} != model weight shape {tuple(shape)}")
+    if entry["type"] == "linear":
+        return SparseLinear(packed, bias, entry.get("backend", "auto"))
+    c = entry["conv"]
+    return SparseConv2d(packed, bias, entry["in_channels"], tuple(c["stride"]), tuple(c["padding"]),
+                        tuple(c["dilation"]), c["groups"], entry.get("backend", "auto"))
+
+
+def load(path: str | Path, model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """Load a file written by ``save`` into ``model``, a skeleton of the same dense architecture.
+
+    The skeleton's Linear/Conv2d layers named in the file become sparse; every tensor is loaded strictly
+    (a missing or unexpected key raises). ``device`` moves the result (default: where it was read, CPU).
+    """
+    saved = read(path)
+    modules = dict(model.named_modules())
+    for fqn, entry in saved.header["layers"].items():
+        if fqn not in modules:
+            raise ValueError(f"the file has sparse layer {fqn!r}, the model has no such module")
+        layer = _build_layer(fqn, entry, saved.tensors, modules[fqn])
+        swap_module(model, fqn, layer.train(modules[fqn].training))
+    param = next(iter(model.parameters()), None)
+    target = param.device if param is not None else torch.device("cpu")
+    model.to("cpu")
+    # assign=True keeps the file's dtypes (a float16 file loads as float16, whatever the skeleton's dtype).
+    missing, unexpected = model.load_state_dict(saved.tensors, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this model: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    return model.to(device if device is not None else target)

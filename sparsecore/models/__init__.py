@@ -1,0 +1,1 @@
+"""Model definitions used by tests, benchmarks and the demo (no downloads)."""

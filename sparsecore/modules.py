@@ -1,0 +1,201 @@
+"""SparseLinear and SparseConv2d: drop-in replacements holding a packed weight.
+
+They look like the modules they replace (``in_features``/``out_features`` or ``in_channels``/...,
+``[out, in]`` weight semantics via ``dense_weight()``, ``bias``, ``extra_repr``). The packed tensors are
+buffers, so ``.to(device)``, ``.half()`` and ``state_dict()`` carry them. Execution goes through a
+backend (see ``sparsecore.backends``): ``backend="auto"`` runs the planner's choice for the current
+batch size when the layer was planned, and the masked dense weight otherwise (never slower than dense by
+construction); any other value forces that backend and raises ``BackendUnavailable`` if it cannot run.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backends import Backend, BackendImpl, ConvParams, resolve
+from .formats import FORMATS, PackedWeight
+from .formats.base import dtype_name
+
+__all__ = ["SparseLinear", "SparseConv2d", "pack", "m_bucket"]
+
+
+def pack(weight: torch.Tensor, mask: torch.Tensor, pattern: str, n: int = 2, m: int = 4) -> PackedWeight:
+    """Pack ``weight`` under ``mask`` in the format of ``pattern`` ("nm", "unstructured", "channel")."""
+    if pattern not in FORMATS:
+        raise ValueError(f"pattern must be one of {sorted(FORMATS)}, got {pattern!r}")
+    params = {"n": n, "m": m} if pattern == "nm" else {}
+    return FORMATS[pattern].from_dense(weight.detach(), mask, **params)
+
+
+def m_bucket(rows: int) -> int:
+    """Planner key for a batch of ``rows`` activation rows: the next power of two (1, 2, 4, ...)."""
+    return 1 if rows <= 1 else 1 << (rows - 1).bit_length()
+
+
+class _SparseBase(nn.Module):
+    """Shared machinery: packed tensors as buffers, per-backend prepared state, backend choice."""
+
+    op: str
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, backend: Backend | str) -> None:
+        super().__init__()
+        tensors, meta = packed.state()
+        self._meta: dict[str, Any] = dict(meta)
+        self._tensor_names = tuple(tensors)
+        for name, t in tensors.items():
+            self.register_buffer(f"packed_{name}", t)
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.backend = Backend(backend)
+        self.plan: dict[int, Backend] = {}  # m_bucket -> backend, filled by sparsecore.planner
+        self._packed: PackedWeight = packed
+        self._prepared: dict[Backend, Any] = {}
+        self._resolved: dict[tuple, tuple[BackendImpl, Any]] = {}
+
+    # -- packed weight ---------------------------------------------------------------------------
+    @property
+    def packed(self) -> PackedWeight:
+        return self._packed
+
+    def dense_weight(self) -> torch.Tensor:
+        """The masked dense weight (``[out, in]`` or ``[C_out, C_in, kh, kw]``), materialised anew."""
+        return self._packed.to_dense()
+
+    def _rebuild(self) -> None:
+        tensors = {name: getattr(self, f"packed_{name}") for name in self._tensor_names}
+        floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        if len(floats) == 1:
+            self._meta["dtype"] = dtype_name(floats.pop())
+        self._packed = FORMATS[self._meta["kind"]].from_state(tensors, self._meta)
+        self._prepared.clear()
+        self._resolved.clear()
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() ... keep the packed view in sync
+        super()._apply(fn, recurse)
+        self._rebuild()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._rebuild()
+
+    # -- execution -------------------------------------------------------------------------------
+    def _dispatch(self, x: torch.Tensor, rows: int) -> tuple[BackendImpl, Any]:
+        """(implementation, prepared state) for this input. Checks run once per (backend, device, dtype)."""
+        backend = self.backend
+        if backend is Backend.AUTO:
+            backend = self.plan.get(m_bucket(rows), Backend.DENSE)
+        hit = self._resolved.get((backend, x.device, x.dtype))
+        if hit is None:
+            self._check_input(x)
+            impl = resolve(self.op, backend, self._packed, x)
+            hit = self._resolved[(backend, x.device, x.dtype)] = (impl, self.prepared(impl))
+        return hit
+
+    def prepared(self, impl: BackendImpl) -> Any:
+        """The backend's one-time state (built on first use, dropped on device/dtype change)."""
+        state = self._prepared.get(impl.backend)
+        if state is None:
+            state = impl.prepare(self._packed)
+            self._prepared[impl.backend] = state
+        return state
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dtype != self._packed.dtype:
+            raise TypeError(f"{type(self).__name__}: input dtype {x.dtype} does not match weight dtype "
+                            f"{self._packed.dtype}; cast the input or the module")
+        if x.device != self.packed_device:
+            raise ValueError(f"{type(self).__name__}: input on {x.device}, weight on {self.packed_device}")
+
+    @property
+    def packed_device(self) -> torch.device:
+        return getattr(self, f"packed_{self._tensor_names[0]}").device
+
+    def extra_repr(self) -> str:
+        p = self._packed
+        dense = p.dense_nbytes
+        return (f"format={p.kind}, dtype={dtype_name(p.dtype)}, bytes={p.nbytes} ({p.nbytes / max(dense, 1):.3f} of "
+                f"dense), backend={self.backend.value}, bias={self.bias is not None}")
+
+
+class SparseLinear(_SparseBase):
+    """``y = x @ W^T + b`` with ``W [out_features, in_features]`` packed.
+
+    Input ``[..., in_features]`` -> output ``[..., out_features]``.
+
+    >>> lin = nn.Linear(64, 32); mask = torch.rand(32, 64) > 0.9
+    >>> sl = SparseLinear.from_dense(lin, mask, "unstructured")
+    """
+
+    op = "linear"
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, backend: Backend | str = Backend.AUTO):
+        if len(packed.shape) != 2:
+            raise ValueError(f"SparseLinear needs a 2-D packed weight, got shape {packed.shape}")
+        super().__init__(packed, bias, backend)
+        self.out_features, self.in_features = packed.shape
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, mask: torch.Tensor, pattern: str, n: int = 2, m: int = 4,
+                   backend: Backend | str = Backend.AUTO) -> "SparseLinear":
+        """Build from an ``nn.Linear`` and a bool keep-mask of its weight's shape."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"SparseLinear.from_dense expects nn.Linear, got {type(module).__name__}")
+        return cls(pack(module.weight, mask, pattern, n, m), module.bias, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear expects [..., {self.in_features}] input, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (M, K)
+        impl, state = self._dispatch(x2, x2.shape[0])
+        y = impl.run(state, x2, self.bias)  # (M, N)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
+
+
+class SparseConv2d(_SparseBase):
+    """Conv2d with a packed ``[C_out, C_in/groups, kh, kw]`` weight. Input ``[B, C_in, H, W]``."""
+
+    op = "conv2d"
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, in_channels: int, stride=1, padding=0,
+                 dilation=1, groups: int = 1, backend: Backend | str = Backend.AUTO):
+        if len(packed.shape) != 4:
+            raise ValueError(f"SparseConv2d needs a 4-D packed weight, got shape {packed.shape}")
+        super().__init__(packed, bias, backend)
+        pair = nn.modules.utils._pair
+        if isinstance(padding, str):
+            raise ValueError("string padding ('same'/'valid') is not supported; pass integers")
+        self.conv = ConvParams(pair(stride), pair(padding), pair(dilation), int(groups))
+        self.in_channels, self.out_channels = int(in_channels), packed.shape[0]
+        self.kernel_size = tuple(packed.shape[2:])
+        if packed.shape[1] * groups != in_channels:
+            raise ValueError(f"weight has {packed.shape[1]} input channels per group x {groups} groups != in_channels {in_channels}")
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv2d, mask: torch.Tensor, pattern: str, n: int = 2, m: int = 4,
+                   backend: Backend | str = Backend.AUTO) -> "SparseConv2d":
+        """Build from an ``nn.Conv2d`` (zero padding mode) and a bool keep-mask of its weight's shape."""
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"SparseConv2d.from_dense expects nn.Conv2d, got {type(module).__name__}")
+        if module.padding_mode != "zeros":
+            raise ValueError(f"only padding_mode='zeros' is supported, got {module.padding_mode!r}")
+        return cls(pack(module.weight, mask, pattern, n, m), module.bias, module.in_channels, module.stride,
+                   module.padding, module.dilation, module.groups, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SparseConv2d expects a [B, {self.in_channels}, H, W] input, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        impl, state = self._dispatch(x, x.shape[0])
+        return impl.run(state, x, self.bias, self.conv)
+
+    def extra_repr(self) -> str:
+        c = self.conv
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={c.stride}, "
+                f"padding={c.padding}, dilation={c.dilation}, groups={c.groups}, " + super().extra_repr())
+

@@ -1,0 +1,172 @@
+"""The planner: time every backend that can run a sparse layer, on the real input, and keep the fastest.
+
+For each sparse module whose ``backend`` is AUTO, ``plan`` records its input on one forward pass of
+``example_inputs``, then times each candidate backend (dense included) on that input with
+``sparsecore.timing.time_ms``. A sparse backend is chosen only when it beats the dense time by
+``margin`` (default 5%): at equal speed, dense wins, so a planned model is never slower than its dense
+self beyond measurement noise. A candidate whose output disagrees with dense beyond the dtype's
+tolerance is rejected and reported, never chosen. Decisions are cached in a JSON file keyed by device,
+torch/triton versions, op, format, shapes, dtype and batch bucket.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backends import Backend, candidates, resolve
+from .modules import SparseConv2d, SparseLinear, m_bucket
+from .timing import time_ms
+
+__all__ = ["plan", "PlanEntry", "default_cache_path"]
+
+_AGREE_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+@dataclass
+class PlanEntry:
+    """One layer's decision: measured times per backend (ms) and the choice."""
+
+    fqn: str
+    bucket: int
+    chosen: str
+    times_ms: dict[str, float] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    cached: bool = False
+
+
+def default_cache_path() -> Path:
+    root = os.environ.get("SPARSECORE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sparsecore")
+    return Path(root) / "plans.json"
+
+
+def _device_key(x: torch.Tensor) -> str:
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:  # triton is a dependency; tolerate its absence only in the key
+        tv = "none"
+    dev = torch.cuda.get_device_name(x.device) if x.is_cuda else f"cpu{torch.get_num_threads()}"
+    return f"{dev}|torch{torch.__version__}|triton{tv}"
+
+
+def _layer_key(mod: SparseLinear | SparseConv2d, x: torch.Tensor) -> str:
+    p = mod.packed
+    _, meta = p.state()
+    shape = list(x.shape[1:]) if mod.op == "conv2d" else [x.shape[-1]]
+    parts = [_device_key(x), mod.op, json.dumps(meta, sort_keys=True), str(x.dtype), f"in{shape}",
+             f"m{m_bucket(x.shape[0])}", f"nnz{_nnz(mod)}"]
+    if isinstance(mod, SparseConv2d):
+        parts.append(json.dumps(asdict(mod.conv)))
+    return "|".join(parts)
+
+
+def _nnz(mod: SparseLinear | SparseConv2d) -> int:
+    # Sparsity matters for speed but is not in every format's meta; count it once (cheap next to timing).
+    return int(torch.count_nonzero(mod.dense_weight()))
+
+
+def _run(mod, impl, x: torch.Tensor) -> torch.Tensor:
+    state = mod.prepared(impl)
+    if mod.op == "linear":
+        return impl.run(state, x, mod.bias)
+    return impl.run(state, x, mod.bias, mod.conv)
+
+
+def _capture_inputs(model: nn.Module, example_inputs: tuple, mods: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for fqn, mod in mods.items():
+        def hook(module, args, fqn=fqn):
+            x = args[0]
+            seen.setdefault(fqn, x.reshape(-1, x.shape[-1]) if module.op == "linear" else x)
+        hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        model(*example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int) -> PlanEntry:
+    bucket = m_bucket(x.shape[0])
+    entry = PlanEntry(fqn, bucket, Backend.DENSE.value)
+    dense = resolve(mod.op, Backend.DENSE, mod.packed, x)
+    ref = _run(mod, dense, x).float()
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    tol = _AGREE_TOL[x.dtype] * max(1.0, scale)
+    for impl in candidates(mod.op, mod.packed, x):
+        if impl.backend is Backend.REFERENCE and x.is_cuda:
+            continue  # the pure-torch reference is an oracle, not a contender on GPU
+        name = impl.backend.value
+        try:
+            out = _run(mod, impl, x)
+        except (RuntimeError, ValueError, TypeError) as e:  # reported, never chosen
+            entry.rejected[name] = f"failed: {e}"
+            continue
+        err = float((out.float() - ref).abs().max()) if ref.numel() else 0.0
+        if not err <= tol:
+            entry.rejected[name] = f"output differs from dense by {err:.3g} > {tol:.3g}"
+            continue
+        entry.times_ms[name] = time_ms(lambda impl=impl: _run(mod, impl, x), x.device, rep=rep)
+    dense_ms = entry.times_ms[Backend.DENSE.value]
+    best = min(entry.times_ms, key=entry.times_ms.get)
+    if best != Backend.DENSE.value and entry.times_ms[best] < dense_ms * (1.0 - margin):
+        entry.chosen = best
+    return entry
+
+
+def _load_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+@torch.no_grad()
+def plan(model: nn.Module, example_inputs: tuple, *, margin: float = 0.05, use_cache: bool = True,
+         cache_path: str | Path | None = None, rep: int = 20) -> list[PlanEntry]:
+    """Choose a backend per AUTO sparse layer for the batch size in ``example_inputs``; returns the decisions.
+
+    ``model(*example_inputs)`` must run. Layers with a forced backend are left alone. Calling ``plan``
+    again with another batch size adds a decision for that size (``module.plan`` is keyed by
+    ``m_bucket(rows)``); unplanned sizes run dense.
+    """
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(f"example_inputs must be a tuple of model inputs, got {type(example_inputs).__name__}")
+    mods = {f: m for f, m in model.named_modules()
+            if isinstance(m, (SparseLinear, SparseConv2d)) and m.backend is Backend.AUTO}
+    if not mods:
+        return []
+    inputs = _capture_inputs(model, example_inputs, mods)
+    path = Path(cache_path) if cache_path is not None else default_cache_path()
+    cache = _load_cache(path) if use_cache else {}
+    decisions = []
+    for fqn, mod in mods.items():
+        if fqn not in inputs:
+            continue  # not reached by this forward pass
+        x = inputs[fqn]
+        key = _layer_key(mod, x)
+        if use_cache and key in cache and cache[key].get("chosen") in {b.value for b in Backend}:
+            entry = PlanEntry(fqn, m_bucket(x.shape[0]), cache[key]["chosen"], cache[key].get("times_ms", {}), cached=True)
+        else:
+            entry = _measure(fqn, mod, x, margin, rep)
+            cache[key] = {"chosen": entry.chosen, "times_ms": entry.times_ms}
+        mod.plan[entry.bucket] = Backend(entry.chosen)
+        # Keep only the chosen backend's prepared state (a dense copy of a losing candidate is wasted memory).
+        mod._prepared = {b: s for b, s in mod._prepared.items() if b in mod.plan.values()}
+        mod._resolved.clear()
+        decisions.append(entry)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        tmp.replace(path)
+    return decisions

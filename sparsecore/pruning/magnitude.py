@@ -1,0 +1,73 @@
+"""One-shot magnitude pruning: |w| scores plus the config's selection rule, layer-wise or global."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import SparsityConfig
+from ..masks import channel_to_weight_mask, keep_channels, keep_count, keep_n_of_m, keep_topk
+from .scores import channel_norm, channel_rms, magnitude
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+__all__ = ["prunable_layers", "magnitude_masks", "FilterFn"]
+
+
+def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
+    """Linear and Conv2d modules of ``model`` by qualified name, filtered by ``filter_fn(module, fqn)``."""
+    layers = {}
+    for fqn, mod in model.named_modules():
+        if type(mod) in (nn.Linear, nn.Conv2d) and (filter_fn is None or filter_fn(mod, fqn)):
+            layers[fqn] = mod
+    return layers
+
+
+def _layer_mask(weight: torch.Tensor, config: SparsityConfig) -> torch.Tensor:
+    if config.pattern == "nm":
+        return keep_n_of_m(magnitude(weight), config.n, config.m)
+    if config.pattern == "channel":
+        ch = keep_channels(channel_norm(weight), keep_count(weight.shape[0], config.sparsity))
+        return channel_to_weight_mask(ch, weight.shape)
+    return keep_topk(magnitude(weight), keep_count(weight.numel(), config.sparsity))
+
+
+def _global_masks(weights: dict[str, torch.Tensor], config: SparsityConfig) -> dict[str, torch.Tensor]:
+    if config.pattern == "channel":
+        scores = [channel_rms(w) for w in weights.values()]
+    else:
+        scores = [magnitude(w).reshape(-1) for w in weights.values()]
+    flat = torch.cat([s.cpu() for s in scores])
+    keep = keep_topk(flat, keep_count(flat.numel(), config.sparsity))
+    masks, offset = {}, 0
+    for (fqn, w), s in zip(weights.items(), scores):
+        part = keep[offset: offset + s.numel()].to(w.device)
+        offset += s.numel()
+        masks[fqn] = channel_to_weight_mask(part, w.shape) if config.pattern == "channel" else part.reshape(w.shape)
+    return masks
+
+
+@torch.no_grad()
+def magnitude_masks(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | None = None) -> dict[str, torch.Tensor]:
+    """Bool keep-masks ``{fqn: mask shaped like weight}`` for every prunable layer.
+
+    Layer scope prunes each layer to ``config.sparsity`` (N:M: n of every m along K); global scope ranks all
+    layers together (channels by RMS norm so that layers of different K compare). Layers whose K is not a
+    multiple of m are skipped for N:M (they stay dense); nothing else is skipped silently.
+
+    >>> masks = magnitude_masks(nn.Linear(8, 4), SparsityConfig("unstructured", 0.5))
+    """
+    layers = prunable_layers(model, filter_fn)
+    weights = {fqn: mod.weight for fqn, mod in layers.items()}
+    if config.pattern == "nm":
+        weights = {f: w for f, w in weights.items() if (w.numel() // w.shape[0]) % config.m == 0 and _dense_groups(layers[f])}
+    if not weights:
+        return {}
+    if config.scope == "global":
+        return _global_masks(weights, config)
+    return {fqn: _layer_mask(w, config) for fqn, w in weights.items()}
+
+
+def _dense_groups(mod: nn.Module) -> bool:
+    return not isinstance(mod, nn.Conv2d) or mod.groups == 1

@@ -1,0 +1,77 @@
+"""``sparsify``: prune (or take given masks), pack, and swap Linear/Conv2d modules in place."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import SparsityConfig
+from .masks import check_channel, check_mask, check_nm
+from .modules import SparseConv2d, SparseLinear
+from .pruning.magnitude import FilterFn, magnitude_masks
+
+__all__ = ["sparsify", "swap_module", "sparse_modules"]
+
+
+def swap_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``fqn`` by ``new``."""
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not hasattr(parent, child):
+        raise KeyError(f"model has no submodule {fqn!r}")
+    setattr(parent, child, new)
+
+
+def _check_pattern(fqn: str, mask: torch.Tensor, config: SparsityConfig) -> None:
+    try:
+        if config.pattern == "nm":
+            check_nm(mask, config.n, config.m)
+        elif config.pattern == "channel" and mask.dim() == 2:
+            check_channel(mask)
+    except ValueError as e:
+        raise type(e)(f"layer {fqn!r}: {e}") from None
+
+
+@torch.no_grad()
+def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | None = None,
+             masks: dict[str, torch.Tensor] | None = None,
+             example_inputs: tuple | None = None, progress: bool = False) -> nn.Module:
+    """Swap every selected ``nn.Linear``/``nn.Conv2d`` of ``model`` for its sparse twin, in place.
+
+    masks: ``{fqn: bool mask shaped like the weight}`` from any pruner; when ``None``, one-shot magnitude
+        pruning under ``config`` makes them. Layers without a mask stay dense.
+    filter_fn: ``filter_fn(module, fqn) -> bool`` selects layers (only used when ``masks`` is ``None``).
+    example_inputs: when given, the planner times the candidate backends per layer on these inputs
+        (``model(*example_inputs)``) and keeps the fastest, dense included.
+    Returns ``model`` (modified in place).
+
+    >>> model = sparsify(nn.Sequential(nn.Linear(64, 64)), SparsityConfig("nm", n=2, m=4))
+    """
+    if not isinstance(config, SparsityConfig):
+        raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
+    if masks is None:
+        masks = magnitude_masks(model, config, filter_fn)
+    modules = dict(model.named_modules())
+    items = list(masks.items())
+    if progress:
+        from tqdm import tqdm
+        items = tqdm(items, desc="packing", unit="layer")
+    for fqn, mask in items:
+        mod = modules.get(fqn)
+        if type(mod) not in (nn.Linear, nn.Conv2d):
+            raise ValueError(f"mask for {fqn!r}: expected an nn.Linear or nn.Conv2d there, found {type(mod).__name__}")
+        check_mask(mask, mod.weight)
+        _check_pattern(fqn, mask, config)
+        cls: Callable = SparseLinear if isinstance(mod, nn.Linear) else SparseConv2d
+        new = cls.from_dense(mod, mask, config.pattern, config.n, config.m, backend=config.backend)
+        swap_module(model, fqn, new.train(mod.training))
+    if example_inputs is not None:
+        from .planner import plan
+        plan(model, example_inputs)
+    return model
+
+
+def sparse_modules(model: nn.Module) -> dict[str, SparseLinear | SparseConv2d]:
+    """The sparse modules of ``model`` by qualified name."""
+    return {fqn: m for fqn, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}

@@ -1,0 +1,28 @@
+"""Latency measurement shared by the planner and the benchmarks."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 3, rep: int = 20) -> float:
+    """Median wall time of ``fn()`` in milliseconds; warm-up runs are not timed.
+
+    CUDA: ``triton.testing.do_bench`` (median, L2 cache flushed between runs). CPU: median of ``rep``
+    ``time.perf_counter`` samples after ``warmup`` untimed calls.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)

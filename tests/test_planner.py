@@ -1,0 +1,89 @@
+"""The planner: picks the fastest correct backend, never a slower or wrong one; caches decisions."""
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsecore as sc
+from sparsecore.backends import REGISTRY, Backend, BackendImpl
+from sparsecore.timing import time_ms
+
+
+def _fake(backend: Backend, run) -> BackendImpl:
+    return BackendImpl(backend, "linear", ("nm", "unstructured", "channel"), lambda p, x: None,
+                       lambda p: p.to_dense(), run)
+
+
+@pytest.fixture
+def fake_backends(monkeypatch):
+    """Install fake candidates under enum values that have no CPU implementation."""
+    def install(**runs):
+        for name, run in runs.items():
+            monkeypatch.setitem(REGISTRY, ("linear", Backend(name)), _fake(Backend(name), run))
+    return install
+
+
+def _model(seed_gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=seed_gen)))
+    return sc.sparsify(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16)), sc.SparsityConfig("unstructured", 0.9))
+
+
+def test_slow_and_wrong_backends_never_chosen(fake_backends, tmp_path, seeded):
+    def slow(w, x, b):
+        time.sleep(0.002)
+        return F.linear(x, w, b)
+
+    def wrong(w, x, b):
+        return F.linear(x, w, b) + 1.0
+
+    fake_backends(cutlass=slow, cusparselt=wrong)
+    model = _model(seeded)
+    decisions = sc.plan(model, (torch.randn(4, 64, generator=seeded),), cache_path=tmp_path / "p.json", rep=5)
+    assert len(decisions) == 2
+    for d in decisions:
+        assert d.chosen != "cutlass" and d.chosen != "cusparselt"
+        assert d.times_ms["cutlass"] > d.times_ms["dense"]
+        assert "differs from dense" in d.rejected["cusparselt"]
+        assert d.chosen == "dense" or d.times_ms[d.chosen] < 0.95 * d.times_ms["dense"]
+
+
+def test_faster_backend_chosen_and_cached(fake_backends, tmp_path, seeded):
+    model = _model(seeded)
+    x = torch.randn(2, 64, generator=seeded)
+    with torch.no_grad():
+        y1 = model[0](x)
+
+    def instant(w, xx, b):  # correct for the one input the planner times layer 0 on, and instant
+        return y1 if xx.shape == x.shape and xx.shape[1] == 64 else F.linear(xx, w, b)
+
+    fake_backends(cutlass=instant)
+    path = tmp_path / "p.json"
+    first = sc.plan(model, (x,), cache_path=path, rep=5)
+    assert first[0].chosen == "cutlass" and model[0].plan == {2: Backend.CUTLASS}
+    with torch.no_grad():
+        assert torch.equal(model(x), model[2](F.relu(y1)))
+    again = sc.plan(model, (x,), cache_path=path)
+    assert again[0].cached and again[0].chosen == "cutlass"
+    assert path.exists()
+
+
+def test_planned_model_not_slower_than_dense(tmp_path, seeded):
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024))
+    sparse = sc.sparsify(nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024)),
+                         sc.SparsityConfig("unstructured", 0.95))
+    x = torch.randn(1, 1024, generator=seeded)
+    sc.plan(sparse, (x,), cache_path=tmp_path / "p.json", rep=10)
+    with torch.no_grad():
+        t_dense = min(time_ms(lambda: dense(x), "cpu", rep=15) for _ in range(3))
+        t_sparse = min(time_ms(lambda: sparse(x), "cpu", rep=15) for _ in range(3))
+    # dense wins ties, sparse must win clearly; allow measurement noise on a shared 2-core machine
+    assert t_sparse <= 1.3 * t_dense, (t_sparse, t_dense)
+
+
+def test_plan_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="tuple"):
+        sc.plan(nn.Linear(2, 2), torch.zeros(1, 2))
+    assert sc.plan(nn.Linear(2, 2), (torch.zeros(1, 2),)) == []
