@@ -9,13 +9,15 @@ Inputs (see ``sparsecore.formats.nm`` for the byte layout):
 Output ``y``: new contiguous ``[M, N]`` in ``x``'s dtype.
 
 Design. Decode (M = 1..64) is memory bound: each program owns ``BLOCK_N`` weight rows and streams their
-compressed values and positions exactly once, expanding a dense ``[BLOCK_N, BLOCK_G * m]`` tile in
-registers (a ``where`` over the m in-group positions of each of the n slots) that is reused for all
-``BLOCK_M`` activation rows. For ``BLOCK_M < 16`` the tile is consumed by broadcast-multiply-and-sum on
-the CUDA cores; from 16 rows on by ``tl.dot``. When even 16-row blocks of N cannot fill the GPU
-(N < ~16 * #SMs), K is split over ``SPLIT_K`` programs writing fp32 partials that are summed in a
-fixed order afterwards (deterministic; no atomics). Block sizes are autotuned per
-(M bucket, N, K, n, m, SPLIT_K, dtype).
+compressed values and positions exactly once, expanding a dense ``[BLOCK_N, BLOCK_K]`` tile in registers
+that is reused for all ``BLOCK_M`` activation rows. Two expansions, both autotuned: ``_expand_slots``
+loads the slots as one contiguous (BN, BK/m, n) block and places each value with a ``where`` over the m
+in-group positions; ``_expand_columns`` builds the tile column by column from the n slots of each
+column's group (redundant but cached loads, no 4-D temporaries). For ``BLOCK_M < 16`` the tile is
+consumed by broadcast-multiply-and-sum on the CUDA cores; from 16 rows on by ``tl.dot``. When even
+16-row blocks of N cannot fill the GPU (N < ~16 * #SMs), K is split over ``SPLIT_K`` programs writing
+fp32 partials that are summed in a fixed order afterwards (deterministic; no atomics). Configs are
+autotuned per (M bucket, N, K, n, m, SPLIT_K, dtype); under ``TRITON_INTERPRET=1`` one small config runs.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ __all__ = ["nm_matmul", "nm_matmul_ref", "choose_split_k", "m_bucket"]
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _BITS = {4: 2, 8: 3}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Which tile expansion the interpreter runs (on a GPU the autotuner tries both); tests flip it.
+INTERPRET_BY_COLUMN = False
 
 
 def m_bucket(m_rows: int) -> int:
@@ -39,22 +43,26 @@ def m_bucket(m_rows: int) -> int:
 
 
 def _configs() -> list[triton.Config]:
+    """Candidate tiles, checked offline by compiling for sm_90 with ptxas (no GPU needed): no fp16 2:4 tile
+    spills registers (4:8 tiles spill a few bytes at most). The column-wise expansion needs ~2x the
+    registers, so it is only offered on small CUDA-core tiles. fp32 ``tl.dot`` in "ieee" precision does
+    spill (FMA dot layout): fp32 is supported for correctness, not tuned."""
     cfgs = []
-    # CUDA-core (GEMV-like) configs for M <= 8: one weight stream, BLOCK_M rows re-use the expanded tile.
-    for bm, bn, bk, warps in ((1, 16, 256, 4), (1, 32, 256, 4), (1, 8, 512, 4), (1, 16, 512, 8), (1, 64, 128, 4),
-                              (2, 16, 256, 4), (2, 32, 128, 4), (2, 16, 512, 8),
-                              (4, 16, 256, 8), (4, 32, 128, 4), (4, 16, 128, 4),
-                              (8, 16, 128, 8), (8, 8, 256, 8), (8, 32, 64, 4)):
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": False},
-                                  num_warps=warps, num_stages=3))
-    # Tensor-core configs: 16..64 rows (decode/small batch) and large M (prefill).
-    for bm, bn, bk, warps, stages in ((16, 32, 128, 4, 3), (16, 64, 128, 4, 3), (16, 64, 256, 8, 3),
-                                      (32, 64, 128, 4, 3), (32, 32, 256, 4, 3), (64, 64, 128, 4, 3),
-                                      (64, 128, 64, 8, 3), (64, 32, 128, 4, 4),
-                                      (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 128, 8, 3),
-                                      (128, 256, 64, 8, 3)):
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": True},
-                                  num_warps=warps, num_stages=stages))
+    # CUDA-core (GEMV-like) tiles for M <= 8: (BLOCK_M, BLOCK_N, BLOCK_K, warps, column-wise expansion).
+    # Large BLOCK_K keeps several KB of weight in flight per program: decode is latency x bandwidth bound.
+    for bm, bn, bk, warps, by_column in (
+            (1, 8, 256, 4, False), (1, 8, 512, 4, False), (1, 8, 1024, 8, False), (1, 16, 256, 8, False),
+            (1, 4, 1024, 4, False), (1, 16, 128, 4, False), (1, 8, 256, 4, True), (1, 16, 128, 4, True),
+            (2, 8, 512, 4, False), (2, 16, 256, 4, False), (2, 8, 256, 4, False), (2, 8, 256, 4, True),
+            (4, 8, 256, 4, False), (4, 16, 256, 8, False), (4, 8, 512, 8, False), (4, 8, 256, 4, True),
+            (8, 8, 256, 8, False), (8, 16, 128, 8, False), (8, 8, 128, 4, False), (8, 8, 128, 4, True)):
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": False,
+                                   "BY_COLUMN": by_column}, num_warps=warps, num_stages=3))
+    # Tensor-core tiles: 16..64 rows (batched decode) and M > 64 (prefill; cuSPARSELt is usually faster there).
+    for bm, bn, bk, warps in ((16, 32, 128, 4), (16, 64, 64, 4), (16, 64, 128, 8), (32, 64, 64, 4),
+                              (32, 32, 128, 4), (64, 64, 64, 8), (64, 128, 64, 8), (128, 64, 64, 8)):
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": True,
+                                   "BY_COLUMN": False}, num_warps=warps, num_stages=3))
     return cfgs
 
 
@@ -73,11 +81,63 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     if _INTERPRET:
         # One small config under the interpreter: same code path, no benchmarking, few numpy steps.
         c = keep[0]
-        kw = dict(c.kwargs, BLOCK_N=16, BLOCK_K=max(32, m_dense))
+        kw = dict(c.kwargs, BLOCK_N=16, BLOCK_K=max(32, m_dense), BY_COLUMN=INTERPRET_BY_COLUMN)
         if c.kwargs["USE_DOT"]:
             kw["BLOCK_M"] = 16
         return [triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)]
     return keep
+
+
+@triton.jit
+def _decode_positions(p_rows, slot, ok, row_bytes, BITS: tl.constexpr, MS: tl.constexpr):
+    """In-group positions of ``slot`` (any shape) from the little-endian bit streams at ``p_rows``."""
+    bit = slot * BITS
+    byte = bit // 8
+    word = tl.load(p_rows + byte, mask=ok, other=0).to(tl.int32)
+    if BITS == 3:  # a 3-bit field may straddle into the next byte
+        hi = tl.load(p_rows + byte + 1, mask=ok & (byte + 1 < row_bytes), other=0).to(tl.int32)
+        word = word | (hi << 8)
+    return (word >> (bit % 8)) & (MS - 1)
+
+
+@triton.jit
+def _expand_slots(v_ptr, p_ptr, offs_n, n_ok, k0, g_end, stride_vn, stride_pn, row_bytes,
+                  NS: tl.constexpr, NS_P2: tl.constexpr, MS: tl.constexpr, BITS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dense (BN, BK) tile from one contiguous (BN, BG, n) load of the slots (vectorisable loads)."""
+    BLOCK_G: tl.constexpr = BLOCK_K // MS
+    g = k0 // MS + tl.arange(0, BLOCK_G)                                     # (BG,)
+    ar_j = tl.arange(0, NS_P2)                                               # (NP,) slot in group, padded to 2^x
+    slot = g[None, :, None] * NS + ar_j[None, None, :]                       # (1, BG, NP); slot s = g * n + j
+    ok = n_ok[:, None, None] & (g[None, :, None] < g_end) & (ar_j[None, None, :] < NS)
+    rows = offs_n[:, None, None].to(tl.int64)
+    vals = tl.load(v_ptr + rows * stride_vn + slot, mask=ok, other=0.0)    # (BN, BG, NP)
+    pos = _decode_positions(p_ptr + rows * stride_pn, slot, ok, row_bytes, BITS, MS)
+    # w[r, g, p] = the value of the slot at position p (a group's positions are distinct), else 0.
+    hit = pos[:, :, :, None] == tl.arange(0, MS)[None, None, None, :]      # (BN, BG, NP, m)
+    w3 = tl.sum(tl.where(hit, vals[:, :, :, None], 0.0), axis=2)             # (BN, BG, m)
+    return tl.reshape(w3, (BLOCK_N, BLOCK_K)).to(vals.dtype)
+
+
+@triton.jit
+def _expand_columns(v_ptr, p_ptr, offs_n, n_ok, k0, k_end, stride_vn, stride_pn, row_bytes,
+                    NS: tl.constexpr, MS: tl.constexpr, BITS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dense (BN, BK) tile built column-wise: each column reads its group's n slots (cache hits).
+
+    No 4-D temporaries or reshapes (no layout conversions), at the price of m-fold redundant loads.
+    """
+    offs_k = k0 + tl.arange(0, BLOCK_K)                                      # (BK,)
+    ok = n_ok[:, None] & (offs_k < k_end)[None, :]
+    v_rows = v_ptr + offs_n[:, None].to(tl.int64) * stride_vn
+    p_rows = p_ptr + offs_n[:, None].to(tl.int64) * stride_pn
+    w = tl.zeros((BLOCK_N, BLOCK_K), dtype=v_ptr.dtype.element_ty)
+    for j in tl.static_range(NS):
+        slot = ((offs_k // MS) * NS + j)[None, :]                            # (1, BK)
+        vj = tl.load(v_rows + slot, mask=ok, other=0.0)
+        pj = _decode_positions(p_rows, slot, ok, row_bytes, BITS, MS)
+        w = tl.where(pj == (offs_k % MS)[None, :], vj, w)
+    return w
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "NS", "MS", "SPLIT_K"],
@@ -88,58 +148,39 @@ def _nm_matmul_kernel(
     M, N, K, K_PER_SPLIT, M_BUCKET, SPLIT_K,
     stride_xm, stride_xk, stride_vn, stride_pn, stride_ys, stride_ym,
     NS: tl.constexpr, NS_P2: tl.constexpr, MS: tl.constexpr, BITS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+    BY_COLUMN: tl.constexpr,
 ):
-    BLOCK_G: tl.constexpr = BLOCK_K // MS           # groups per K step
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)              # (BM,)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)              # (BN,)
-    ar_g = tl.arange(0, BLOCK_G)                                  # (BG,)
-    ar_j = tl.arange(0, NS_P2)                                    # (NP,) slot within group, padded to 2^x
-    ar_p = tl.arange(0, MS)                                       # (m,)  position within group
-    ar_k = tl.arange(0, BLOCK_K)                                  # (BK,)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                         # (BM,)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                         # (BN,)
     m_ok = offs_m < M
     n_ok = offs_n < N
     row_bytes = (K // MS * NS * BITS + 7) // 8
-
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    g_end = k_end // MS
-
-    # 3-D (BN, BG, NP) views of this program's slots; slot s = g * n + j.
-    v_rows = v_ptr + offs_n[:, None, None].to(tl.int64) * stride_vn
-    p_rows = p_ptr + offs_n[:, None, None].to(tl.int64) * stride_pn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        g = k0 // MS + ar_g                                               # (BG,)
-        slot = g[None, :, None] * NS + ar_j[None, None, :]                # (1, BG, NP)
-        s_ok = n_ok[:, None, None] & (g[None, :, None] < g_end) & (ar_j[None, None, :] < NS)
-        vals = tl.load(v_rows + slot, mask=s_ok, other=0.0)             # (BN, BG, NP)
-        bit = slot * BITS
-        byte = bit // 8
-        shift = bit % 8
-        word = tl.load(p_rows + byte, mask=s_ok, other=0).to(tl.int32)
-        if BITS == 3:  # a 3-bit field may straddle into the next byte
-            hi = tl.load(p_rows + byte + 1, mask=s_ok & (byte + 1 < row_bytes), other=0).to(tl.int32)
-            word = word | (hi << 8)
-        pos = (word >> shift) & (MS - 1)                                  # (BN, BG, NP)
-        # Dense tile: w[r, g, p] = value of the slot whose position is p (positions are distinct), else 0.
-        hit = pos[:, :, :, None] == ar_p[None, None, None, :]             # (BN, BG, NP, m)
-        w3 = tl.sum(tl.where(hit, vals[:, :, :, None], 0.0), axis=2)      # (BN, BG, m)
-        w = tl.reshape(w3, (BLOCK_N, BLOCK_K)).to(vals.dtype)             # (BN, BK)
-
-        offs_k = k0 + ar_k
+        if BY_COLUMN:
+            w = _expand_columns(v_ptr, p_ptr, offs_n, n_ok, k0, k_end, stride_vn, stride_pn, row_bytes,
+                                NS, MS, BITS, BLOCK_N, BLOCK_K)
+        else:
+            w = _expand_slots(v_ptr, p_ptr, offs_n, n_ok, k0, k_end // MS, stride_vn, stride_pn, row_bytes,
+                              NS, NS_P2, MS, BITS, BLOCK_N, BLOCK_K)         # (BN, BK)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         x_ok = m_ok[:, None] & (offs_k[None, :] < k_end)
         x = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk, mask=x_ok, other=0.0)  # (BM, BK)
         if USE_DOT:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        else:
+            if DOT_UPCAST:  # interpreter only: its bf16 tl.dot returns garbage (triton 3.9); fp32 is exact here
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        else:  # CUDA cores: the expanded tile is reused for all BLOCK_M rows
             acc += tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
 
     out_ok = m_ok[:, None] & n_ok[None, :]
@@ -227,7 +268,10 @@ def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: i
     split_k = triton.cdiv(k_dim, k_per_split)  # no empty slices
     partial = split_k > 1
     out = _empty((split_k, m_rows, n_out), torch.float32, x.device) if partial else y
-    grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), split_k, triton.cdiv(m_rows, meta["BLOCK_M"]))  # noqa: E731
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return triton.cdiv(n_out, meta["BLOCK_N"]), split_k, triton.cdiv(m_rows, meta["BLOCK_M"])
+
     _nm_matmul_kernel[grid](
         x, values, positions, bias if bias is not None else values, out,
         m_rows, n_out, k_dim, k_per_split, m_bucket(m_rows), split_k,
@@ -236,6 +280,7 @@ def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: i
         NS=n, NS_P2=triton.next_power_of_2(n), MS=m, BITS=_BITS[m],
         HAS_BIAS=bias is not None, PARTIAL=partial,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
     )
     if partial:
         acc = out.sum(0)  # fixed-order reduction of the fp32 partials: deterministic

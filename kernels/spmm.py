@@ -8,7 +8,7 @@ Work split. Program ``(i, s, b)`` owns output columns ``i*tile_n ..`` (one tile 
 of ``SPLIT_K`` contiguous chunks of that tile row's K tiles, and rows ``b*BLOCK_M ..`` of x. For every
 tile it streams the tile's bitmap words and its contiguous run of values once, expands them on chip
 (an exclusive prefix sum of the bits gives each kept entry's slot in the run), and multiplies by the
-x tile in fp32. Decode (M = 1, 4) reduces in registers; from M = 5 up ``tl.dot`` runs on a 16/32/64
+x tile in fp32. Decode (M <= 4) reduces in registers; from M = 5 up ``tl.dot`` runs on a 16/32/64
 row block. ``SPLIT_K > 1`` gives enough programs at M = 1 (N = 4096 has only 256 tile rows for 132
 SMs) and accumulates fp32 partials with atomics into a zeroed workspace that is cast once at the end.
 """
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsecore.formats.unstructured import TILE_K_CHOICES, TILE_N_CHOICES, decode_matrix
+from sparsecore.formats.unstructured import MAX_TILE_ELEMS, TILE_K_CHOICES, TILE_N_CHOICES, decode_matrix
 
 __all__ = ["spmm", "spmm_ref"]
 
@@ -144,8 +144,9 @@ def _check(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_off
     if bitmap.dtype != torch.int32 or bitmap.dim() != 4:
         raise TypeError(f"spmm: bitmap must be int32 [TN, TK, tile_n, tile_k/32], got {bitmap.dtype} {tuple(bitmap.shape)}")
     tn, tk, tile_n, words = bitmap.shape
-    if tile_n not in TILE_N_CHOICES or 32 * words not in TILE_K_CHOICES:
-        raise ValueError(f"spmm: bitmap tile {tile_n} x {32 * words} not in {TILE_N_CHOICES} x {TILE_K_CHOICES}")
+    if tile_n not in TILE_N_CHOICES or 32 * words not in TILE_K_CHOICES or tile_n * 32 * words > MAX_TILE_ELEMS:
+        raise ValueError(f"spmm: bitmap tile {tile_n} x {32 * words} not in {TILE_N_CHOICES} x {TILE_K_CHOICES} "
+                         f"with at most {MAX_TILE_ELEMS} entries")
     k = x.shape[1]
     if not isinstance(n, int) or n < 0 or -(-n // tile_n) != tn:
         raise ValueError(f"spmm: n={n!r} does not match bitmap's {tn} tile rows of {tile_n}")
@@ -226,8 +227,11 @@ def spmm(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offse
     """
     if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
         raise ValueError(f"spmm: split_k must be a positive int or None, got {split_k!r}")
+    if torch.compiler.is_compiling():
+        return torch.ops.sparsecore.spmm(x, bitmap, values, tile_offsets, n, bias, split_k or 0)
+    # Eager: skip the custom-op dispatcher, whose Python overhead is comparable to a whole decode GEMV.
     _check(x, bitmap, values, tile_offsets, n, bias)
-    return torch.ops.sparsecore.spmm(x, bitmap, values, tile_offsets, n, bias, split_k or 0)
+    return _launch(x, bitmap, values, tile_offsets, n, bias, split_k or 0)
 
 
 def spmm_ref(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torch.Tensor, n: int,

@@ -16,7 +16,6 @@ import importlib
 import inspect as _inspect
 import json
 import math
-import pkgutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,8 +31,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 BENCHES = {"kernels-nm": "bench_nm", "kernels-spmm": "bench_spmm", "channel": "bench_channel",
            "models": "bench_models", "accuracy": "bench_accuracy"}
 # model option -> the builder keyword it sets
-_MODEL_KWARGS = {"dim": "dim", "hidden": "hidden", "heads": "heads", "layers": "layers", "width": "width",
-                 "num_classes": "num_classes"}
+_MODEL_KWARGS = ("dim", "hidden", "heads", "layers", "width", "num_classes", "in_features")
+# one-shot pruning methods of sparsecore.pruning (besides magnitude) that the CLI knows by name
+METHOD_MODULES = ("gmp", "sap", "pdp", "snacs", "psap")
 
 
 class CLIError(Exception):
@@ -41,6 +41,18 @@ class CLIError(Exception):
 
 
 # -- models ---------------------------------------------------------------------------------------
+def _mlp(in_features: int = 64, num_classes: int = 10, hidden: int = 128, layers: int = 2) -> nn.Module:
+    """sparsecore.models.small.MLP with ``layers`` hidden layers of width ``hidden`` (digits-sized default)."""
+    from .models.small import MLP
+    return MLP(in_features, num_classes, hidden=(hidden,) * layers)
+
+
+def _cnn(num_classes: int = 10, width: int = 16, hidden: int = 64, image_size: int = 8) -> nn.Module:
+    """sparsecore.models.small.SmallCNN on ``1 x S x S`` images, channels ``(width, 2 * width)``."""
+    from .models.small import SmallCNN
+    return SmallCNN((1, image_size, image_size), num_classes, channels=(width, 2 * width), hidden=hidden)
+
+
 def _builder(name: str) -> Callable[..., nn.Module]:
     if name in ("decoder", "encoder"):
         from .models import transformer
@@ -48,14 +60,7 @@ def _builder(name: str) -> Callable[..., nn.Module]:
     if name in ("resnet18", "resnet50"):
         from .models import resnet
         return getattr(resnet, name)
-    try:
-        small = importlib.import_module(".models.small", __package__)
-    except ImportError as e:
-        raise CLIError(f"model {name!r} needs sparsecore.models.small, which is not available: {e}") from None
-    for attr in (name, name.upper()):
-        if callable(getattr(small, attr, None)):
-            return getattr(small, attr)
-    raise CLIError(f"sparsecore.models.small defines no {name!r} (or {name.upper()!r}) model")
+    return _mlp if name == "mlp" else _cnn
 
 
 def build_model(name: str, options: dict[str, int]) -> nn.Module:
@@ -67,7 +72,7 @@ def build_model(name: str, options: dict[str, int]) -> nn.Module:
     bad = sorted(k for k in options if k not in params)
     if bad:
         raise CLIError(f"model {name!r} does not take {', '.join('--' + b.replace('_', '-') for b in bad)}; "
-                       f"it takes {', '.join(p for p in params if p in _MODEL_KWARGS.values()) or 'no size options'}")
+                       f"it takes {', '.join(p for p in params if p in _MODEL_KWARGS) or 'no size options'}")
     return fn(**options)
 
 
@@ -78,8 +83,10 @@ def example_inputs(name: str, model: nn.Module, batch: int, dtype: torch.dtype, 
     first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
     if first is None:
         raise CLIError(f"model {name!r} has no Linear or Conv2d layer")
-    if isinstance(first, nn.Conv2d):
-        shape: tuple[int, ...] = (batch, first.in_channels, image_size, image_size)
+    if hasattr(model, "in_shape"):  # models that fix their input shape (SmallCNN)
+        shape: tuple[int, ...] = (batch, *model.in_shape)
+    elif isinstance(first, nn.Conv2d):
+        shape = (batch, first.in_channels, image_size, image_size)
     elif name in ("decoder", "encoder"):
         shape = (batch, 1 if name == "decoder" else seq, first.in_features)
     else:
@@ -94,20 +101,15 @@ def available_methods() -> dict[str, Callable | None]:
     ``magnitude`` is built in. A module ``sparsecore.pruning.<name>`` that defines
     ``oneshot_masks(model, config, filter_fn=None) -> {fqn: mask}`` is usable from the command line too.
     """
-    from . import pruning
     from .pruning.magnitude import magnitude_masks
 
     methods: dict[str, Callable | None] = {"magnitude": magnitude_masks}
-    skip = {"base", "magnitude", "scores", "training", "pqi_index"}
-    for info in pkgutil.iter_modules(pruning.__path__):
-        if info.name.startswith("_") or info.name in skip:
-            continue
+    for name in METHOD_MODULES:
         try:
-            mod = importlib.import_module(f".pruning.{info.name}", __package__)
-        except Exception:  # a colleague's half-written module must not break the CLI; listed as unusable
-            methods[info.name] = None
+            mod = importlib.import_module(f".pruning.{name}", __package__)
+        except ImportError:  # not written yet in this install
             continue
-        methods[info.name] = getattr(mod, "oneshot_masks", None)
+        methods[name] = getattr(mod, "oneshot_masks", None)
     return methods
 
 
@@ -237,6 +239,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda given but no CUDA device is available")
     options = {k: getattr(args, k) for k in _MODEL_KWARGS if getattr(args, k) is not None}
+    if args.model == "cnn" and args.image_size is not None:
+        options["image_size"] = args.image_size  # SmallCNN's input size is part of the architecture
     model = build_model(args.model, options).eval()
     if args.checkpoint:
         _load_checkpoint(model, args.checkpoint)
@@ -247,8 +251,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not masks:
         raise CLIError(f"no layer of {args.model!r} can take pattern {args.pattern!r} (after --exclude)")
     # Inputs are shaped from the dense layers, before they are swapped.
-    x = example_inputs(args.model, model, args.batch, DTYPES[args.dtype], device, args.seq, args.image_size)
+    x = example_inputs(args.model, model, args.batch, DTYPES[args.dtype], device, args.seq, args.image_size or 224)
     sc.sparsify(model, config, masks=masks, progress=sys.stderr.isatty())
+    if config.backend != "auto":
+        with torch.no_grad():  # a forced backend must be able to run here; find out now, not at deployment
+            model(*x)
     plans = None
     if args.plan:
         entries = sc.plan(model, x)
@@ -311,7 +318,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not callable(getattr(mod, "main", None)):
         raise CLIError(f"bench.{name} has no main(argv) function to call")
     rc = mod.main(argv)
-    return int(rc or 0)
+    return rc if isinstance(rc, int) else 0  # some benches return the table they wrote
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -319,7 +326,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from .demo import main as demo_main
     except ImportError as e:
         raise CLIError(f"the demo is not available in this install: {e}") from None
-    return int(demo_main(list(args.rest)) or 0)
+    rc = demo_main(list(args.rest))
+    return rc if isinstance(rc, int) else 0
 
 
 # -- argument parsing -----------------------------------------------------------------------------
@@ -367,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--plan", action="store_true", help="time the backends per layer and report the choice")
     pr.add_argument("--batch", type=_positive, default=1, help="batch size the plan is made for")
     pr.add_argument("--seq", type=_positive, default=128, help="encoder sequence length for --plan")
-    pr.add_argument("--image-size", type=_positive, default=224, help="image side for conv nets with --plan")
-    for opt in ("dim", "hidden", "heads", "layers", "width", "num-classes"):
+    pr.add_argument("--image-size", type=_positive, help="image side: plan input of ResNets (224), cnn's input (8)")
+    for opt in ("dim", "hidden", "heads", "layers", "width", "num-classes", "in-features"):
         pr.add_argument(f"--{opt}", type=_positive, help="model size option (where the model takes it)")
     pr.set_defaults(func=cmd_prune)
 
@@ -377,14 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.set_defaults(func=cmd_inspect)
 
-    be = sub.add_parser("bench", help="run a benchmark from the repository's bench/ folder")
+    be = sub.add_parser("bench", help="run a benchmark from the repository's bench/ folder (other arguments "
+                                      "go to the benchmark)")
     be.add_argument("name", choices=list(BENCHES))
     be.add_argument("--quick", action="store_true", help="small, fast configuration")
-    be.add_argument("rest", nargs=argparse.REMAINDER, help="further arguments for the benchmark")
     be.set_defaults(func=cmd_bench)
 
-    de = sub.add_parser("demo", help="run the end-to-end CPU demo")
-    de.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the demo")
+    de = sub.add_parser("demo", help="run the end-to-end CPU demo (arguments go to the demo)")
     de.set_defaults(func=cmd_demo)
     return p
 
@@ -393,7 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparsecore`` command; returns the exit code (2 on any user error)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # bench and demo forward the arguments they do not know to the code they run
+        args, rest = parser.parse_known_args(argv)
+        if rest and args.command not in ("bench", "demo"):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.rest = rest
     except SystemExit as e:  # argparse exits on bad arguments or --help; in-process callers get the code
         return int(e.code or 0)
     from .backends import BackendUnavailable

@@ -150,7 +150,7 @@ def test_from_dense_rejects_bad_inputs(seeded):
     with pytest.raises(PatternError, match=r"row 1, group 1"):
         NMWeight.from_dense(w, over)
     nan_w = w.clone()
-    nan_w[mask.nonzero()[0].tolist()] = float("nan")
+    nan_w[tuple(mask.nonzero()[0].tolist())] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         NMWeight.from_dense(nan_w, mask)
     with pytest.raises(TypeError, match="dtype"):
@@ -168,7 +168,7 @@ def test_from_dense_rejects_bad_inputs(seeded):
         NMWeight.from_dense(w, mask, block=4)
     # a NaN at a pruned position is fine: it is dropped
     ok_w = w.clone()
-    ok_w[(~mask).nonzero()[0].tolist()] = float("nan")
+    ok_w[tuple((~mask).nonzero()[0].tolist())] = float("nan")
     assert torch.equal(NMWeight.from_dense(ok_w, mask).to_dense(), torch.where(mask, ok_w, 0))
 
 

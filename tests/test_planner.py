@@ -21,7 +21,9 @@ def fake_backends(monkeypatch):
     """Install fake candidates under enum values that have no CPU implementation."""
     def install(**runs):
         for name, run in runs.items():
-            monkeypatch.setitem(REGISTRY, ("linear", Backend(name)), _fake(Backend(name), run))
+            impl = _fake(Backend(name), run)
+            for kind in impl.kinds:
+                monkeypatch.setitem(REGISTRY, ("linear", Backend(name), kind), impl)
     return install
 
 

@@ -42,18 +42,36 @@ def _csr_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
     return None
 
 
-def _csr_prepare(packed: PackedWeight) -> torch.Tensor:
-    with warnings.catch_warnings():  # torch flags CSR as beta on every conversion; we rely on matmul only
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return packed.to_dense().to_sparse_csr()
+@torch.library.custom_op("sparsecore::csr_linear", mutates_args=())
+def csr_linear(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, x: torch.Tensor,
+               bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``y [M, N] = x [M, K] @ W^T (+ bias)`` with ``W`` given by its CSR arrays (``n`` rows, ``x.shape[1]`` columns).
 
-
-def _csr_run(w_csr: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # (N, K) @ (K, M) -> (N, M); CSR must be the left operand.
-    y = torch.sparse.mm(w_csr, x.t().contiguous()).t()
+    A custom op so that torch.compile and CUDA graphs see one opaque call (dynamo cannot trace sparse tensors).
+    """
+    w = torch.sparse_csr_tensor(crow, col, values, (n, x.shape[1]), check_invariants=False)
+    y = torch.sparse.mm(w, x.t()).t()  # CSR must be the left operand: (N, K) @ (K, M)
     if bias is not None:
         y = y + bias
-    return y
+    return y.contiguous()
+
+
+@csr_linear.register_fake
+def _(crow, col, values, x, bias, n):
+    return x.new_empty((x.shape[0], n))
+
+
+def _csr_prepare(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    with warnings.catch_warnings():  # torch flags CSR as beta on every conversion; we rely on matmul only
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        w = packed.to_dense().to_sparse_csr()
+    # clones: plain dense tensors, not views of a sparse one (dynamo cannot wrap those)
+    return w.crow_indices().clone(), w.col_indices().clone(), w.values().clone(), packed.shape[0]
+
+
+def _csr_run(state: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    crow, col, values, n = state
+    return csr_linear(crow, col, values, x, bias, n)
 
 
 register(BackendImpl(Backend.TORCH_CSR, "linear", ALL_KINDS, _csr_why_not, _csr_prepare, _csr_run))

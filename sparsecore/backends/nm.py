@@ -103,7 +103,8 @@ def torch_24_why_not(backend: Backend, packed: PackedWeight, x: torch.Tensor) ->
     rows, cols = _TORCH_24_SHAPE[backend]
     out, k_dim = packed.shape
     if out < rows or out % rows or k_dim < cols or k_dim % cols:
-        return f"{name} needs weight [out, K] with out a multiple of {rows} and K a multiple of {cols}, got {(out, k_dim)}"
+        return (f"{name} needs weight [out, K] with out a multiple of {rows} and K a multiple of {cols}, "
+                f"got {(out, k_dim)}")
     return None
 
 

@@ -67,26 +67,23 @@ class BackendImpl:
     run: Callable[..., torch.Tensor]
 
 
-REGISTRY: dict[tuple[str, Backend], BackendImpl] = {}
+REGISTRY: dict[tuple[str, Backend, str], BackendImpl] = {}  # (op, backend, format kind) -> implementation
 
 
 def register(impl: BackendImpl) -> BackendImpl:
-    key = (impl.op, impl.backend)
-    if key in REGISTRY:
-        raise ValueError(f"backend {impl.backend.value} for op {impl.op} registered twice")
-    REGISTRY[key] = impl
+    """Register ``impl`` for each format kind it lists; one implementation per (op, backend, kind)."""
+    for kind in impl.kinds:
+        key = (impl.op, impl.backend, kind)
+        if key in REGISTRY:
+            raise ValueError(f"backend {impl.backend.value} for op {impl.op} and format {kind!r} registered twice")
+        REGISTRY[key] = impl
     return impl
 
 
-def _reason(impl: BackendImpl, packed: PackedWeight, x: torch.Tensor) -> str | None:
-    if packed.kind not in impl.kinds:
-        return f"{impl.backend.value} runs formats {list(impl.kinds)}, not {packed.kind!r}"
-    return impl.why_not(packed, x)
-
-
 def candidates(op: str, packed: PackedWeight, x: torch.Tensor) -> list[BackendImpl]:
-    """Every registered backend for ``op`` that can run ``packed`` on ``x``."""
-    return [impl for (o, _), impl in REGISTRY.items() if o == op and _reason(impl, packed, x) is None]
+    """Every registered backend for ``op`` and ``packed``'s format that can run ``packed`` on ``x``."""
+    return [impl for (o, _, kind), impl in REGISTRY.items()
+            if o == op and kind == packed.kind and impl.why_not(packed, x) is None]
 
 
 def resolve(op: str, backend: Backend | str, packed: PackedWeight, x: torch.Tensor) -> BackendImpl:
@@ -94,11 +91,12 @@ def resolve(op: str, backend: Backend | str, packed: PackedWeight, x: torch.Tens
     backend = Backend(backend)
     if backend is Backend.AUTO:
         raise ValueError("resolve() takes a concrete backend; AUTO is the planner's job")
-    impl = REGISTRY.get((op, backend))
+    impl = REGISTRY.get((op, backend, packed.kind))
     if impl is None:
-        have = sorted(b.value for (o, b) in REGISTRY if o == op)
-        raise BackendUnavailable(f"backend {backend.value!r} has no {op} implementation; available: {have}")
-    reason = _reason(impl, packed, x)
+        have = sorted(b.value for (o, b, k) in REGISTRY if o == op and k == packed.kind)
+        raise BackendUnavailable(f"backend {backend.value!r} has no {op} implementation for the {packed.kind!r} "
+                                 f"format; available: {have}")
+    reason = impl.why_not(packed, x)
     if reason is not None:
         raise BackendUnavailable(f"backend {backend.value!r} cannot run this {op} layer: {reason}")
     return impl

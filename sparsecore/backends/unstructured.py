@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..formats.base import PackedWeight
 from ..formats.unstructured import UnstructuredWeight
-from .registry import REGISTRY, Backend, BackendImpl, ConvParams, register, triton_why_not
+from .registry import Backend, BackendImpl, ConvParams, register, triton_why_not
 
 KINDS = ("unstructured",)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -68,28 +68,6 @@ def _triton_linear(p: UnstructuredWeight, x: torch.Tensor, bias: torch.Tensor | 
     return spmm(x, p.bitmap, p.values, p.tile_offsets, p.n, bias)
 
 
-def _register_shared(impl: BackendImpl) -> None:
-    """Register ``impl``, or, where another format already registered the same (op, backend) (REFERENCE
-    is shared by every format), replace it by one impl that dispatches on the packed weight's kind.
-
-    The registry keys on (op, backend) only; once it keys on the format kind too, this is ``register``.
-    """
-    key = (impl.op, impl.backend)
-    other = REGISTRY.get(key)
-    if other is None:
-        register(impl)
-        return
-    overlap = set(other.kinds) & set(impl.kinds)
-    if overlap:
-        raise ValueError(f"backend {impl.backend.value} for op {impl.op} registered twice for kinds {sorted(overlap)}")
-    by_kind = {kind: impl for kind in impl.kinds} | {kind: other for kind in other.kinds}
-    REGISTRY[key] = BackendImpl(
-        impl.backend, impl.op, tuple(by_kind),
-        why_not=lambda p, x: by_kind[p.kind].why_not(p, x),
-        prepare=lambda p: (p.kind, by_kind[p.kind].prepare(p)),
-        run=lambda state, *args: by_kind[state[0]].run(state[1], *args))
-
-
-_register_shared(BackendImpl(Backend.REFERENCE, "linear", KINDS, _linear_why_not, _identity, _ref_linear))
-_register_shared(BackendImpl(Backend.REFERENCE, "conv2d", KINDS, _conv_why_not, _identity, _ref_conv))
+register(BackendImpl(Backend.REFERENCE, "linear", KINDS, _linear_why_not, _identity, _ref_linear))
+register(BackendImpl(Backend.REFERENCE, "conv2d", KINDS, _conv_why_not, _identity, _ref_conv))
 register(BackendImpl(Backend.TRITON_SPMM, "linear", KINDS, _triton_why_not, _identity, _triton_linear))

@@ -285,8 +285,15 @@ class _UnionFind:
 def trace_channels(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
     """Trace ``model`` (fx + shape propagation on ``example_input [B, C, H, W]``) into a ``ChannelGraph``."""
     gm = fx.symbolic_trace(model)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example_input)
+    # Shapes only: run in eval mode so BN running stats are not updated (gm shares the model's modules).
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        gm.eval()
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    finally:
+        for m, training in modes:
+            m.training = training
     steps = _build_steps(gm)
     uf, layers, pinned_atoms = _UnionFind(), {}, []
 

@@ -193,7 +193,8 @@ class NMWeight(PackedWeight):
         if len(self.shape) != 2:
             raise ValueError(f"PyTorch semi-structured sparsity takes 2-D weights, shape is {self.shape}")
         if self.dtype not in (torch.float16, torch.bfloat16):
-            raise TypeError(f"PyTorch 2:4 for floats needs float16/bfloat16 (float32 means 1:2 there), got {self.dtype}")
+            raise TypeError(f"PyTorch 2:4 for floats needs float16/bfloat16 (float32 means 1:2 there), "
+                            f"got {self.dtype}")
 
     def to_cutlass_compressed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """PyTorch's CUTLASS 2:4 pair ``(kept [out, K/2], meta int16)``; runs on CPU too.

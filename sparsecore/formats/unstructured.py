@@ -44,11 +44,14 @@ from ..masks import as_matrix, from_matrix
 from .base import (FormatError, PackedWeight, check_weight_and_mask, dtype_from_name, dtype_name, expect_tensor,
                    meta_shape, register_format)
 
-__all__ = ["UnstructuredWeight", "TILE_N_CHOICES", "TILE_K_CHOICES", "unpack_bits", "tiles_to_matrix"]
+__all__ = ["UnstructuredWeight", "TILE_N_CHOICES", "TILE_K_CHOICES", "MAX_TILE_ELEMS", "unpack_bits",
+           "tiles_to_matrix", "decode_matrix"]
 
-# Powers of two (Triton block shapes); tile_n >= 16 so the prefill path can use tl.dot.
+# Powers of two (Triton block shapes); tile_n >= 16 so the prefill path can use tl.dot. A tile is expanded
+# in registers (and staged in shared memory for tl.dot), so tile_n * tile_k is capped at 8192 entries.
 TILE_N_CHOICES = (16, 32, 64, 128)
 TILE_K_CHOICES = (32, 64, 128, 256, 512, 1024)
+MAX_TILE_ELEMS = 8192
 _INT32_MAX = 2**31 - 1
 
 
@@ -61,14 +64,18 @@ def _check_tiles(tile_n: Any, tile_k: Any, exc: type[Exception]) -> None:
         raise exc(f"tile_n must be one of {TILE_N_CHOICES}, got {tile_n!r}")
     if not (isinstance(tile_k, int) and tile_k in TILE_K_CHOICES):
         raise exc(f"tile_k must be one of {TILE_K_CHOICES}, got {tile_k!r}")
+    if tile_n * tile_k > MAX_TILE_ELEMS:
+        raise exc(f"tile_n * tile_k must be <= {MAX_TILE_ELEMS}, got {tile_n} * {tile_k}")
 
 
 def unpack_bits(bitmap: torch.Tensor) -> torch.Tensor:
     """Bool tiles ``[TN, TK, tile_n, tile_k]`` from an int32 ``bitmap [TN, TK, tile_n, tile_k // 32]``."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmap.device)
     bits = torch.empty(bitmap.shape + (32,), dtype=torch.bool, device=bitmap.device)
-    # One shift per bit position keeps the temporaries at 1/32 of the dense size.
-    for b in range(32):
-        bits[..., b] = ((bitmap >> b) & 1) != 0
+    # Chunks of tile rows bound the int32 temporary (4 bytes per dense element) to about 64 MiB.
+    step = max(1, (1 << 24) // max(1, bitmap[:1].numel() * 32))
+    for i in range(0, bitmap.shape[0], step):
+        bits[i:i + step] = ((bitmap[i:i + step, ..., None] >> shifts) & 1) != 0
     return bits.reshape(bitmap.shape[:-1] + (bitmap.shape[-1] * 32,))
 
 
@@ -91,8 +98,8 @@ def tiles_to_matrix(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
 def decode_matrix(bitmap: torch.Tensor, values: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """Dense ``[n, k]`` matrix (pruned = +0.0) from the packed ``bitmap`` and ``values`` (pure torch)."""
     bits = unpack_bits(bitmap)
-    tiles = torch.zeros(bits.shape, dtype=values.dtype, device=values.device)
-    tiles[bits] = values  # boolean assignment fills in row-major order: exactly the values' order
+    # masked_scatter fills the kept slots in row-major order: exactly the values' storage order.
+    tiles = torch.zeros(bits.shape, dtype=values.dtype, device=values.device).masked_scatter_(bits, values)
     return tiles_to_matrix(tiles, n, k)
 
 

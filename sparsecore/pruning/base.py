@@ -18,7 +18,7 @@ from .magnitude import prunable_layers
 FilterFn = Callable[[nn.Module, str], bool]
 PATTERNS = ("unstructured", "nm", "channel")
 
-__all__ = ["Pruner", "PATTERNS", "check_pattern", "select_layers", "select_mask", "apply_masks", "masks_sparsity",
+__all__ = ["Pruner", "FixedMasks", "PATTERNS", "check_pattern", "select_layers", "select_mask", "apply_masks", "masks_sparsity",
            "weight_of"]
 
 
@@ -150,3 +150,17 @@ class Pruner:
         """Final hard masks; the model's pruned weights are zero afterwards."""
         self.apply()
         return self.masks
+
+
+class FixedMasks(Pruner):
+    """Hold given masks during (re)training: pruned weights are re-zeroed after every optimiser step.
+
+    Use it to fine-tune after a one-shot method (magnitude, SNACS). ``zero_bias`` also zeroes the bias of
+    dropped channels (set it for channel masks).
+    """
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], *, zero_bias: bool = False) -> None:
+        super().__init__(model)
+        self.masks = dict(masks)
+        self.zero_bias = zero_bias
+        self.apply()

@@ -29,6 +29,8 @@ def gmp_sparsity(t: float, s_f: float, t0: int, n: int, dt: int, s_i: float = 0.
     if n < 1 or dt < 1:
         raise ValueError(f"GMP needs n >= 1 and dt >= 1, got n={n}, dt={dt}")
     p = min(max((t - t0) / (n * dt), 0.0), 1.0)
+    if p == 0.0 or p == 1.0:  # the end points exactly, free of rounding in the formula
+        return float(s_i) if p == 0.0 else float(s_f)
     return s_f + (s_i - s_f) * (1.0 - p) ** power
 
 

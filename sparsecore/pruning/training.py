@@ -96,7 +96,7 @@ def train(model: nn.Module, loader: Iterable, epochs: int, pruner: Pruner | None
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total, count = total + float(loss), count + 1
+                total, count = total + float(loss.detach()), count + 1
             losses.append(total / max(1, count))
             if pruner is not None:
                 pruner.on_epoch_end(epoch)

@@ -1,0 +1,280 @@
+"""Model-level benchmark: dense vs sparsified end to end, planned per layer, outputs compared.
+
+    python -m bench.bench_models [--quick] [--models decoder_block,encoder,resnet50] [--variants ...] [--rep N]
+
+Models: a LLaMA-shaped decoder block in decode (T = 1, batch 1/4/16), a BERT-style encoder (seq 128) and
+ResNet-50. Variants: dense, 2:4, unstructured 90%, channel 50% (ResNet: physically slimmed with
+``sparsecore.channel.slim`` where the graph allows, the rest in channel format). Every sparse variant is
+planned (``sparsecore.plan``) on the very input it is timed on, so a layer runs sparse only where that
+measured faster than dense. Per row: median latency (CUDA: ``sparsecore.timing.time_ms``; CPU: all
+variants timed round-robin, see ``paired_ms``), speedup against the dense model in the same run, memory
+(GPU: peak allocated during a forward pass plus resident model bytes; CPU: parameter + buffer +
+backend-state bytes), and the max abs error against the masked dense model run
+in float64 (the dense row: against itself in float64, the yardstick of the dtype's rounding).
+fp16 on GPU, fp32 on CPU; GPU dims are the real ones, CPU dims reduced.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+import sparsecore as sc
+from sparsecore.models.resnet import resnet50
+from sparsecore.models.transformer import DecoderBlock, encoder
+from sparsecore.pruning.magnitude import FilterFn
+
+from .common import env_info, time_ms, write_table
+
+VARIANTS = {"dense": None, "2:4": sc.SparsityConfig("nm", n=2, m=4),
+            "unstructured90": sc.SparsityConfig("unstructured", 0.9), "channel50": sc.SparsityConfig("channel", 0.5)}
+# The sparse model agrees when max|out - ref64| <= tol * max(1, max|ref64|).
+AGREE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@dataclass
+class ModelSpec:
+    """One benchmarked model: how to build it, its inputs per batch size, which layers to prune."""
+
+    name: str
+    dims: str                                           # human-readable size, e.g. "dim=4096 hidden=11008"
+    build: Callable[[], nn.Module]
+    make_input: Callable[[int], torch.Tensor]           # batch -> input on CPU (fp32)
+    batches: tuple[int, ...]
+    filter_fn: FilterFn | None = None
+    slim_channels: bool = False                         # channel variant through sparsecore.channel.slim
+    extra: dict = field(default_factory=dict)
+
+
+def _skip_stem_and_head(mod: nn.Module, fqn: str) -> bool:
+    # Usual practice for CNNs: the 3-channel stem and the classifier stay dense.
+    return fqn not in ("conv1", "fc")
+
+
+def specs(preset: str) -> list[ModelSpec]:
+    """Model specs for ``preset``: "gpu" (real dims), "cpu" (reduced), "quick" (small), "tiny" (tests)."""
+    d = {"gpu": dict(dim=4096, hidden=11008, heads=32, dec_b=(1, 4, 16), enc=(12, 768, 3072, 12), seq=128,
+                     enc_b=(1, 8), width=64, img=224, res_b=(1, 32)),
+         "cpu": dict(dim=1024, hidden=2752, heads=16, dec_b=(1, 4, 16), enc=(2, 384, 1536, 12), seq=128,
+                     enc_b=(1,), width=32, img=112, res_b=(1,)),
+         "quick": dict(dim=512, hidden=1376, heads=8, dec_b=(1, 16), enc=(1, 256, 1024, 4), seq=64,
+                       enc_b=(1,), width=16, img=64, res_b=(1,)),
+         "tiny": dict(dim=64, hidden=176, heads=4, dec_b=(1, 4), enc=(1, 64, 128, 4), seq=8,
+                      enc_b=(2,), width=4, img=32, res_b=(1,))}[preset]
+    layers, edim, ehid, eheads = d["enc"]
+    return [
+        ModelSpec("decoder_block", f"dim={d['dim']} hidden={d['hidden']} T=1",
+                  lambda: DecoderBlock(d["dim"], d["hidden"], d["heads"]),
+                  lambda b: torch.randn(b, 1, d["dim"]), d["dec_b"]),
+        ModelSpec("encoder", f"layers={layers} dim={edim} hidden={ehid} seq={d['seq']}",
+                  lambda: encoder(layers, edim, ehid, eheads),
+                  lambda b: torch.randn(b, d["seq"], edim), d["enc_b"]),
+        ModelSpec("resnet50", f"width={d['width']} image={d['img']}",
+                  lambda: resnet50(num_classes=1000 if preset == "gpu" else 100, width=d["width"]),
+                  lambda b: torch.randn(b, 3, d["img"], d["img"]), d["res_b"], _skip_stem_and_head, True),
+    ]
+
+
+def _tensor_bytes(obj, seen: set[int]) -> int:
+    if isinstance(obj, torch.Tensor):
+        if obj.layout != torch.strided:  # sparse CSR and friends: count their component tensors
+            parts = [obj.crow_indices(), obj.col_indices(), obj.values()] if obj.layout == torch.sparse_csr else []
+            return sum(_tensor_bytes(p, seen) for p in parts)
+        key = obj.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, (tuple, list)):
+        return sum(_tensor_bytes(o, seen) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(o, seen) for o in obj.values())
+    return sum(_tensor_bytes(v, seen) for v in vars(obj).values()) if hasattr(obj, "__dict__") else 0
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Resident bytes: parameters, buffers and the backends' prepared state (e.g. a CSR or dense copy)."""
+    seen: set[int] = set()
+    total = sum(_tensor_bytes(t, seen) for t in list(model.parameters()) + list(model.buffers()))
+    for mod in sc.sparse_modules(model).values():
+        total += _tensor_bytes(list(mod._prepared.values()), seen)
+    return total
+
+
+def _peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def _masked_reference(dense: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    ref = copy.deepcopy(dense).double()
+    with torch.no_grad():
+        for fqn, mask in masks.items():
+            ref.get_submodule(fqn).weight.mul_(mask.to(ref.get_submodule(fqn).weight.device))
+    return ref
+
+
+def _sparse_variant(spec: ModelSpec, dense: nn.Module, config: sc.SparsityConfig, x0: torch.Tensor
+                    ) -> tuple[nn.Module, nn.Module, str]:
+    """(model to time, float64 reference it must match, how it was built)."""
+    masks = sc.magnitude_masks(dense, config, spec.filter_fn)
+    if config.pattern == "channel" and spec.slim_channels:
+        from sparsecore.channel import channel_weight_masks, masked_reference, plan_slim, apply_plan
+        rows = {f: m.reshape(m.shape[0], -1).any(dim=1).cpu() for f, m in masks.items()}
+        cpu = copy.deepcopy(dense).float().cpu()
+        # round_to=8 keeps tensor-core tiles full on GPU (it may un-prune a few channels: plan.masks says which).
+        slim_plan = plan_slim(cpu, rows, x0.float().cpu(), round_to=8 if x0.is_cuda else None)
+        small = apply_plan(cpu, slim_plan)
+        # Layers a residual add keeps at full width carry zeroed channels: pack those in channel format.
+        rest = channel_weight_masks(small, slim_plan.residual_masks, x0.float().cpu())
+        small = small.to(device=x0.device, dtype=x0.dtype)
+        if rest:
+            sc.sparsify(small, config, masks={f: m.to(x0.device) for f, m in rest.items()})
+        ref = masked_reference(cpu, slim_plan.masks, x0.float().cpu()).double().to(x0.device)
+        return small, ref, f"slim+channel({len(rest)} layers)"
+    sparse = sc.sparsify(copy.deepcopy(dense), config, masks=masks)
+    return sparse, _masked_reference(dense, masks), f"{config.pattern} format"
+
+
+def _backends(entries: list) -> str:
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e.chosen] = counts.get(e.chosen, 0) + 1
+    return " ".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "-"
+
+
+@torch.no_grad()
+def bench_model(spec: ModelSpec, variants: Sequence[str], device: torch.device, dtype: torch.dtype, rep: int,
+                log: Callable[[str], None] = print) -> list[dict]:
+    """Rows for one model: every batch size x variant, dense first."""
+    torch.manual_seed(0)
+    dense = spec.build().eval().to(device=device, dtype=dtype)
+    x_plan = spec.make_input(spec.batches[0]).to(device=device, dtype=dtype)
+    dense64 = copy.deepcopy(dense).double()
+    built = {}
+    for name in variants:
+        if VARIANTS[name] is not None:
+            t0 = time.perf_counter()
+            model, ref, how = _sparse_variant(spec, dense, VARIANTS[name], x_plan)
+            built[name] = (model.eval(), ref.eval(), how, time.perf_counter() - t0)
+    rows = []
+    for batch in spec.batches:
+        x = spec.make_input(batch).to(device=device, dtype=dtype)
+        plans = {}
+        for name in variants:
+            if name != "dense":
+                t0 = time.perf_counter()
+                plans[name] = (sc.plan(built[name][0], (x,), use_cache=False, rep=rep), time.perf_counter() - t0)
+        models = {name: dense if name == "dense" else built[name][0] for name in variants}
+        times = paired_ms({name: (lambda m=m: m(x)) for name, m in models.items()}, device, rep)
+        for name in variants:
+            if name == "dense":
+                model, ref, how, prep_s, (entries, plan_s) = dense, dense64, "nn.Linear/Conv2d", 0.0, ([], 0.0)
+            else:
+                (model, ref, how, prep_s), (entries, plan_s) = built[name], plans[name]
+            ms, dense_ms = times[name], times["dense"]
+            peak = _peak_bytes(lambda: model(x), device)
+            out, want = model(x).double(), ref(x.double())
+            err = float((out - want).abs().max())
+            scale = float(want.abs().max())
+            mb = model_bytes(model)
+            row = {"model": spec.name, "dims": spec.dims, "variant": name, "how": how, "batch": batch,
+                   "dtype": str(dtype).replace("torch.", ""), "latency_ms": ms, "dense_ms": dense_ms,
+                   "speedup": dense_ms / ms, "model_MB": mb / 2**20,
+                   "peak_MB": "" if peak is None else (mb + peak) / 2**20,
+                   "max_abs_err": err, "ref_max_abs": scale, "agrees": err <= AGREE[dtype] * max(1.0, scale),
+                   "backends": _backends(entries), "build_s": prep_s, "plan_s": plan_s}
+            rows.append(row)
+            log(f"{spec.name:14s} b={batch:<3d} {name:15s} {ms:9.3f} ms  x{row['speedup']:.2f}  "
+                f"{row['model_MB']:8.2f} MB  err {err:.2e}  [{row['backends']}]")
+    return rows
+
+
+def paired_ms(fns: dict[str, Callable[[], object]], device: torch.device, rep: int) -> dict[str, float]:
+    """Median ms per function. CUDA: ``time_ms`` each (do_bench). CPU: the functions are timed round-robin,
+    sample by sample, so that load from other processes hits dense and sparse alike (a shared CPU
+    otherwise turns a sequential comparison into noise)."""
+    if device.type == "cuda":
+        return {name: time_ms(fn, device, rep=rep) for name, fn in fns.items()}
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rep):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def run(preset: str, models: Sequence[str], variants: Sequence[str], device: torch.device, dtype: torch.dtype,
+        rep: int, log: Callable[[str], None] = print) -> list[dict]:
+    """All rows (each carrying ``env_info``) for the chosen models and variants."""
+    env = env_info(device)
+    chosen = [s for s in specs(preset) if s.name in models]
+    rows = []
+    for spec in chosen:
+        rows += [{**r, **env} for r in bench_model(spec, variants, device, dtype, rep, log)]
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_models", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small dims, fewer repetitions")
+    p.add_argument("--preset", choices=("gpu", "cpu", "quick", "tiny"),
+                   help="model dims (default: gpu on CUDA, cpu otherwise; quick with --quick on CPU)")
+    p.add_argument("--models", default="decoder_block,encoder,resnet50")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="default: float16 on GPU, float32 on CPU")
+    p.add_argument("--rep", type=int, help="timed repetitions on CPU (CUDA uses do_bench)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out-dir", help="where the table goes (default bench/results)")
+    args = p.parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _main(p, args)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another process (sparsecore bench, tests)
+
+
+def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but no CUDA device is available")
+    on_gpu = device.type == "cuda"
+    preset = args.preset or ("gpu" if on_gpu else ("quick" if args.quick else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if on_gpu else torch.float32)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    known = {s.name for s in specs(preset)}
+    for bad in [m for m in models if m not in known] + [v for v in variants if v not in VARIANTS]:
+        p.error(f"unknown model or variant {bad!r}; models {sorted(known)}, variants {list(VARIANTS)}")
+    if "dense" not in variants:
+        variants.insert(0, "dense")  # the speedup needs the dense row of the same run
+    rep = args.rep or (5 if args.quick else 20)
+    if not on_gpu:
+        print("CPU run: reduced dims; Triton backends need CUDA and are skipped by the planner")
+    rows = run(preset, models, variants, device, dtype, rep)
+    suffix = "" if preset in ("gpu", "cpu") else f"_{preset}"
+    print(f"wrote {write_table('models' + suffix, rows, device, args.out_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""N:M (2:4) linear benchmark: ``python -m bench.bench_nm [--quick] [--dtype bf16]``.
+
+Providers (all on the same masked weight, timed in the same run):
+* ``dense``: ``F.linear`` on the masked dense weight (cuBLAS);
+* ``dense_compile``: the same under ``torch.compile`` (default mode; compile time reported apart);
+* ``cusparselt`` / ``cutlass``: PyTorch 2:4 semi-structured tensors (skipped with the reason where they
+  cannot run, e.g. PyTorch's CUTLASS 2:4 kernels are built for compute capability 8.x only);
+* ``triton_nm``: ``sparsecore.kernels.nm_matmul`` (autotuned; tuning happens in a warm-up call);
+* ``reference``: ``nm_matmul_ref`` (pure torch; unpacks the weight on every call).
+
+Columns: ``time_us`` (median), ``speedup_vs_best_dense`` (best of dense/dense_compile in this run over
+this provider), ``GB_per_s`` ((weight bytes the provider streams + x + y) / time; packed bytes for the
+sparse providers), ``TFLOP_per_s`` (dense-equivalent 2*M*N*K / time), ``max_abs_err`` against the
+dense fp32 product. On a CPU the command runs a tiny subset (dense and reference) to prove it works.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import env_info, time_ms, write_table
+from sparsecore.backends import Backend
+from sparsecore.backends.nm import torch_24_why_not
+from sparsecore.formats import NMWeight
+from sparsecore.masks import keep_n_of_m
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (N, K) = (out, in)
+MS = [1, 4, 16, 64, 256, 2048, 8192]
+QUICK_SHAPES, QUICK_MS = SHAPES[:2], [1, 16, 2048]
+CPU_SHAPES, CPU_MS = [(256, 512)], [1, 16]
+DENSE = ("dense", "dense_compile")
+
+
+def _providers(p: NMWeight, w: torch.Tensor, x_example: torch.Tensor, compile_ok: bool
+               ) -> tuple[dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]], dict[str, str]]:
+    """name -> (fn(x), weight bytes it streams), and name -> reason for each skipped provider."""
+    from sparsecore.kernels.nm_matmul import nm_matmul, nm_matmul_ref
+
+    dense_bytes = w.numel() * w.element_size()
+    run: dict[str, tuple[Callable, int]] = {"dense": (lambda x: F.linear(x, w), dense_bytes)}
+    skipped: dict[str, str] = {}
+    if compile_ok:
+        # A fresh dynamo state per (shape, M): otherwise recompiles hit the cache-size limit and the
+        # "compiled" provider silently runs eager.
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x: F.linear(x, w))
+        run["dense_compile"] = (compiled, dense_bytes)
+    else:
+        skipped["dense_compile"] = "torch.compile is only benchmarked on CUDA"
+    for backend in (Backend.CUSPARSELT, Backend.CUTLASS):
+        reason = torch_24_why_not(backend, p, x_example)
+        if reason is None:
+            w_sparse = p.to_torch_semi_structured(backend.value)
+            run[backend.value] = (lambda x, ws=w_sparse: F.linear(x, ws), p.nbytes)
+        else:
+            skipped[backend.value] = reason
+    if x_example.is_cuda:
+        run["triton_nm"] = (lambda x: nm_matmul(x, p.values, p.positions, p.n, p.m), p.nbytes)
+    else:
+        skipped["triton_nm"] = "Triton needs CUDA (the CPU interpreter is for tests, not timing)"
+    run["reference"] = (lambda x: nm_matmul_ref(x, p.values, p.positions, p.n, p.m), p.nbytes)
+    return run, skipped
+
+
+def bench_shape(n_out: int, k_dim: int, ms: list[int], dtype: torch.dtype, device: torch.device,
+                n: int, m: int) -> list[dict]:
+    g = torch.Generator().manual_seed(n_out * 31 + k_dim)
+    w = torch.randn(n_out, k_dim, generator=g).to(dtype)
+    mask = keep_n_of_m(w.abs().float(), n, m)
+    p = NMWeight.from_dense(w, mask, n=n, m=m).to(device)
+    w_dense = p.to_dense()
+    env = env_info(device)
+    rows = []
+    for m_rows in ms:
+        x = torch.randn(m_rows, k_dim, generator=g).to(dtype).to(device)
+        exact = F.linear(x.float(), w_dense.float())
+        providers, skipped = _providers(p, w_dense, x, device.type == "cuda")
+        for name, reason in skipped.items():
+            print(f"  skip {name} at N={n_out} K={k_dim} M={m_rows}: {reason}")
+        times, errs, warm = {}, {}, {}
+        for name, (fn, _) in providers.items():
+            start = time.perf_counter()
+            out = fn(x)  # first call timed apart: compiles, autotunes, builds caches
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            warm[name] = (time.perf_counter() - start) * 1e3
+            errs[name] = float((out.float() - exact).abs().max())
+            times[name] = time_ms(lambda: fn(x), device)
+        best_dense = min(times[d] for d in DENSE if d in times)
+        io_bytes = (x.numel() + m_rows * n_out) * x.element_size()
+        for name, (_, w_bytes) in providers.items():
+            t = times[name]
+            rows.append({
+                "N": n_out, "K": k_dim, "M": m_rows, "pattern": f"{n}:{m}", "dtype": str(dtype).removeprefix("torch."),
+                "provider": name, "time_us": t * 1e3, "speedup_vs_best_dense": best_dense / t,
+                "GB_per_s": (w_bytes + io_bytes) / (t * 1e-3) / 1e9,
+                "TFLOP_per_s": 2.0 * m_rows * n_out * k_dim / (t * 1e-3) / 1e12,
+                "max_abs_err": errs[name], "first_call_ms": warm[name], **env,
+            })
+            print(f"  N={n_out:6d} K={k_dim:6d} M={m_rows:5d} {name:14s} {t * 1e3:10.1f} us  "
+                  f"x{best_dense / t:5.2f}  err {errs[name]:.2e}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 shapes x M in {1, 16, 2048} (implied on CPU)")
+    ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    ap.add_argument("--pattern", default="2:4", help="n:m, e.g. 2:4 (default), 1:4, 2:8, 4:8")
+    ap.add_argument("--out-dir", type=Path, default=None, help="where tables go (default bench/results)")
+    args = ap.parse_args(argv)
+    n, m = (int(v) for v in args.pattern.split(":"))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        print("no CUDA device: tiny CPU subset (dense and reference) only; GPU providers are skipped")
+        shapes, ms = CPU_SHAPES, CPU_MS
+        dtype = torch.float32 if dtype == torch.float16 else dtype  # CPU half matmul is not a fair baseline
+    elif args.quick:
+        shapes, ms = QUICK_SHAPES, QUICK_MS
+    else:
+        shapes, ms = SHAPES, MS
+    rows = []
+    for n_out, k_dim in shapes:
+        rows += bench_shape(n_out, k_dim, ms, dtype, device, n, m)
+    path = write_table(f"nm_matmul_{n}x{m}_{str(dtype).removeprefix('torch.')}", rows, device, args.out_dir)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

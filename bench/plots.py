@@ -1,0 +1,138 @@
+"""Latency-vs-sparsity and latency-vs-batch figures from the CSV tables in bench/results.
+
+    python -m bench.plots [--results DIR] [--out DIR]
+
+Every ``<name>_<device>.csv`` written by ``bench.common.write_table`` is read; a table gets a
+latency-vs-sparsity figure when it has a sparsity column with several values and a latency-vs-batch
+figure when it has a batch/M column with several values. One panel per fixed setting (model, shape,
+dtype, and the other axis), one line per provider/variant, log-scale latency. Figures go to
+``<out>/<table stem>_vs_<axis>.png`` and are titled with the device that measured them, so a CPU figure
+can never pass for a GPU one. Tables that are absent are reported and skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+from typing import Sequence
+
+from .common import RESULTS
+
+# Column names looked for, first match wins.
+LATENCY = ("latency_ms", "time_ms", "median_ms", "ms", "time_us", "latency_us")
+SPARSITY = ("sparsity", "sparsity_pct", "pattern")
+BATCH = ("batch", "M", "m", "rows")
+SERIES = ("provider", "variant", "backend", "method")
+FACETS = ("model", "dims", "op", "layer", "shape", "N", "K", "n", "k", "dtype", "sparsity", "sparsity_pct", "pattern", "batch", "M")
+EXPECTED = {"nm": "bench.bench_nm", "spmm": "bench.bench_spmm", "channel": "bench.bench_channel",
+            "models": "bench.bench_models"}
+PANELS_PER_FIGURE = 12
+
+
+def _pick(cols: Sequence[str], names: Sequence[str]) -> str | None:
+    return next((n for n in names if n in cols), None)
+
+
+def _num(v: str) -> float | None:
+    try:
+        f = float(v)
+    except ValueError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _sort_key(v: str) -> tuple:
+    f = _num(v.rstrip("%"))
+    return (0, f, "") if f is not None else (1, 0.0, v)  # numbers in order, then labels such as "2:4"
+
+
+def plot_table(csv_path: Path, out_dir: Path, log=print) -> list[Path]:
+    """Figures for one table; returns the files written (none when the table has no usable axis)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(csv_path.open()))
+    if not rows:
+        log(f"skip {csv_path.name}: empty table")
+        return []
+    cols = list(rows[0])
+    y, series = _pick(cols, LATENCY), _pick(cols, SERIES)
+    if y is None:
+        log(f"skip {csv_path.name}: no latency column (looked for {', '.join(LATENCY)})")
+        return []
+    device = rows[0].get("device", "unknown device")
+    written = []
+    for label, x in (("sparsity", _pick(cols, SPARSITY)), ("batch", _pick(cols, BATCH))):
+        if x is None or len({r[x] for r in rows}) < 2:
+            continue
+        facets = [c for c in FACETS if c in cols and c not in (x, series) and len({r[c] for r in rows}) > 1]
+        groups: dict[tuple, list[dict]] = {}
+        for r in rows:
+            if _num(r[y]) is not None:
+                groups.setdefault(tuple(r[c] for c in facets), []).append(r)
+        keys = sorted(groups, key=lambda k: tuple(_sort_key(v) for v in k))
+        for page in range(0, len(keys), PANELS_PER_FIGURE):
+            chunk = keys[page: page + PANELS_PER_FIGURE]
+            ncol = min(3, len(chunk))
+            nrow = math.ceil(len(chunk) / ncol)
+            fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.6 * nrow), squeeze=False)
+            for ax, key in zip(axes.flat, chunk):
+                _panel(ax, groups[key], x, y, series)
+                ax.set_title(", ".join(f"{c}={v}" for c, v in zip(facets, key)) or csv_path.stem, fontsize=8)
+            for ax in list(axes.flat)[len(chunk):]:
+                ax.axis("off")
+            fig.suptitle(f"{csv_path.stem}: latency vs {label} ({device})", fontsize=10)
+            fig.tight_layout()
+            suffix = "" if len(keys) <= PANELS_PER_FIGURE else f"_{page // PANELS_PER_FIGURE + 1}"
+            path = out_dir / f"{csv_path.stem}_vs_{label}{suffix}.png"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+            log(f"wrote {path}")
+    if not written:
+        log(f"skip {csv_path.name}: neither sparsity nor batch varies")
+    return written
+
+
+def _panel(ax, rows: list[dict], x: str, y: str, series: str | None) -> None:
+    xs = sorted({r[x] for r in rows}, key=_sort_key)
+    numeric = all(_num(v.rstrip("%")) is not None for v in xs)
+    lines: dict[str, dict[str, float]] = {}
+    for r in rows:
+        lines.setdefault(r[series] if series else y, {})[r[x]] = float(r[y])
+    for name, pts in sorted(lines.items()):
+        ks = [k for k in xs if k in pts]
+        pos = [_num(k.rstrip("%")) if numeric else xs.index(k) for k in ks]
+        ax.plot(pos, [pts[k] for k in ks], marker="o", label=name)
+    if not numeric:
+        ax.set_xticks(range(len(xs)), xs)
+    elif x in BATCH and all(_num(v) > 0 for v in xs):
+        ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.plots", description=__doc__.split("\n")[0])
+    p.add_argument("--results", default=str(RESULTS), help="folder holding the CSV tables")
+    p.add_argument("--out", help="folder for the figures (default <results>/plots)")
+    args = p.parse_args(argv)
+    results = Path(args.results)
+    out = Path(args.out) if args.out else results / "plots"
+    tables = sorted(results.glob("*.csv")) if results.is_dir() else []
+    for prefix, module in EXPECTED.items():
+        if not any(t.name.startswith(prefix + "_") for t in tables):
+            print(f"skip {prefix}: no {prefix}_*.csv in {results} (run python -m {module})")
+    for table in tables:
+        plot_table(table, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""bench.bench_models on tiny dims: one row per model x batch x variant, honest speedups and error checks."""
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+import sparsecore as sc
+from bench import bench_models as bm
+
+
+@pytest.fixture(autouse=True)
+def _no_interpreter(monkeypatch, tmp_path):
+    # The planner would time Triton kernels under the interpreter (minutes); the CPU bench skips them too.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("SPARSECORE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_quick_path_writes_a_complete_table(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    assert bm.main(["--quick", "--preset", "tiny", "--rep", "2", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads  # restored for the rest of the process
+    (table,) = tmp_path.glob("models_tiny_*.csv")
+    assert (tmp_path / (table.stem + ".md")).is_file()
+    rows = list(csv.DictReader(table.open()))
+    specs = bm.specs("tiny")
+    expected = {(s.name, b, v) for s in specs for b in s.batches for v in bm.VARIANTS}
+    assert {(r["model"], int(r["batch"]), r["variant"]) for r in rows} == expected and len(rows) == len(expected)
+    for r in rows:
+        assert r["device"].startswith("CPU") and r["torch"] == torch.__version__ and r["commit"] and r["date"]
+        ms, dense_ms = float(r["latency_ms"]), float(r["dense_ms"])
+        assert ms > 0 and float(r["speedup"]) == pytest.approx(dense_ms / ms)
+        assert r["agrees"] == "True", r
+        assert float(r["max_abs_err"]) <= 1e-4 * max(1.0, float(r["ref_max_abs"]))
+        assert r["peak_MB"] == ""  # only measured on CUDA
+        names = {b.value for b in sc.Backend}
+        if r["variant"] == "dense":
+            assert float(r["speedup"]) == 1.0 and r["backends"] == "-"
+        else:
+            counts = dict(item.split(":") for item in r["backends"].split())
+            assert set(counts) <= names and sum(map(int, counts.values())) > 0
+    # the slimmed ResNet is physically smaller than its dense self
+    mb = {r["variant"]: float(r["model_MB"]) for r in rows if r["model"] == "resnet50"}
+    assert mb["channel50"] < 0.75 * mb["dense"]
+    assert "slim" in next(r["how"] for r in rows if r["model"] == "resnet50" and r["variant"] == "channel50")
+
+
+def test_disagreeing_model_is_flagged(monkeypatch):
+    real = bm._sparse_variant
+
+    def broken(spec, dense, config, x0):
+        model, ref, how = real(spec, dense, config, x0)
+        with torch.no_grad():
+            ref.get_submodule("gate_proj").weight.mul_(1.01)  # the reference now differs by ~1%
+        return model, ref, how
+
+    monkeypatch.setattr(bm, "_sparse_variant", broken)
+    spec = bm.specs("tiny")[0]
+    spec.batches = (1,)
+    rows = bm.bench_model(spec, ["dense", "unstructured90"], torch.device("cpu"), torch.float32, rep=1, log=lambda s: None)
+    by = {r["variant"]: r for r in rows}
+    assert by["dense"]["agrees"] is True and by["unstructured90"]["agrees"] is False
+
+
+def test_model_bytes_counts_params_buffers_and_backend_state():
+    lin = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8))
+    dense_bytes = (16 * 8 + 8 + 8 + 8 + 8 + 8) * 4 + 8  # weights, bias, BN affine + running stats, int64 counter
+    assert bm.model_bytes(lin) == dense_bytes
+    sparse = sc.sparsify(nn.Sequential(nn.Linear(16, 8)), sc.SparsityConfig("unstructured", 0.5))
+    packed = sum(b.untyped_storage().nbytes() for b in sparse.buffers()) + 8 * 4
+    assert bm.model_bytes(sparse) == packed
+    sparse(torch.randn(2, 16))  # unplanned AUTO runs dense: its prepared dense copy is resident now
+    assert bm.model_bytes(sparse) == packed + 16 * 8 * 4
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        bm.main(["--models", "gpt5"])
+    assert e.value.code == 2 and "unknown model or variant 'gpt5'" in capsys.readouterr().err
+
+
+def test_plots_from_tables(tmp_path, capsys):
+    from bench import plots
+    from bench.common import write_table
+
+    rows = [{"provider": p, "M": m, "sparsity": s, "shape": "96x64", "latency_ms": 1.0 + m * (1 - s) + (p == "dense"),
+             "device": "CPU test"} for p in ("dense", "triton") for m in (1, 4, 16) for s in (0.5, 0.9)]
+    write_table("spmm", rows, "cpu", tmp_path)
+    (tmp_path / "junk_cpu.csv").write_text("a,b\n1,2\n")
+    assert plots.main(["--results", str(tmp_path), "--out", str(tmp_path / "fig")]) == 0
+    out = capsys.readouterr().out
+    made = sorted(p.name for p in (tmp_path / "fig").glob("*.png"))
+    stem = next(tmp_path.glob("spmm_*.csv")).stem
+    assert made == [f"{stem}_vs_batch.png", f"{stem}_vs_sparsity.png"]
+    assert all((tmp_path / "fig" / m).stat().st_size > 1000 for m in made)
+    assert "skip nm: no nm_*.csv" in out and "skip junk_cpu.csv: no latency column" in out
