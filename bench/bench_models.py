@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -157,8 +159,12 @@ def _backends(entries: list) -> str:
 
 @torch.no_grad()
 def bench_model(spec: ModelSpec, variants: Sequence[str], device: torch.device, dtype: torch.dtype, rep: int,
-                log: Callable[[str], None] = print) -> list[dict]:
-    """Rows for one model: every batch size x variant, dense first."""
+                log: Callable[[str], None] = print, cache_path: Path | None = None) -> list[dict]:
+    """Rows for one model: every batch size x variant, dense first.
+
+    ``cache_path``: the planner's decision cache. Give a fresh file per run: layers of one shape are then
+    measured once in this run (as a deployment would) and no decision comes from an earlier run.
+    """
     torch.manual_seed(0)
     dense = spec.build().eval().to(device=device, dtype=dtype)
     x_plan = spec.make_input(spec.batches[0]).to(device=device, dtype=dtype)
@@ -176,7 +182,8 @@ def bench_model(spec: ModelSpec, variants: Sequence[str], device: torch.device, 
         for name in variants:
             if name != "dense":
                 t0 = time.perf_counter()
-                plans[name] = (sc.plan(built[name][0], (x,), use_cache=False, rep=rep), time.perf_counter() - t0)
+                entries = sc.plan(built[name][0], (x,), use_cache=cache_path is not None, cache_path=cache_path, rep=rep)
+                plans[name] = (entries, time.perf_counter() - t0)
         models = {name: dense if name == "dense" else built[name][0] for name in variants}
         times = paired_ms({name: (lambda m=m: m(x)) for name, m in models.items()}, device, rep)
         for name in variants:
@@ -220,13 +227,17 @@ def paired_ms(fns: dict[str, Callable[[], object]], device: torch.device, rep: i
 
 
 def run(preset: str, models: Sequence[str], variants: Sequence[str], device: torch.device, dtype: torch.dtype,
-        rep: int, log: Callable[[str], None] = print) -> list[dict]:
+        rep: int, log: Callable[[str], None] = print, trim_batches: bool = False) -> list[dict]:
     """All rows (each carrying ``env_info``) for the chosen models and variants."""
     env = env_info(device)
     chosen = [s for s in specs(preset) if s.name in models]
+    if trim_batches:  # --quick on GPU: real dims, only the smallest and largest batch
+        for s in chosen:
+            s.batches = tuple(sorted({s.batches[0], s.batches[-1]}))
     rows = []
-    for spec in chosen:
-        rows += [{**r, **env} for r in bench_model(spec, variants, device, dtype, rep, log)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in chosen:
+            rows += [{**r, **env} for r in bench_model(spec, variants, device, dtype, rep, log, Path(tmp) / "plans.json")]
     return rows
 
 
@@ -270,7 +281,7 @@ def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     rep = args.rep or (5 if args.quick else 20)
     if not on_gpu:
         print("CPU run: reduced dims; Triton backends need CUDA and are skipped by the planner")
-    rows = run(preset, models, variants, device, dtype, rep)
+    rows = run(preset, models, variants, device, dtype, rep, trim_batches=args.quick and preset == "gpu")
     suffix = "" if preset in ("gpu", "cpu") else f"_{preset}"
     print(f"wrote {write_table('models' + suffix, rows, device, args.out_dir)}")
     return 0

@@ -24,7 +24,8 @@ LATENCY = ("latency_ms", "time_ms", "median_ms", "ms", "time_us", "latency_us")
 SPARSITY = ("sparsity", "sparsity_pct", "pattern")
 BATCH = ("batch", "M", "m", "rows")
 SERIES = ("provider", "variant", "backend", "method")
-FACETS = ("model", "dims", "op", "layer", "shape", "N", "K", "n", "k", "dtype", "sparsity", "sparsity_pct", "pattern", "batch", "M")
+FACETS = ("model", "dims", "op", "layer", "shape", "N", "K", "n", "k", "dtype", "sparsity", "sparsity_pct", "pattern",
+          "batch", "M")
 EXPECTED = {"nm": "bench.bench_nm", "spmm": "bench.bench_spmm", "channel": "bench.bench_channel",
             "models": "bench.bench_models"}
 PANELS_PER_FIGURE = 12

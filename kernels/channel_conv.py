@@ -8,8 +8,7 @@ so ``y == F.conv2d(x, W, bias, ...)`` for the dense weight ``W`` that is ``value
 of the FLOPs. groups == 1 only.
 
 GEMM view: M = B * H_out * W_out output pixels, N = n_out kept output channels, K = kh * kw * n_in;
-the K loop walks taps (r, s) and, inside each tap, blocks of kept input channels gathered through
-``in_idx``. One launch also fills the pruned output channels (extra programs along grid axis 1), so
+one flat K loop walks (tap (r, s), block of kept input channels gathered through ``in_idx``). One launch also fills the pruned output channels (extra programs along grid axis 1), so
 no separate memset pass touches the output.
 
 Memory formats: ``x`` may be NCHW or channels-last (any strides); ``y`` has ``x``'s memory format.
@@ -72,27 +71,33 @@ def _channel_conv_kernel(
         n_ok = offs_n < N_OUT
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         x_b = b.to(tl.int64) * stride_xb
-        for r in tl.static_range(KH):
-            ih = oh * SH - PH + r * DH
-            for s in tl.static_range(KW):
-                iw = ow * SW - PW + s * DW
-                pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                x_row = x_b + ih * stride_xh + iw * stride_xw                     # (BLOCK_M,)
-                w_tap = w_ptr + r * stride_wr + s * stride_ws
-                for k0 in range(0, N_IN, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = offs_k < N_IN
-                    cin = tl.load(in_idx_ptr + offs_k, mask=k_ok, other=0)          # gathered channels
-                    a = tl.load(x_ptr + x_row[:, None] + cin[None, :] * stride_xc,
-                                mask=pix_ok[:, None] & k_ok[None, :], other=0.0)    # (BLOCK_M, BLOCK_K)
-                    wt = tl.load(w_tap + offs_k[:, None] * stride_wc + offs_n[None, :] * stride_wn,
-                                 mask=k_ok[:, None] & n_ok[None, :], other=0.0)     # (BLOCK_K, BLOCK_N)
-                    if DOT_FP32:
-                        # fp32 inputs: no silent TF32. Also bf16 under the interpreter, whose bf16 dot
-                        # multiplies raw bits (triton 3.9); a GPU always takes the native bf16 dot.
-                        acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(a, wt, acc)
+        oh0 = oh * SH - PH
+        ow0 = ow * SW - PW
+        # One flat K loop over (tap, channel block) so the software pipeline (num_stages) spans taps:
+        # at 50% of 64 channels a tap holds a single BLOCK_K step.
+        k_blocks = tl.cdiv(N_IN, BLOCK_K)
+        for t in range(0, KH * KW * k_blocks):
+            tap = t // k_blocks
+            k0 = (t % k_blocks) * BLOCK_K
+            r = tap // KW
+            s = tap % KW
+            ih = oh0 + r * DH
+            iw = ow0 + s * DW
+            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_row = x_b + ih * stride_xh + iw * stride_xw                             # (BLOCK_M,)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < N_IN
+            cin = tl.load(in_idx_ptr + offs_k, mask=k_ok, other=0)                  # gathered channels
+            a = tl.load(x_ptr + x_row[:, None] + cin[None, :] * stride_xc,
+                        mask=pix_ok[:, None] & k_ok[None, :], other=0.0)            # (BLOCK_M, BLOCK_K)
+            wt = tl.load(w_ptr + r * stride_wr + s * stride_ws + offs_k[:, None] * stride_wc
+                         + offs_n[None, :] * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+            if DOT_FP32:
+                # fp32 inputs: no silent TF32. Also bf16 under the interpreter, whose bf16 dot
+                # multiplies raw bits (triton 3.9); a GPU always takes the native bf16 dot.
+                acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, wt, acc)
         cout = tl.load(out_idx_ptr + offs_n, mask=n_ok, other=0)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cout, mask=n_ok, other=0.0).to(tl.float32)[None, :]

@@ -30,9 +30,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # bench subcommand -> module under the repository's bench/ folder
 BENCHES = {"kernels-nm": "bench_nm", "kernels-spmm": "bench_spmm", "channel": "bench_channel",
            "models": "bench_models", "accuracy": "bench_accuracy"}
-# model option -> the builder keyword it sets
+# size options (--dim, --num-classes, ...) passed to the model builders that take them
 _MODEL_KWARGS = ("dim", "hidden", "heads", "layers", "width", "num_classes", "in_features")
-# one-shot pruning methods of sparsecore.pruning (besides magnitude) that the CLI knows by name
+# pruning methods of sparsecore.pruning listed besides magnitude; usable here once they define oneshot_masks
 METHOD_MODULES = ("gmp", "sap", "pdp", "snacs", "psap")
 
 
@@ -181,7 +181,8 @@ def file_report(path: str | Path) -> dict[str, Any]:
         packed_keys.update(prefix + n for n in entry["tensors"])
         layers.append(layer_stats(fqn, entry.get("type", "?"), packed))
     aliases = saved.header["aliases"]
-    other = sum(t.numel() * t.element_size() for k, t in saved.tensors.items() if k not in packed_keys and k not in aliases)
+    other = sum(t.numel() * t.element_size() for k, t in saved.tensors.items()
+                if k not in packed_keys and k not in aliases)
     packed_total = sum(r["packed_bytes"] for r in layers)
     dense_total = sum(r["dense_bytes"] for r in layers)
     return {"file": str(path), "config": saved.header.get("config"), "layers": layers,
@@ -229,8 +230,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .sparsify import sparse_modules
 
     if args.pattern == "nm" and args.sparsity is not None and abs(args.sparsity - (1 - args.n / args.m)) > 1e-9:
-        raise CLIError(f"--sparsity {args.sparsity} contradicts {args.n}:{args.m} (which prunes {1 - args.n / args.m:g}); "
-                       "drop --sparsity for nm")
+        raise CLIError(f"--sparsity {args.sparsity} contradicts {args.n}:{args.m} (which prunes "
+                       f"{1 - args.n / args.m:g}); drop --sparsity for nm")
     if args.pattern != "nm" and args.sparsity is None:
         raise CLIError(f"--sparsity is required for pattern {args.pattern!r}")
     config = sc.SparsityConfig(args.pattern, 0.5 if args.sparsity is None else args.sparsity, n=args.n, m=args.m,

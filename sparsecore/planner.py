@@ -25,6 +25,7 @@ from .timing import time_ms
 
 __all__ = ["plan", "PlanEntry", "default_cache_path"]
 
+_TRITON = frozenset({Backend.TRITON_NM, Backend.TRITON_SPMM, Backend.TRITON_CHANNEL})
 _AGREE_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
@@ -104,6 +105,8 @@ def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int) -> PlanEnt
     for impl in candidates(mod.op, mod.packed, x):
         if impl.backend is Backend.REFERENCE and x.is_cuda:
             continue  # the pure-torch reference is an oracle, not a contender on GPU
+        if impl.backend in _TRITON and not x.is_cuda:
+            continue  # on CPU Triton only runs in its interpreter: a test vehicle, never a contender
         name = impl.backend.value
         try:
             out = _run(mod, impl, x)

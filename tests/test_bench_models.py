@@ -1,12 +1,19 @@
 """bench.bench_models on tiny dims: one row per model x batch x variant, honest speedups and error checks."""
 import csv
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import sparsecore as sc
-from bench import bench_models as bm
+
+# bench/ is a top-level folder, not part of the installed package (until pytest's pythonpath names the root)
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from bench import bench_models as bm  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +64,8 @@ def test_disagreeing_model_is_flagged(monkeypatch):
     monkeypatch.setattr(bm, "_sparse_variant", broken)
     spec = bm.specs("tiny")[0]
     spec.batches = (1,)
-    rows = bm.bench_model(spec, ["dense", "unstructured90"], torch.device("cpu"), torch.float32, rep=1, log=lambda s: None)
+    rows = bm.bench_model(spec, ["dense", "unstructured90"], torch.device("cpu"), torch.float32, rep=1,
+                          log=lambda s: None)
     by = {r["variant"]: r for r in rows}
     assert by["dense"]["agrees"] is True and by["unstructured90"]["agrees"] is False
 

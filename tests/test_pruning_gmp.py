@@ -67,6 +67,15 @@ def test_skipped_steps_catch_up(seeded):
         assert int((~m).sum()) == round(m.numel() * gmp_sparsity(30, 0.5, 0, 4, 10))
 
 
+def test_per_layer_targets(seeded):
+    pruner = GMP(_model(seeded), 0.5, t0=0, n=2, dt=3, per_layer={"5": 0.9, "0": 0.1})
+    for _ in range(10):
+        pruner.step()
+    expect = {"0": 0.1, "3": 0.5, "5": 0.9}
+    assert {f: int((~m).sum()) for f, m in pruner.masks.items()} == {f: round(pruner.masks[f].numel() * s)
+                                                                     for f, s in expect.items()}
+
+
 def test_nm_chosen_once_and_held(seeded):
     model = _model(seeded)
     pruner = GMP(model, 0.0, t0=2, n=3, dt=2, pattern="nm", nm=(2, 4))

@@ -95,5 +95,10 @@ def test_train_helper_with_gmp_like_hard_pruner(seeded):
     psap = PSAP(model, targets=[0.2, 0.4], filter_fn=_hidden)
     train(model, loader, 2, pruner=psap)
     assert [h["target"] for h in psap.history] == [0.2, 0.4]
+    final = {f: m.clone() for f, m in psap.finalize().items()}
+    train(model, loader, 2, pruner=psap)  # after finalize: no more prune steps, pruned filters stay zero
+    assert len(psap.history) == 2 and all(torch.equal(final[f], psap.masks[f]) for f in final)
+    for f, mask in final.items():
+        assert bool((model.get_submodule(f).weight[~mask] == 0).all())
     with pytest.raises(ValueError, match="epochs must be"):
         train(model, loader, -1)

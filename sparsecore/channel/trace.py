@@ -228,6 +228,14 @@ def _reduces_hw(dim: Any, rank: int) -> bool:
     return sorted(d % 4 for d in dim) == [2, 3]
 
 
+def _is_metadata(node: fx.Node) -> bool:
+    """``x.size(0)``, ``x.shape``, ``x.dim()``, ``len(x)``: they read shapes, never channel values."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim", "numel")
+    return node.op == "call_function" and (node.target is len or (
+        node.target is getattr and len(node.args) > 1 and node.args[1] in ("shape", "dtype", "device", "ndim")))
+
+
 def _build_steps(gm: fx.GraphModule) -> list[Step]:
     calls: dict[str, int] = {}
     for n in gm.graph.nodes:
@@ -253,7 +261,7 @@ def _build_steps(gm: fx.GraphModule) -> list[Step]:
             continue
         # Unknown: pin what it reads (its channel semantics are unknown), pin what it makes.
         srcs = tuple(a.name for a in _tensor_args(node) if _channels(a) is not None)
-        if srcs and node.op != "placeholder":
+        if srcs and node.op != "placeholder" and not _is_metadata(node):
             steps.append(Step(node.name + ".__sink", "sink", srcs))
         if size is not None:
             steps.append(Step(node.name, "opaque", (), size=size))

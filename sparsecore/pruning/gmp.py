@@ -2,8 +2,9 @@
 
 Schedule: ``s(t) = s_f + (s_i - s_f) * (1 - p)^3`` with ``p = clamp((t - t0) / (n * dt), 0, 1)``. Masks are
 recomputed only at the grid steps ``t0, t0 + dt, ..., t0 + n*dt`` and frozen afterwards; every layer keeps its
-own largest |w| (layer-wise budget: ``round(n_l * s)`` zeros exactly, see ``masks.keep_count``), unless
-per-layer final targets are given. N:M is chosen once (at ``t0``) and held; channel pruning applies the same
+own largest |w| (layer-wise budget: exactly ``round(n_l * s)`` zeros, i.e. ``n_l - round(n_l * s)`` kept, see
+``masks.keep_count``; this equals the paper's ``round(n_l * (1 - s))`` kept except at exact .5 ties, where
+the zero count is the one we pin), with per-layer final targets where ``per_layer`` gives them. N:M is chosen once (at ``t0``) and held; channel pruning applies the same
 cubic schedule to the count of output channels ranked by their L2 norm.
 """
 from __future__ import annotations

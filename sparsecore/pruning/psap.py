@@ -137,6 +137,8 @@ class PSAP(Pruner):
         return self.masks
 
     def finalize(self) -> dict[str, torch.Tensor]:
+        """Freeze the last step's masks as hard masks (no more prune steps; re-zeroed after every step)."""
+        self.targets = []
         self.zero_after_step = True
         self.apply()
         return self.masks

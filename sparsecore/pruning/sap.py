@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..masks import as_matrix, channel_to_weight_mask, from_matrix, keep_count, keep_n_of_m, keep_topk
+from ..masks import as_matrix, channel_to_weight_mask, from_matrix, keep_n_of_m, keep_topk
 from .base import (FilterFn, Pruner, apply_masks, check_fraction, check_pattern, full_masks, masks_sparsity,
                    select_layers, weight_of)
 from .pqi import pq_index, sap_keep_bound, sap_prune_count
