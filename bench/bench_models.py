@@ -182,7 +182,8 @@ def bench_model(spec: ModelSpec, variants: Sequence[str], device: torch.device, 
         for name in variants:
             if name != "dense":
                 t0 = time.perf_counter()
-                entries = sc.plan(built[name][0], (x,), use_cache=cache_path is not None, cache_path=cache_path, rep=rep)
+                entries = sc.plan(built[name][0], (x,), use_cache=cache_path is not None, cache_path=cache_path,
+                                  rep=rep)
                 plans[name] = (entries, time.perf_counter() - t0)
         models = {name: dense if name == "dense" else built[name][0] for name in variants}
         times = paired_ms({name: (lambda m=m: m(x)) for name, m in models.items()}, device, rep)
@@ -237,7 +238,8 @@ def run(preset: str, models: Sequence[str], variants: Sequence[str], device: tor
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in chosen:
-            rows += [{**r, **env} for r in bench_model(spec, variants, device, dtype, rep, log, Path(tmp) / "plans.json")]
+            cache = Path(tmp) / "plans.json"
+            rows += [{**r, **env} for r in bench_model(spec, variants, device, dtype, rep, log, cache)]
     return rows
 
 

@@ -185,7 +185,7 @@ def file_report(path: str | Path) -> dict[str, Any]:
                 if k not in packed_keys and k not in aliases)
     packed_total = sum(r["packed_bytes"] for r in layers)
     dense_total = sum(r["dense_bytes"] for r in layers)
-    return {"file": str(path), "config": saved.header.get("config"), "layers": layers,
+    return {"file": str(path), "config": saved.header.get("config"), "extra": saved.header.get("extra"), "layers": layers,
             "totals": {"sparse_layers": len(layers), "packed_bytes": packed_total, "dense_bytes": dense_total,
                        "ratio": dense_total / packed_total if packed_total else float("nan"),
                        "other_bytes": other, "model_bytes": packed_total + other,
@@ -263,7 +263,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         plans = {e.fqn: e.chosen + (" (cached)" if e.cached else "") for e in entries}
     mods = sparse_modules(model)
     rows = [layer_stats(f, m.op, m.packed) for f, m in mods.items()]
-    out = sc.save(model.cpu(), args.out, config=config)
+    skeleton = {"model": args.model, "options": options, "dtype": args.dtype}  # what `load` needs to rebuild
+    out = sc.save(model.cpu(), args.out, config=config, extra={"skeleton": skeleton})
     print(format_table(rows, plans))
     _print_totals(file_report(out)["totals"])
     print(f"saved {out}")
@@ -293,6 +294,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"file: {report['file']}")
     print(f"config: {json.dumps(report['config']) if report['config'] else 'none recorded'}")
+    if report.get("extra"):
+        print(f"extra: {json.dumps(report['extra'])}")
     print(format_table(report["layers"]))
     _print_totals(report["totals"])
     return 0

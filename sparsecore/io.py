@@ -7,7 +7,7 @@ document::
     {"format": "sparsecore", "version": 1,
      "layers": {fqn: {"type": "linear"|"conv2d", "packed": <format meta>, "tensors": [names],
                       "in_channels": int, "conv": {...}, "backend": "auto"}},
-     "aliases": {key: stored_key}, "crc32": {key: int}, "config": {...} | null,
+     "aliases": {key: stored_key}, "crc32": {key: int}, "config": {...} | null, "extra": {...} | null,
      "torch": "2.x", "sparsecore": "0.1.0"}
 
 Loading needs the dense model's skeleton (same architecture, any weights): the sparse layers named in the
@@ -54,8 +54,17 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
 
 
-def save(model: nn.Module, path: str | Path, config: SparsityConfig | None = None) -> Path:
-    """Write ``model`` (sparse layers packed) to ``path`` as safetensors + JSON header. Returns the path."""
+def save(model: nn.Module, path: str | Path, config: SparsityConfig | None = None,
+         extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (sparse layers packed) to ``path`` as safetensors + JSON header. Returns the path.
+
+    ``extra``: JSON-able facts to keep with the weights (e.g. how to rebuild the model's skeleton).
+    """
+    if extra is not None:
+        try:
+            json.dumps(extra)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"extra must be JSON-serialisable: {e}") from None
     from safetensors.torch import save_file
 
     layers = {}
@@ -79,7 +88,7 @@ def save(model: nn.Module, path: str | Path, config: SparsityConfig | None = Non
         tensors[key] = t.cpu().contiguous()
     header = {"format": _KEY, "version": FILE_VERSION, "layers": layers, "aliases": aliases,
               "crc32": {k: _crc(t) for k, t in tensors.items()},
-              "config": config.to_json() if config is not None else None,
+              "config": config.to_json() if config is not None else None, "extra": extra,
               "torch": torch.__version__, "sparsecore": __version__}
     path = Path(path)
     save_file(tensors, str(path), metadata={_KEY: json.dumps(header)})
