@@ -153,9 +153,11 @@ def _build_layer(fqn: str, entry: dict[str, Any], tensors: dict[str, torch.Tenso
     expect = nn.Linear if entry.get("type") == "linear" else nn.Conv2d
     if not isinstance(skeleton, (expect, SparseLinear, SparseConv2d)):
         raise ValueError(f"layer {fqn!r}: the file holds a sparse {entry.get('type')}, the model has {type(skeleton).__name__}")
-    if tuple(skeleton.weight.shape if hasattr(skeleton, "weight") else skeleton.packed.shape) != tuple(packed.shape):
-        shape = skeleton.weight.shape if hasattr(skeleton, "weight") else skeleton.packed.shape
-        raise ValueError(f"layer {fqn!r}: file weight shape {packed.shape} != model weight shape {tuple(shape)}")
+    shape = tuple(skeleton.weight.shape if hasattr(skeleton, "weight") else skeleton.packed.shape)
+    # Channel slimming may have narrowed dims 0 and 1; kernel sizes and rank must match exactly.
+    if len(shape) != len(packed.shape) or shape[2:] != tuple(packed.shape[2:]) or \
+            any(f > k for f, k in zip(packed.shape[:2], shape[:2])):
+        raise ValueError(f"layer {fqn!r}: file weight shape {tuple(packed.shape)} does not fit model weight shape {shape}")
     if entry["type"] == "linear":
         return SparseLinear(packed, bias, entry.get("backend", "auto"))
     c = entry["conv"]
@@ -163,14 +165,53 @@ def _build_layer(fqn: str, entry: dict[str, Any], tensors: dict[str, torch.Tenso
                         tuple(c["dilation"]), c["groups"], entry.get("backend", "auto"))
 
 
+_RESIZABLE = (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm)
+
+
+def _resize_like_file(model: nn.Module, tensors: dict[str, torch.Tensor], sparse: set[str]) -> None:
+    """Narrow the skeleton's dense Linear/Conv2d/BatchNorm layers to the file's shapes (channel slimming).
+
+    A physically slimmed model keeps its module classes with fewer channels; the shapes in the file say by
+    how much. Any other shape difference is left for ``load_state_dict`` to report.
+    """
+    for key, t in tensors.items():
+        owner, _, name = key.rpartition(".")
+        if owner in sparse:
+            continue
+        try:
+            mod = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        cur = getattr(mod, name, None)
+        if not isinstance(mod, _RESIZABLE) or not isinstance(cur, torch.Tensor) or cur.shape == t.shape:
+            continue
+        if isinstance(cur, nn.Parameter):
+            setattr(mod, name, nn.Parameter(torch.empty_like(t), requires_grad=cur.requires_grad))
+        else:
+            setattr(mod, name, torch.empty_like(t))
+        if name != "weight":
+            continue
+        if isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = t.shape
+        elif isinstance(mod, nn.Conv2d):
+            if mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:  # depthwise stays depthwise
+                mod.in_channels = mod.out_channels = mod.groups = t.shape[0]
+            else:
+                mod.out_channels, mod.in_channels = t.shape[0], t.shape[1] * mod.groups
+        else:
+            mod.num_features = t.shape[0]
+
+
 def load(path: str | Path, model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
     """Load a file written by ``save`` into ``model``, a skeleton of the same dense architecture.
 
-    The skeleton's Linear/Conv2d layers named in the file become sparse; every tensor is loaded strictly
-    (a missing or unexpected key raises). ``device`` moves the result (default: where it was read, CPU).
+    The skeleton's Linear/Conv2d layers named in the file become sparse; dense Linear/Conv2d/BatchNorm layers
+    are narrowed to the file's shapes (a channel-slimmed model loads into its unpruned skeleton); every
+    tensor is loaded strictly (a missing or unexpected key raises). ``device`` moves the result (default: where it was read, CPU).
     """
     saved = read(path)
     modules = dict(model.named_modules())
+    _resize_like_file(model, saved.tensors, set(saved.header["layers"]))
     for fqn, entry in saved.header["layers"].items():
         if fqn not in modules:
             raise ValueError(f"the file has sparse layer {fqn!r}, the model has no such module")

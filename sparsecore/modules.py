@@ -89,7 +89,8 @@ class _SparseBase(nn.Module):
         hit = self._resolved.get((backend, x.device, x.dtype))
         if hit is None:
             self._check_input(x)
-            impl = resolve(self.op, backend, self._packed, x)
+            x_op = x.reshape(-1, x.shape[-1]) if self.op == "linear" else x  # backends see the 2-D view
+            impl = resolve(self.op, backend, self._packed, x_op)
             hit = self._resolved[(backend, x.device, x.dtype)] = (impl, self.prepared(impl))
         return hit
 
@@ -148,8 +149,10 @@ class SparseLinear(_SparseBase):
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects [..., {self.in_features}] input, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        impl, state = self._dispatch(x, x.numel() // max(1, self.in_features))
+        if impl.accepts_nd:
+            return impl.run(state, x, self.bias)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (M, K)
-        impl, state = self._dispatch(x2, x2.shape[0])
         y = impl.run(state, x2, self.bias)  # (M, N)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 

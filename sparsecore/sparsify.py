@@ -36,7 +36,8 @@ def _check_pattern(fqn: str, mask: torch.Tensor, config: SparsityConfig) -> None
 @torch.no_grad()
 def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | None = None,
              masks: dict[str, torch.Tensor] | None = None,
-             example_inputs: tuple | None = None, progress: bool = False) -> nn.Module:
+             example_inputs: tuple | None = None, progress: bool = False,
+             slim: bool | None = None, round_to: int | None = None) -> nn.Module:
     """Swap every selected ``nn.Linear``/``nn.Conv2d`` of ``model`` for its sparse twin, in place.
 
     masks: ``{fqn: bool mask shaped like the weight}`` from any pruner; when ``None``, one-shot magnitude
@@ -44,7 +45,13 @@ def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | Non
     filter_fn: ``filter_fn(module, fqn) -> bool`` selects layers (only used when ``masks`` is ``None``).
     example_inputs: when given, the planner times the candidate backends per layer on these inputs
         (``model(*example_inputs)``) and keeps the fastest, dense included.
-    Returns ``model`` (modified in place).
+    slim: channel pattern only. Physically remove pruned channels where the model graph allows it
+        (weights, BatchNorm, biases and the next layers' inputs shrink; see ``sparsecore.channel``), and
+        pack only the layers a residual add or concat keeps at full width. Needs ``example_inputs`` to
+        trace the graph; default: on whenever the pattern is "channel" and ``example_inputs`` is given.
+        ``round_to``: round kept channel counts up to a multiple (8 suits tensor cores).
+    Returns the sparsified model: ``model`` itself, modified in place, except when slimming, which returns
+    a new, smaller model (``model`` is left untouched). Always use the return value.
 
     >>> model = sparsify(nn.Sequential(nn.Linear(64, 64)), SparsityConfig("nm", n=2, m=4))
     """
@@ -52,6 +59,10 @@ def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | Non
         raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
     if masks is None:
         masks = magnitude_masks(model, config, filter_fn)
+    if slim is None:
+        slim = config.pattern == "channel" and example_inputs is not None
+    if slim:
+        model, masks = _slim(model, config, masks, example_inputs, round_to)
     modules = dict(model.named_modules())
     items = list(masks.items())
     if progress:
@@ -70,6 +81,27 @@ def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | Non
         from .planner import plan
         plan(model, example_inputs)
     return model
+
+
+def _slim(model: nn.Module, config: SparsityConfig, masks: dict[str, torch.Tensor], example_inputs: tuple | None,
+          round_to: int | None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Physically slim a channel-pruned model; return it with block masks for the layers that stay wide."""
+    from .channel import channel_weight_masks, plan_slim, apply_plan
+
+    if config.pattern != "channel":
+        raise ValueError(f"slim=True needs the 'channel' pattern, config has {config.pattern!r}")
+    if not example_inputs or len(example_inputs) != 1:
+        raise ValueError("slim=True needs example_inputs=(x,) with one input tensor to trace the model")
+    channel = {}
+    for fqn, mask in masks.items():
+        try:
+            channel[fqn] = check_channel(mask)
+        except ValueError as e:
+            raise type(e)(f"layer {fqn!r}: {e}") from None
+    x = example_inputs[0]
+    plan = plan_slim(model, channel, x, round_to=round_to)
+    small = apply_plan(model, plan)
+    return small, channel_weight_masks(small, plan.residual_masks, x)
 
 
 def sparse_modules(model: nn.Module) -> dict[str, SparseLinear | SparseConv2d]:

@@ -26,3 +26,25 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
+
+
+def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device | str, *, warmup: int = 3,
+                        rep: int = 20) -> dict[str, float]:
+    """Median time of each function in ms, sampled in turn (a, b, a, b, ...) on CPU.
+
+    Interleaving spreads machine noise (other processes, frequency changes) evenly over the contenders,
+    which back-to-back timing does not. On CUDA each function gets its own ``do_bench``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {name: time_ms(fn, device) for name, fn in fns.items()}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rep):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(s) for name, s in samples.items()}

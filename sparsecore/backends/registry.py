@@ -65,6 +65,7 @@ class BackendImpl:
     why_not: Callable[[PackedWeight, torch.Tensor], str | None]    # None when it can run
     prepare: Callable[[PackedWeight], Any]
     run: Callable[..., torch.Tensor]
+    accepts_nd: bool = False  # linear only: ``run`` takes ``x [..., K]`` as is (saves two reshapes per call)
 
 
 REGISTRY: dict[tuple[str, Backend, str], BackendImpl] = {}  # (op, backend, format kind) -> implementation

@@ -42,7 +42,7 @@ __all__ = ["SlimPlan", "plan_slim", "apply_plan", "slim", "masked_reference", "c
 _MEMBER_KINDS = ("conv", "linear", "dw", "grouped")
 
 
-def _check_masks(graph: ChannelGraph, model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _check_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for fqn, m in masks.items():
         info = graph.layers.get(fqn)
@@ -204,7 +204,7 @@ def plan_slim(model: nn.Module, masks: dict[str, torch.Tensor], example_input: t
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
     graph = trace_channels(model, example_input)
-    masks = _check_masks(graph, model, masks)
+    masks = _check_masks(graph, masks)
     dead_out, dead_in = dead_channels(graph, masks)
     removed = _removed_units(graph, dead_out)
     if round_to is not None and round_to > 1:
@@ -303,7 +303,7 @@ def slim(model: nn.Module, masks: dict[str, torch.Tensor], example_input: torch.
 def masked_reference(model: nn.Module, masks: dict[str, torch.Tensor], example_input: torch.Tensor) -> nn.Module:
     """A deep copy of ``model`` with every dead channel's parameters zeroed (see module docstring)."""
     graph = trace_channels(model, example_input)
-    dead_out, dead_in = dead_channels(graph, _check_masks(graph, model, masks))
+    dead_out, dead_in = dead_channels(graph, _check_masks(graph, masks))
     model = copy.deepcopy(model)
     _zero_dead_(model, dead_out, dead_in)
     return model
@@ -318,7 +318,7 @@ def channel_weight_masks(model: nn.Module, masks: dict[str, torch.Tensor],
     them is lossless. Depthwise / grouped convs get row masks (their dim 1 is per group).
     """
     graph = trace_channels(model, example_input)
-    dead_out, dead_in = dead_channels(graph, _check_masks(graph, model, masks))
+    dead_out, dead_in = dead_channels(graph, _check_masks(graph, masks))
     out = {}
     for fqn, info in graph.layers.items():
         if info.kind not in _MEMBER_KINDS:

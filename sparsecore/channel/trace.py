@@ -8,7 +8,7 @@ channel dimension (dim 1 of a 2-D ``[B, F]`` or 4-D ``[B, C, H, W]`` tensor):
 * ``dw``        depthwise Conv2d (groups = C_in = C_out): output channel c *is* input channel c;
 * ``bn``        BatchNorm: carries its input's channels, has per-channel parameters;
 * ``pass``      ReLU-like ops with f(0) = 0, pools, dropout, mean over H, W: carries channels;
-* ``add``       residual add: channel c of both sides is one channel;
+* ``add``       residual add (or subtract): channel c of both sides is one channel;
 * ``cat``       concat along dim 1: channel offsets;
 * ``flatten``   ``[B, C, h, w] -> [B, C*h*w]``: channel c becomes features c*h*w .. (c+1)*h*w - 1;
 * ``opaque``    anything else (model inputs, grouped convs, unknown ops): fresh channels that are
@@ -36,11 +36,12 @@ __all__ = ["Step", "LayerInfo", "ChannelGraph", "ChannelGroup", "trace_channels"
 # Modules and functions whose output channel c depends only on input channel c and map 0 to 0.
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.Hardtanh,
                  nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_PASS_FUNCS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.hardtanh, torch.tanh,
+_PASS_FUNCS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, torch.tanh,
                F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _PASS_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone"}
-_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
-_ADD_METHODS = {"add", "add_", "__add__"}
+# Residual joins: 0 +/- 0 = 0, and channel c of both sides is one channel.
+_ADD_FUNCS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
+_ADD_METHODS = {"add", "add_", "__add__", "sub", "sub_", "__sub__"}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
 
 
@@ -168,6 +169,8 @@ def _module_step(node: fx.Node, mod: nn.Module, src: fx.Node | None, size: int) 
         return Step(name, "producer", (src.name,), fqn, size)
     if isinstance(mod, nn.modules.batchnorm._BatchNorm) and size == c_in:
         return Step(name, "bn", (src.name,), fqn, size)
+    if isinstance(mod, nn.Hardtanh) and not mod.min_val <= 0.0 <= mod.max_val:
+        return None  # clamps 0 to a non-zero value
     if isinstance(mod, _PASS_MODULES) and size == c_in:
         return Step(name, "pass", (src.name,))
     if isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1:

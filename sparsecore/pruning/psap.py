@@ -12,7 +12,8 @@ The paper publishes no code and no formulas; this module implements the reading 
 * Protective reconstruction: gradient norms of every filter are accumulated between prune steps
   (``before_step``). A currently zeroed filter whose gradient norm exceeds the median gradient norm of the
   kept filters of its layer is restored: it is not pruned this step; the layer's next-lowest filter that is
-  not protected takes its place, so the budget still holds.
+  not protected takes its place, so the budget holds while a layer has enough unprotected filters (when it
+  has not, fewer filters are pruned this step: protection wins over the budget).
 * ``finalize()`` turns the last step's choice into hard channel masks (pruned filters and their biases
   zeroed; from then on they are re-zeroed after every optimiser step).
 """
