@@ -227,7 +227,8 @@ def spmm(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offse
     """
     if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
         raise ValueError(f"spmm: split_k must be a positive int or None, got {split_k!r}")
-    if torch.compiler.is_compiling():
+    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if torch.compiler.is_compiling() or grad:  # the op refuses backward loudly instead of detaching silently
         return torch.ops.sparsecore.spmm(x, bitmap, values, tile_offsets, n, bias, split_k or 0)
     # Eager: skip the custom-op dispatcher, whose Python overhead is comparable to a whole decode GEMV.
     _check(x, bitmap, values, tile_offsets, n, bias)

@@ -7,7 +7,7 @@ document::
     {"format": "sparsecore", "version": 1,
      "layers": {fqn: {"type": "linear"|"conv2d", "packed": <format meta>, "tensors": [names],
                       "in_channels": int, "conv": {...}, "backend": "auto"}},
-     "aliases": {key: stored_key}, "crc32": {key: int}, "config": {...} | null, "extra": {...} | null,
+     "aliases": {key: stored_key}, "slimmed": bool, "crc32": {key: int}, "config": {...} | null, "extra": {...} | null,
      "torch": "2.x", "sparsecore": "0.1.0"}
 
 Loading needs the dense model's skeleton (same architecture, any weights): the sparse layers named in the
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .backends import Backend
 from .config import SparsityConfig
 from .formats import FORMATS
 from .formats.base import FormatError
@@ -87,6 +88,7 @@ def save(model: nn.Module, path: str | Path, config: SparsityConfig | None = Non
         seen[ident] = key
         tensors[key] = t.cpu().contiguous()
     header = {"format": _KEY, "version": FILE_VERSION, "layers": layers, "aliases": aliases,
+              "slimmed": bool(getattr(model, "sparsecore_slimmed", False)),
               "crc32": {k: _crc(t) for k, t in tensors.items()},
               "config": config.to_json() if config is not None else None, "extra": extra,
               "torch": torch.__version__, "sparsecore": __version__}
@@ -134,8 +136,15 @@ def read(path: str | Path) -> SavedModel:
     return SavedModel(header, tensors)
 
 
-def _build_layer(fqn: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor], skeleton: nn.Module) -> nn.Module:
-    kind = entry.get("packed", {}).get("kind")
+def _build_layer(fqn: str, entry: Any, tensors: dict[str, torch.Tensor], skeleton: nn.Module,
+                 slimmed: bool) -> nn.Module:
+    if not isinstance(entry, dict) or not isinstance(entry.get("packed"), dict):
+        raise FileFormatError(f"layer {fqn!r}: header entry must be an object with a 'packed' object")
+    if entry.get("type") not in ("linear", "conv2d"):
+        raise FileFormatError(f"layer {fqn!r}: type must be 'linear' or 'conv2d', got {entry.get('type')!r}")
+    if entry.get("backend", "auto") not in {b.value for b in Backend}:
+        raise FileFormatError(f"layer {fqn!r}: unknown backend {entry.get('backend')!r}")
+    kind = entry["packed"].get("kind")
     if kind not in FORMATS:
         raise FileFormatError(f"layer {fqn!r}: unknown packed format {kind!r}; known {sorted(FORMATS)}")
     names = entry.get("tensors")
@@ -154,15 +163,21 @@ def _build_layer(fqn: str, entry: dict[str, Any], tensors: dict[str, torch.Tenso
     if not isinstance(skeleton, (expect, SparseLinear, SparseConv2d)):
         raise ValueError(f"layer {fqn!r}: the file holds a sparse {entry.get('type')}, the model has {type(skeleton).__name__}")
     shape = tuple(skeleton.weight.shape if hasattr(skeleton, "weight") else skeleton.packed.shape)
-    # Channel slimming may have narrowed dims 0 and 1; kernel sizes and rank must match exactly.
-    if len(shape) != len(packed.shape) or shape[2:] != tuple(packed.shape[2:]) or \
-            any(f > k for f, k in zip(packed.shape[:2], shape[:2])):
+    # A slimmed model may have narrowed dims 0 and 1; otherwise, and always for kernel sizes, shapes match exactly.
+    narrowed_ok = slimmed and len(shape) == len(packed.shape) and shape[2:] == tuple(packed.shape[2:]) and \
+        all(f <= k for f, k in zip(packed.shape[:2], shape[:2]))
+    if shape != tuple(packed.shape) and not narrowed_ok:
         raise ValueError(f"layer {fqn!r}: file weight shape {tuple(packed.shape)} does not fit model weight shape {shape}")
-    if entry["type"] == "linear":
-        return SparseLinear(packed, bias, entry.get("backend", "auto"))
-    c = entry["conv"]
-    return SparseConv2d(packed, bias, entry["in_channels"], tuple(c["stride"]), tuple(c["padding"]),
-                        tuple(c["dilation"]), c["groups"], entry.get("backend", "auto"))
+    if bias is not None and tuple(bias.shape) != (packed.shape[0],):
+        raise FileFormatError(f"layer {fqn!r}: bias shape {tuple(bias.shape)} != ({packed.shape[0]},)")
+    try:
+        if entry["type"] == "linear":
+            return SparseLinear(packed, bias, entry.get("backend", "auto"))
+        c = entry["conv"]
+        return SparseConv2d(packed, bias, int(entry["in_channels"]), tuple(c["stride"]), tuple(c["padding"]),
+                            tuple(c["dilation"]), int(c["groups"]), entry.get("backend", "auto"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise FileFormatError(f"layer {fqn!r}: inconsistent header entry ({type(e).__name__}: {e})") from None
 
 
 _RESIZABLE = (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm)
@@ -205,18 +220,23 @@ def _resize_like_file(model: nn.Module, tensors: dict[str, torch.Tensor], sparse
 def load(path: str | Path, model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
     """Load a file written by ``save`` into ``model``, a skeleton of the same dense architecture.
 
-    The skeleton's Linear/Conv2d layers named in the file become sparse; dense Linear/Conv2d/BatchNorm layers
-    are narrowed to the file's shapes (a channel-slimmed model loads into its unpruned skeleton); every
+    The skeleton's Linear/Conv2d layers named in the file become sparse. For a file written from a
+    channel-slimmed model (header ``"slimmed": true``), dense Linear/Conv2d/BatchNorm layers are narrowed to
+    the file's shapes, so it loads into the unpruned skeleton; otherwise every shape must match. Every
     tensor is loaded strictly (a missing or unexpected key raises). ``device`` moves the result (default: where it was read, CPU).
     """
     saved = read(path)
     modules = dict(model.named_modules())
-    _resize_like_file(model, saved.tensors, set(saved.header["layers"]))
+    slimmed = saved.header.get("slimmed") is True
+    if slimmed:
+        _resize_like_file(model, saved.tensors, set(saved.header["layers"]))
     for fqn, entry in saved.header["layers"].items():
         if fqn not in modules:
             raise ValueError(f"the file has sparse layer {fqn!r}, the model has no such module")
-        layer = _build_layer(fqn, entry, saved.tensors, modules[fqn])
+        layer = _build_layer(fqn, entry, saved.tensors, modules[fqn], slimmed)
         swap_module(model, fqn, layer.train(modules[fqn].training))
+    if slimmed:
+        model.sparsecore_slimmed = True
     param = next(iter(model.parameters()), None)
     target = param.device if param is not None else torch.device("cpu")
     model.to("cpu")

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .autograd import SparseOpGrad, needs_grad
 from .backends import Backend, BackendImpl, ConvParams, resolve
 from .formats import FORMATS, PackedWeight
-from .formats.base import dtype_name
+from .formats.base import SUPPORTED_DTYPES, dtype_name
 
 __all__ = ["SparseLinear", "SparseConv2d", "pack", "m_bucket"]
 
@@ -46,6 +47,12 @@ class _SparseBase(nn.Module):
         self._tensor_names = tuple(tensors)
         for name, t in tensors.items():
             self.register_buffer(f"packed_{name}", t)
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (packed.shape[0],):
+                raise ValueError(f"bias must have shape [{packed.shape[0]}] (one per output), got "
+                                 f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+            if bias.dtype != packed.dtype:
+                raise TypeError(f"bias dtype {bias.dtype} differs from the weight's {packed.dtype}")
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.backend = Backend(backend)
         self.plan: dict[int, Backend] = {}  # m_bucket -> backend, filled by sparsecore.planner
@@ -72,8 +79,16 @@ class _SparseBase(nn.Module):
         self._resolved.clear()
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() ... keep the packed view in sync
+        # Probe the conversion on an empty tensor first, so an unsupported dtype leaves the module untouched.
+        probe = fn(torch.empty(0, dtype=self._packed.dtype, device=self.packed_device))
+        if probe.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{type(self).__name__} holds float32/float16/bfloat16 weights; cannot convert to "
+                            f"{probe.dtype} (keep a dense copy for float64 references)")
+        moved = (probe.dtype, probe.device) != (self._packed.dtype, self.packed_device)
         super()._apply(fn, recurse)
         self._rebuild()
+        if moved:
+            self.plan.clear()  # timings were for another device or dtype: re-plan, run dense until then
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -150,14 +165,32 @@ class SparseLinear(_SparseBase):
             raise ValueError(f"SparseLinear expects [..., {self.in_features}] input, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         impl, state = self._dispatch(x, x.numel() // max(1, self.in_features))
-        if impl.accepts_nd:
+        if impl.accepts_nd and (impl.differentiable or not needs_grad(x, self.bias)):
             return impl.run(state, x, self.bias)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (M, K)
-        y = impl.run(state, x2, self.bias)  # (M, N)
+        if impl.differentiable or not needs_grad(x2, self.bias):
+            y = impl.run(state, x2, self.bias)  # (M, N)
+        else:
+            y = SparseOpGrad.apply(x2, self.bias, lambda xx, b: impl.run(state, xx, b), self.dense_weight, None)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
+
+
+def _explicit_padding(padding, stride: tuple[int, int], dilation: tuple[int, int], kernel: tuple[int, int]):
+    """Integer padding for nn.Conv2d's ``'valid'``/``'same'`` (symmetric 'same' only, as F.conv2d itself needs)."""
+    if not isinstance(padding, str):
+        return padding
+    if padding == "valid":
+        return 0
+    if padding == "same":
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        if stride != (1, 1) or any(t % 2 for t in totals):
+            raise ValueError(f"padding='same' needs stride 1 and an even total padding; got stride {stride}, "
+                             f"kernel {kernel}, dilation {dilation}")
+        return tuple(t // 2 for t in totals)
+    raise ValueError(f"padding must be integers, 'valid' or 'same', got {padding!r}")
 
 
 class SparseConv2d(_SparseBase):
@@ -171,8 +204,7 @@ class SparseConv2d(_SparseBase):
             raise ValueError(f"SparseConv2d needs a 4-D packed weight, got shape {packed.shape}")
         super().__init__(packed, bias, backend)
         pair = nn.modules.utils._pair
-        if isinstance(padding, str):
-            raise ValueError("string padding ('same'/'valid') is not supported; pass integers")
+        padding = _explicit_padding(padding, pair(stride), pair(dilation), tuple(packed.shape[2:]))
         self.conv = ConvParams(pair(stride), pair(padding), pair(dilation), int(groups))
         self.in_channels, self.out_channels = int(in_channels), packed.shape[0]
         self.kernel_size = tuple(packed.shape[2:])
@@ -195,7 +227,10 @@ class SparseConv2d(_SparseBase):
             raise ValueError(f"SparseConv2d expects a [B, {self.in_channels}, H, W] input, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         impl, state = self._dispatch(x, x.shape[0])
-        return impl.run(state, x, self.bias, self.conv)
+        if impl.differentiable or not needs_grad(x, self.bias):
+            return impl.run(state, x, self.bias, self.conv)
+        return SparseOpGrad.apply(x, self.bias, lambda xx, b: impl.run(state, xx, b, self.conv), self.dense_weight,
+                                  self.conv)
 
     def extra_repr(self) -> str:
         c = self.conv

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends import Backend, candidates, resolve
+from .backends import Backend, BackendUnavailable, candidates, resolve
 from .modules import SparseConv2d, SparseLinear, m_bucket
 from .timing import time_ms
 
@@ -87,11 +87,16 @@ def _capture_inputs(model: nn.Module, example_inputs: tuple, mods: dict[str, nn.
             x = args[0]
             seen.setdefault(fqn, x.reshape(-1, x.shape[-1]) if module.op == "linear" else x)
         hooks.append(mod.register_forward_pre_hook(hook))
+    # eval mode: a planning pass must not update BatchNorm statistics or draw dropout masks
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
     try:
         model(*example_inputs)
     finally:
         for h in hooks:
             h.remove()
+        for m, mode in modes.items():
+            m.training = mode
     return seen
 
 
@@ -103,10 +108,8 @@ def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int) -> PlanEnt
     scale = float(ref.abs().max()) if ref.numel() else 0.0
     tol = _AGREE_TOL[x.dtype] * max(1.0, scale)
     for impl in candidates(mod.op, mod.packed, x):
-        if impl.backend is Backend.REFERENCE:
-            continue  # the pure-torch reference is the oracle (it may decode per call), never a contender
-        if impl.backend in _TRITON and not x.is_cuda:
-            continue  # on CPU Triton only runs in its interpreter: a test vehicle, never a contender
+        if not _contender(impl.backend, x):
+            continue
         name = impl.backend.value
         try:
             out = _run(mod, impl, x)
@@ -123,6 +126,23 @@ def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int) -> PlanEnt
     if best != Backend.DENSE.value and entry.times_ms[best] < dense_ms * (1.0 - margin):
         entry.chosen = best
     return entry
+
+
+def _cached_choice(entry: Any, mod, x: torch.Tensor) -> str | None:
+    """The cached backend if the entry is well formed and that backend can run here; else None (re-measure)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("chosen"), str):
+        return None
+    try:
+        impl = resolve(mod.op, entry["chosen"], mod.packed, x)
+    except (ValueError, BackendUnavailable):
+        return None
+    return entry["chosen"] if _contender(impl.backend, x) else None
+
+
+def _contender(backend: Backend, x: torch.Tensor) -> bool:
+    """Backends the planner may choose: not the reference (an oracle that may decode per call), and not
+    Triton on CPU (there it only runs in its interpreter, a test vehicle)."""
+    return backend is not Backend.REFERENCE and not (backend in _TRITON and not x.is_cuda)
 
 
 def _load_cache(path: Path) -> dict[str, Any]:
@@ -157,8 +177,9 @@ def plan(model: nn.Module, example_inputs: tuple, *, margin: float = 0.05, use_c
             continue  # not reached by this forward pass
         x = inputs[fqn]
         key = _layer_key(mod, x)
-        if use_cache and key in cache and cache[key].get("chosen") in {b.value for b in Backend}:
-            entry = PlanEntry(fqn, m_bucket(x.shape[0]), cache[key]["chosen"], cache[key].get("times_ms", {}), cached=True)
+        hit = _cached_choice(cache.get(key), mod, x) if use_cache else None
+        if hit is not None:
+            entry = PlanEntry(fqn, m_bucket(x.shape[0]), hit, dict(cache[key].get("times_ms") or {}), cached=True)
         else:
             entry = _measure(fqn, mod, x, margin, rep)
             cache[key] = {"chosen": entry.chosen, "times_ms": entry.times_ms}

@@ -63,24 +63,45 @@ def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | Non
         slim = config.pattern == "channel" and example_inputs is not None
     if slim:
         model, masks = _slim(model, config, masks, example_inputs, round_to)
+    if not masks:
+        return model
+    if "" in masks:  # a bare nn.Linear / nn.Conv2d: there is no parent to swap into, so return its twin
+        if len(masks) != 1:
+            raise ValueError("a mask for the root module ('') cannot be combined with masks for submodules")
+        if example_inputs is not None or slim:
+            raise ValueError("planning or slimming a bare layer: wrap it in nn.Sequential first")
+        return _sparse_twin("", model, masks[""], config)
     modules = dict(model.named_modules())
+    # a module reachable under several names (shared weights) is swapped at every one of them
+    aliases: dict[int, list[str]] = {}
+    for fqn, mod in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(mod), []).append(fqn)
     items = list(masks.items())
     if progress:
         from tqdm import tqdm
         items = tqdm(items, desc="packing", unit="layer")
     for fqn, mask in items:
         mod = modules.get(fqn)
-        if type(mod) not in (nn.Linear, nn.Conv2d):
-            raise ValueError(f"mask for {fqn!r}: expected an nn.Linear or nn.Conv2d there, found {type(mod).__name__}")
-        check_mask(mask, mod.weight)
-        _check_pattern(fqn, mask, config)
-        cls: Callable = SparseLinear if isinstance(mod, nn.Linear) else SparseConv2d
-        new = cls.from_dense(mod, mask, config.pattern, config.n, config.m, backend=config.backend)
-        swap_module(model, fqn, new.train(mod.training))
+        new = _sparse_twin(fqn, mod, mask, config)
+        for path in aliases.get(id(mod), [fqn]):
+            swap_module(model, path, new)
     if example_inputs is not None:
         from .planner import plan
         plan(model, example_inputs)
     return model
+
+
+def _sparse_twin(fqn: str, mod: nn.Module | None, mask: torch.Tensor, config: SparsityConfig) -> nn.Module:
+    if type(mod) not in (nn.Linear, nn.Conv2d):
+        raise ValueError(f"mask for {fqn!r}: expected an nn.Linear or nn.Conv2d there, found {type(mod).__name__}")
+    check_mask(mask, mod.weight)
+    _check_pattern(fqn, mask, config)
+    cls: Callable = SparseLinear if isinstance(mod, nn.Linear) else SparseConv2d
+    try:
+        new = cls.from_dense(mod, mask, config.pattern, config.n, config.m, backend=config.backend)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"layer {fqn!r}: {e}") from None
+    return new.train(mod.training)
 
 
 def _slim(model: nn.Module, config: SparsityConfig, masks: dict[str, torch.Tensor], example_inputs: tuple | None,
@@ -101,6 +122,7 @@ def _slim(model: nn.Module, config: SparsityConfig, masks: dict[str, torch.Tenso
     x = example_inputs[0]
     plan = plan_slim(model, channel, x, round_to=round_to)
     small = apply_plan(model, plan)
+    small.sparsecore_slimmed = True  # tells save/load that narrower layers than the skeleton's are expected
     return small, channel_weight_masks(small, plan.residual_masks, x)
 
 

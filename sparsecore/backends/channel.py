@@ -70,7 +70,8 @@ def _sliced_linear(st: _Sliced, x: torch.Tensor, bias: torch.Tensor | None) -> t
     return _scatter(part, st, bias, x)
 
 
-register(BackendImpl(Backend.SLICED_DENSE, "linear", _KINDS, _linear_why_not, _sliced_prepare, _sliced_linear))
+register(BackendImpl(Backend.SLICED_DENSE, "linear", _KINDS, _linear_why_not, _sliced_prepare, _sliced_linear,
+                     differentiable=True))
 
 
 # ---- conv2d ------------------------------------------------------------------------------------------
@@ -106,7 +107,8 @@ def _sliced_conv(st: _Sliced, x: torch.Tensor, bias: torch.Tensor | None, conv: 
     return _scatter(part, st, bias, x)
 
 
-register(BackendImpl(Backend.SLICED_DENSE, "conv2d", _KINDS, _conv_why_not, _sliced_prepare, _sliced_conv))
+register(BackendImpl(Backend.SLICED_DENSE, "conv2d", _KINDS, _conv_why_not, _sliced_prepare, _sliced_conv,
+                     differentiable=True))
 
 
 # ---- TRITON_CHANNEL ----------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ def _conv_run(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, conv:
     return F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-register(BackendImpl(Backend.DENSE, "linear", ALL_KINDS, _any, lambda p: p.to_dense(), _linear_run, accepts_nd=True))
-register(BackendImpl(Backend.DENSE, "conv2d", ALL_KINDS, _any, lambda p: p.to_dense(), _conv_run))
+register(BackendImpl(Backend.DENSE, "linear", ALL_KINDS, _any, lambda p: p.to_dense(), _linear_run, accepts_nd=True,
+                     differentiable=True))
+register(BackendImpl(Backend.DENSE, "conv2d", ALL_KINDS, _any, lambda p: p.to_dense(), _conv_run, differentiable=True))
 
 
 def _csr_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:

@@ -57,8 +57,10 @@ def _ref_conv(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, conv:
     return F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-register(BackendImpl(Backend.REFERENCE, "linear", _KINDS, _linear_input_why_not, _ref_prepare, _ref_linear))
-register(BackendImpl(Backend.REFERENCE, "conv2d", _KINDS, _ref_conv_why_not, lambda p: p.to_dense(), _ref_conv))
+register(BackendImpl(Backend.REFERENCE, "linear", _KINDS, _linear_input_why_not, _ref_prepare, _ref_linear,
+                     differentiable=True))
+register(BackendImpl(Backend.REFERENCE, "conv2d", _KINDS, _ref_conv_why_not, lambda p: p.to_dense(), _ref_conv,
+                     differentiable=True))
 
 
 # ---- TRITON_NM ---------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ class BackendImpl:
     prepare: Callable[[PackedWeight], Any]
     run: Callable[..., torch.Tensor]
     accepts_nd: bool = False  # linear only: ``run`` takes ``x [..., K]`` as is (saves two reshapes per call)
+    differentiable: bool = False  # built from torch ops autograd sees through (else sparsecore.autograd steps in)
 
 
 REGISTRY: dict[tuple[str, Backend, str], BackendImpl] = {}  # (op, backend, format kind) -> implementation

@@ -68,6 +68,8 @@ def _triton_linear(p: UnstructuredWeight, x: torch.Tensor, bias: torch.Tensor | 
     return spmm(x, p.bitmap, p.values, p.tile_offsets, p.n, bias)
 
 
-register(BackendImpl(Backend.REFERENCE, "linear", KINDS, _linear_why_not, _identity, _ref_linear))
-register(BackendImpl(Backend.REFERENCE, "conv2d", KINDS, _conv_why_not, _identity, _ref_conv))
+register(BackendImpl(Backend.REFERENCE, "linear", KINDS, _linear_why_not, _identity, _ref_linear,
+                     differentiable=True))
+register(BackendImpl(Backend.REFERENCE, "conv2d", KINDS, _conv_why_not, _identity, _ref_conv,
+                     differentiable=True))
 register(BackendImpl(Backend.TRITON_SPMM, "linear", KINDS, _triton_why_not, _identity, _triton_linear))

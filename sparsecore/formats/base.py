@@ -135,3 +135,16 @@ def meta_shape(meta: dict[str, Any]) -> tuple[int, ...]:
     if not (isinstance(shape, list) and len(shape) in (2, 4) and all(isinstance(s, int) and s >= 0 for s in shape)):
         raise FormatError(f"meta 'shape' must be a list of 2 or 4 non-negative ints, got {shape!r}")
     return tuple(shape)
+
+
+def expect_state(cls: type[PackedWeight], tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                 names: set[str]) -> None:
+    """Common ``from_state`` checks: meta is a dict of this kind and version, tensors are exactly ``names``."""
+    if not isinstance(meta, dict):
+        raise FormatError(f"{cls.kind} metadata must be a JSON object, got {type(meta).__name__}")
+    if meta.get("kind", cls.kind) != cls.kind:
+        raise FormatError(f"metadata declares kind {meta.get('kind')!r}, expected {cls.kind!r}")
+    if meta.get("version") != cls.version:
+        raise FormatError(f"{cls.kind} format version {meta.get('version')!r} unsupported; expected {cls.version}")
+    if set(tensors) != names:
+        raise FormatError(f"{cls.kind} data must hold tensors {sorted(names)}, got {sorted(tensors)}")

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from ..masks import PatternError
-from .base import (FormatError, PackedWeight, check_weight_and_mask, dtype_from_name, dtype_name, expect_tensor,
-                   meta_shape, register_format)
+from .base import (FormatError, PackedWeight, check_weight_and_mask, dtype_from_name, dtype_name, expect_state,
+                   expect_tensor, meta_shape, register_format)
 
 __all__ = ["ChannelWeight", "block_channels"]
 
@@ -86,8 +86,7 @@ class ChannelWeight(PackedWeight):
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "ChannelWeight":
-        if meta.get("version") != cls.version:
-            raise FormatError(f"channel format version {meta.get('version')!r} unsupported; expected {cls.version}")
+        expect_state(cls, tensors, meta, {"values", "out_idx", "in_idx"})
         shape = meta_shape(meta)
         dtype = dtype_from_name(meta.get("dtype"))
         out_idx, in_idx = tensors.get("out_idx"), tensors.get("in_idx")
@@ -98,4 +97,6 @@ class ChannelWeight(PackedWeight):
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limit or bool((idx[1:] <= idx[:-1]).any())):
                 raise FormatError(f"{name} must be strictly increasing indices in [0, {limit})")
         values = expect_tensor(tensors, "values", dtype, (out_idx.numel(), in_idx.numel()) + shape[2:])
+        if values.numel() and not bool(torch.isfinite(values).all()):
+            raise FormatError("channel values contain NaN or Inf")
         return cls(values.contiguous(), out_idx.contiguous(), in_idx.contiguous(), shape)

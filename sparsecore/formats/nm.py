@@ -29,7 +29,7 @@ import torch
 
 from ..masks import PatternError, as_matrix, check_nm, from_matrix
 from .base import (FormatError, PackedWeight, check_weight_and_mask, dtype_from_name, dtype_name, expect_tensor,
-                   meta_shape, register_format)
+                   meta_shape, register_format, expect_state)
 
 __all__ = ["NMWeight", "pack_positions", "unpack_positions", "position_bits", "check_nm_params"]
 
@@ -157,8 +157,7 @@ class NMWeight(PackedWeight):
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "NMWeight":
-        if meta.get("version") != cls.version:
-            raise FormatError(f"nm format version {meta.get('version')!r} unsupported; expected {cls.version}")
+        expect_state(cls, tensors, meta, {"values", "positions"})
         shape = meta_shape(meta)
         dtype = dtype_from_name(meta.get("dtype"))
         n, m = meta.get("n"), meta.get("m")
