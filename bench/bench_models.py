@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,9 @@ from sparsecore.models.resnet import resnet50
 from sparsecore.models.transformer import DecoderBlock, encoder
 from sparsecore.pruning.magnitude import FilterFn
 
-from .common import env_info, time_ms, write_table
+from sparsecore.timing import time_interleaved_ms
+
+from .common import env_info, write_table
 
 VARIANTS = {"dense": None, "2:4": sc.SparsityConfig("nm", n=2, m=4),
             "unstructured90": sc.SparsityConfig("unstructured", 0.9), "channel50": sc.SparsityConfig("channel", 0.5)}
@@ -186,7 +187,7 @@ def bench_model(spec: ModelSpec, variants: Sequence[str], device: torch.device, 
                                   rep=rep)
                 plans[name] = (entries, time.perf_counter() - t0)
         models = {name: dense if name == "dense" else built[name][0] for name in variants}
-        times = paired_ms({name: (lambda m=m: m(x)) for name, m in models.items()}, device, rep)
+        times = time_interleaved_ms({name: (lambda m=m: m(x)) for name, m in models.items()}, device, rep=rep)
         for name in variants:
             if name == "dense":
                 model, ref, how, prep_s, (entries, plan_s) = dense, dense64, "nn.Linear/Conv2d", 0.0, ([], 0.0)
@@ -208,23 +209,6 @@ def bench_model(spec: ModelSpec, variants: Sequence[str], device: torch.device, 
             log(f"{spec.name:14s} b={batch:<3d} {name:15s} {ms:9.3f} ms  x{row['speedup']:.2f}  "
                 f"{row['model_MB']:8.2f} MB  err {err:.2e}  [{row['backends']}]")
     return rows
-
-
-def paired_ms(fns: dict[str, Callable[[], object]], device: torch.device, rep: int) -> dict[str, float]:
-    """Median ms per function. CUDA: ``time_ms`` each (do_bench). CPU: the functions are timed round-robin,
-    sample by sample, so that load from other processes hits dense and sparse alike (a shared CPU
-    otherwise turns a sequential comparison into noise)."""
-    if device.type == "cuda":
-        return {name: time_ms(fn, device, rep=rep) for name, fn in fns.items()}
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rep):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def run(preset: str, models: Sequence[str], variants: Sequence[str], device: torch.device, dtype: torch.dtype,

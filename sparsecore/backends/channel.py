@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.base import PackedWeight
-from .registry import Backend, BackendImpl, ConvParams, register, triton_why_not
+from .registry import Backend, BackendImpl, ConvParams, conv_why_not, linear_why_not, register, triton_why_not
 
 _KINDS = ("channel",)
 
@@ -54,34 +54,21 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 
 # ---- linear ------------------------------------------------------------------------------------------
-def _linear_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
-    if len(packed.shape) != 2:
-        return f"linear needs a 2-D weight, this one has shape {tuple(packed.shape)}"
-    if x.dim() != 2 or x.shape[1] != packed.shape[1]:
-        return f"input must be [M, {packed.shape[1]}], got {tuple(x.shape)}"
-    if x.dtype != packed.dtype:
-        return f"input dtype {x.dtype} differs from weight dtype {packed.dtype}"
-    return None
-
-
 def _sliced_linear(st: _Sliced, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     xs = x if st.all_in else x.index_select(1, st.in_idx)          # (M, n_in)
     part = F.linear(xs, st.values, None if bias is None else bias.index_select(0, st.out_idx))  # (M, n_out)
     return _scatter(part, st, bias, x)
 
 
-register(BackendImpl(Backend.SLICED_DENSE, "linear", _KINDS, _linear_why_not, _sliced_prepare, _sliced_linear,
+register(BackendImpl(Backend.SLICED_DENSE, "linear", _KINDS, linear_why_not, _sliced_prepare, _sliced_linear,
                      differentiable=True))
 
 
 # ---- conv2d ------------------------------------------------------------------------------------------
 def _conv_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
-    if len(packed.shape) != 4:
-        return f"conv2d needs a 4-D weight, this one has shape {tuple(packed.shape)}"
-    if x.dim() != 4:
-        return f"input must be 4-D [B, C, H, W], got {tuple(x.shape)}"
-    if x.dtype != packed.dtype:
-        return f"input dtype {x.dtype} differs from weight dtype {packed.dtype}"
+    reason = conv_why_not(packed, x)
+    if reason is not None:
+        return reason
     if x.shape[1] != packed.shape[1] and not _is_depthwise(packed, x):
         return (f"channel-sliced conv runs groups=1 or depthwise convs; weight {tuple(packed.shape)} with "
                 f"{x.shape[1]} input channels is a grouped conv")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.base import PackedWeight
-from .registry import Backend, BackendImpl, ConvParams, register, triton_why_not
+from .registry import Backend, BackendImpl, ConvParams, conv_why_not, linear_why_not, register, triton_why_not
 
 __all__ = ["torch_24_why_not"]
 
@@ -23,16 +23,6 @@ _KINDS = ("nm",)
 _HALF = (torch.float16, torch.bfloat16)
 # (weight rows, weight cols) multiples required by torch.sparse's semi-structured classes (fp16/bf16).
 _TORCH_24_SHAPE = {Backend.CUSPARSELT: (16, 16), Backend.CUTLASS: (32, 64)}
-
-
-def _linear_input_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
-    if len(packed.shape) != 2:
-        return f"linear needs a 2-D weight, this one has shape {tuple(packed.shape)}"
-    if x.dim() != 2 or x.shape[1] != packed.shape[1]:
-        return f"input must be [M, {packed.shape[1]}], got {tuple(x.shape)}"
-    if x.dtype != packed.dtype:
-        return f"input dtype {x.dtype} differs from weight dtype {packed.dtype}"
-    return None
 
 
 # ---- REFERENCE ---------------------------------------------------------------------------------------
@@ -45,21 +35,13 @@ def _ref_linear(packed: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torc
     return nm_matmul_ref(x, packed.values, packed.positions, packed.n, packed.m, bias)
 
 
-def _ref_conv_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
-    if len(packed.shape) != 4:
-        return f"conv2d needs a 4-D weight, this one has shape {tuple(packed.shape)}"
-    if x.dtype != packed.dtype:
-        return f"input dtype {x.dtype} differs from weight dtype {packed.dtype}"
-    return None
-
-
 def _ref_conv(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, conv: ConvParams) -> torch.Tensor:
     return F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-register(BackendImpl(Backend.REFERENCE, "linear", _KINDS, _linear_input_why_not, _ref_prepare, _ref_linear,
+register(BackendImpl(Backend.REFERENCE, "linear", _KINDS, linear_why_not, _ref_prepare, _ref_linear,
                      differentiable=True))
-register(BackendImpl(Backend.REFERENCE, "conv2d", _KINDS, _ref_conv_why_not, lambda p: p.to_dense(), _ref_conv,
+register(BackendImpl(Backend.REFERENCE, "conv2d", _KINDS, conv_why_not, lambda p: p.to_dense(), _ref_conv,
                      differentiable=True))
 
 
@@ -70,7 +52,7 @@ def _triton_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
         return reason
     if packed.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"Triton N:M runs float16/bfloat16/float32, weight is {packed.dtype}"
-    return _linear_input_why_not(packed, x)
+    return linear_why_not(packed, x)
 
 
 def _triton_linear(packed: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -89,7 +71,7 @@ def torch_24_why_not(backend: Backend, packed: PackedWeight, x: torch.Tensor) ->
         return f"{name} runs 2:4 sparsity only, weight is {getattr(packed, 'n', '?')}:{getattr(packed, 'm', '?')}"
     if packed.dtype not in _HALF:
         return f"{name} 2:4 runs float16/bfloat16 weights, got {packed.dtype}"
-    reason = _linear_input_why_not(packed, x)
+    reason = linear_why_not(packed, x)
     if reason is not None:
         return reason
     if not x.is_cuda:

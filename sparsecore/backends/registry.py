@@ -111,3 +111,29 @@ def triton_why_not(x: torch.Tensor) -> str | None:
     if os.environ.get("TRITON_INTERPRET") == "1" and x.device.type == "cpu":
         return None
     return f"Triton needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); input is on {x.device}"
+
+
+def linear_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
+    """Shared linear checks: 2-D weight, ``x [M, K]`` with the weight's K, dtype and device."""
+    if len(packed.shape) != 2:
+        return f"linear needs a 2-D weight, this one has shape {tuple(packed.shape)}"
+    if x.dim() != 2 or x.shape[1] != packed.shape[1]:
+        return f"input must be [M, {packed.shape[1]}], got {tuple(x.shape)}"
+    return _same_place(packed, x)
+
+
+def conv_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
+    """Shared conv2d checks: 4-D weight, a 4-D input, dtype and device."""
+    if len(packed.shape) != 4:
+        return f"conv2d needs a 4-D weight, this one has shape {tuple(packed.shape)}"
+    if x.dim() != 4:
+        return f"conv2d input must be [B, C, H, W], got {tuple(x.shape)}"
+    return _same_place(packed, x)
+
+
+def _same_place(packed: PackedWeight, x: torch.Tensor) -> str | None:
+    if x.dtype != packed.dtype:
+        return f"input dtype {x.dtype} differs from weight dtype {packed.dtype}"
+    if x.device != packed.device:
+        return f"input is on {x.device}, packed weight on {packed.device}"
+    return None

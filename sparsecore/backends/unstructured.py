@@ -12,30 +12,10 @@ import torch.nn.functional as F
 
 from ..formats.base import PackedWeight
 from ..formats.unstructured import UnstructuredWeight
-from .registry import Backend, BackendImpl, ConvParams, register, triton_why_not
+from .registry import Backend, BackendImpl, ConvParams, conv_why_not, linear_why_not, register, triton_why_not
 
 KINDS = ("unstructured",)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _same_place(packed: PackedWeight, x: torch.Tensor) -> str | None:
-    if x.dtype != packed.dtype:
-        return f"input dtype {x.dtype} differs from the packed weight's {packed.dtype}"
-    if x.device != packed.device:
-        return f"input is on {x.device}, packed weight on {packed.device}"
-    return None
-
-
-def _linear_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
-    if len(packed.shape) != 2:
-        return f"linear needs a 2-D weight, packed weight has shape {tuple(packed.shape)}"
-    return _same_place(packed, x)
-
-
-def _conv_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
-    if len(packed.shape) != 4:
-        return f"conv2d needs a 4-D weight, packed weight has shape {tuple(packed.shape)}"
-    return _same_place(packed, x)
 
 
 def _triton_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
@@ -44,7 +24,7 @@ def _triton_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
         return reason
     if x.dtype not in _TRITON_DTYPES:
         return f"Triton spmm runs float16/bfloat16/float32, input is {x.dtype}"
-    return _linear_why_not(packed, x)
+    return linear_why_not(packed, x)
 
 
 def _identity(packed: PackedWeight) -> UnstructuredWeight:
@@ -68,8 +48,8 @@ def _triton_linear(p: UnstructuredWeight, x: torch.Tensor, bias: torch.Tensor | 
     return spmm(x, p.bitmap, p.values, p.tile_offsets, p.n, bias)
 
 
-register(BackendImpl(Backend.REFERENCE, "linear", KINDS, _linear_why_not, _identity, _ref_linear,
+register(BackendImpl(Backend.REFERENCE, "linear", KINDS, linear_why_not, _identity, _ref_linear,
                      differentiable=True))
-register(BackendImpl(Backend.REFERENCE, "conv2d", KINDS, _conv_why_not, _identity, _ref_conv,
+register(BackendImpl(Backend.REFERENCE, "conv2d", KINDS, conv_why_not, _identity, _ref_conv,
                      differentiable=True))
 register(BackendImpl(Backend.TRITON_SPMM, "linear", KINDS, _triton_why_not, _identity, _triton_linear))
