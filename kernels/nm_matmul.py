@@ -272,16 +272,20 @@ def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: i
     def grid(meta: dict) -> tuple[int, int, int]:
         return triton.cdiv(n_out, meta["BLOCK_N"]), split_k, triton.cdiv(m_rows, meta["BLOCK_M"])
 
-    _nm_matmul_kernel[grid](
-        x, values, positions, bias if bias is not None else values, out,
-        m_rows, n_out, k_dim, k_per_split, m_bucket(m_rows), split_k,
-        x.stride(0), x.stride(1), values.stride(0), positions.stride(0),
-        out.stride(0) if partial else 0, out.stride(-2),
-        NS=n, NS_P2=triton.next_power_of_2(n), MS=m, BITS=_BITS[m],
-        HAS_BIAS=bias is not None, PARTIAL=partial,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        DOT_UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
-    )
+    args = (x, values, positions, bias if bias is not None else values, out,
+            m_rows, n_out, k_dim, k_per_split, m_bucket(m_rows), split_k,
+            x.stride(0), x.stride(1), values.stride(0), positions.stride(0),
+            out.stride(0) if partial else 0, out.stride(-2))
+    meta = dict(NS=n, NS_P2=triton.next_power_of_2(n), MS=m, BITS=_BITS[m],
+                HAS_BIAS=bias is not None, PARTIAL=partial,
+                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                DOT_UPCAST=_INTERPRET and x.dtype == torch.bfloat16)
+    if _INTERPRET:
+        # Triton 3.6's autotuner benchmarks even a lone config, which needs a GPU driver: launch it directly.
+        (cfg,) = _prune(_configs(), {"M_BUCKET": m_bucket(m_rows), "MS": m})
+        _nm_matmul_kernel.fn[grid](*args, **meta, **cfg.kwargs)
+    else:
+        _nm_matmul_kernel[grid](*args, **meta)
     if partial:
         acc = out.sum(0)  # fixed-order reduction of the fp32 partials: deterministic
         if bias is not None:
