@@ -30,7 +30,7 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int
 
 def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device | str, *, warmup: int = 3,
                         rep: int = 20) -> dict[str, float]:
-    """Median time of each function in ms, sampled in turn (a, b, a, b, ...) on CPU.
+    """Median time of each function in ms, sampled in turn (a, b, b, a, a, b, ...) on CPU.
 
     Interleaving spreads machine noise (other processes, frequency changes) evenly over the contenders,
     which back-to-back timing does not. On CUDA each function gets its own ``do_bench``.
@@ -42,8 +42,9 @@ def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.devi
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rep):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for i in range(rep):
+        for name, fn in (order if i % 2 == 0 else order[::-1]):  # a, b, b, a, ...: no contender always goes first
             t0 = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - t0) * 1e3)
