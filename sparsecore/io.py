@@ -223,7 +223,10 @@ def load(path: str | Path, model: nn.Module, device: torch.device | str | None =
     The skeleton's Linear/Conv2d layers named in the file become sparse. For a file written from a
     channel-slimmed model (header ``"slimmed": true``), dense Linear/Conv2d/BatchNorm layers are narrowed to
     the file's shapes, so it loads into the unpruned skeleton; otherwise every shape must match. Every
-    tensor is loaded strictly (a missing or unexpected key raises). ``device`` moves the result (default: where it was read, CPU).
+    tensor is loaded strictly (a missing or unexpected key raises). ``device`` moves the result (default:
+    the skeleton's device).
+
+    >>> model = load("model.sparsecore.safetensors", MyModel())
     """
     saved = read(path)
     modules = dict(model.named_modules())

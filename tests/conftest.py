@@ -15,6 +15,12 @@ import pytest  # noqa: E402
 from helpers import seeded  # noqa: E402,F401  (re-exported fixture)
 
 
+@pytest.fixture(autouse=True)
+def _private_plan_cache(monkeypatch, tmp_path_factory):
+    """Plans made during tests go to a throw-away folder, never to the user's ~/.cache/sparsecore."""
+    monkeypatch.setenv("SPARSECORE_CACHE_DIR", str(tmp_path_factory.mktemp("plan-cache")))
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

@@ -17,10 +17,9 @@ from bench import bench_models as bm  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _no_interpreter(monkeypatch, tmp_path):
+def _no_interpreter(monkeypatch):
     # The planner would time Triton kernels under the interpreter (minutes); the CPU bench skips them too.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("SPARSECORE_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def test_quick_path_writes_a_complete_table(tmp_path, capsys):

@@ -20,10 +20,9 @@ CASES = [(["--pattern", "nm"], sc.SparsityConfig("nm", n=2, m=4), "float32"),
 
 
 @pytest.fixture(autouse=True)
-def _no_interpreter_in_plans(monkeypatch, tmp_path):
-    # Planning here would otherwise time Triton kernels under the (slow) interpreter; the cache goes to tmp.
+def _no_interpreter_in_plans(monkeypatch):
+    # Planning here would otherwise time Triton kernels under the (slow) interpreter.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("SPARSECORE_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def _run(capsys, *argv):

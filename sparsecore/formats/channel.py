@@ -43,6 +43,11 @@ def block_channels(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register_format
 class ChannelWeight(PackedWeight):
+    __doc__ = __doc__ + """
+    >>> keep = torch.tensor([True, False, True])[:, None].expand(3, 8)   # rows 0 and 2 of a [3, 8] weight
+    >>> p = ChannelWeight.from_dense(w, keep.clone())                    # p.values: [2, 8], p.out_idx: [0, 2]
+    """
+
     kind = "channel"
     version = 1
 
