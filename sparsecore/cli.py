@@ -16,6 +16,7 @@ import importlib
 import inspect as _inspect
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -416,6 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except BrokenPipeError:  # `sparsecore inspect f | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (CLIError, FileFormatError, FileNotFoundError, BackendUnavailable, ValueError, TypeError, KeyError) as e:
         if args.traceback:
             raise

@@ -109,6 +109,18 @@ class _SparseBase(nn.Module):
             hit = self._resolved[(backend, x.device, x.dtype)] = (impl, self.prepared(impl))
         return hit
 
+    def run_backend(self, impl: BackendImpl, x: torch.Tensor) -> torch.Tensor:
+        """Run one backend directly (the planner's timing path): linear ``x [M, K]``, conv ``x [B, C, H, W]``."""
+        state = self.prepared(impl)
+        return impl.run(state, x, self.bias) if self.op == "linear" else impl.run(state, x, self.bias, self.conv)
+
+    def set_plan(self, bucket: int, backend: Backend) -> None:
+        """Record the planner's choice for ``m_bucket`` ``bucket``; drop prepared state no plan uses any more."""
+        self.plan[bucket] = Backend(backend)
+        keep = set(self.plan.values())
+        self._prepared = {b: st for b, st in self._prepared.items() if b in keep}
+        self._resolved.clear()
+
     def prepared(self, impl: BackendImpl) -> Any:
         """The backend's one-time state (built on first use, dropped on device/dtype change)."""
         state = self._prepared.get(impl.backend)

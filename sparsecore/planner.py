@@ -72,13 +72,6 @@ def _nnz(mod: SparseLinear | SparseConv2d) -> int:
     return int(torch.count_nonzero(mod.dense_weight()))
 
 
-def _run(mod, impl, x: torch.Tensor) -> torch.Tensor:
-    state = mod.prepared(impl)
-    if mod.op == "linear":
-        return impl.run(state, x, mod.bias)
-    return impl.run(state, x, mod.bias, mod.conv)
-
-
 def _capture_inputs(model: nn.Module, example_inputs: tuple, mods: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
     hooks = []
@@ -104,7 +97,7 @@ def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int) -> PlanEnt
     bucket = m_bucket(x.shape[0])
     entry = PlanEntry(fqn, bucket, Backend.DENSE.value)
     dense = resolve(mod.op, Backend.DENSE, mod.packed, x)
-    ref = _run(mod, dense, x).float()
+    ref = mod.run_backend(dense, x).float()
     scale = float(ref.abs().max()) if ref.numel() else 0.0
     tol = _AGREE_TOL[x.dtype] * max(1.0, scale)
     for impl in candidates(mod.op, mod.packed, x):
@@ -112,7 +105,7 @@ def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int) -> PlanEnt
             continue
         name = impl.backend.value
         try:
-            out = _run(mod, impl, x)
+            out = mod.run_backend(impl, x)
         except (RuntimeError, ValueError, TypeError) as e:  # reported, never chosen
             entry.rejected[name] = f"failed: {e}"
             continue
@@ -120,7 +113,7 @@ def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int) -> PlanEnt
         if not err <= tol:
             entry.rejected[name] = f"output differs from dense by {err:.3g} > {tol:.3g}"
             continue
-        entry.times_ms[name] = time_ms(lambda impl=impl: _run(mod, impl, x), x.device, rep=rep)
+        entry.times_ms[name] = time_ms(lambda impl=impl: mod.run_backend(impl, x), x.device, rep=rep)
     dense_ms = entry.times_ms[Backend.DENSE.value]
     best = min(entry.times_ms, key=entry.times_ms.get)
     if best != Backend.DENSE.value and entry.times_ms[best] < dense_ms * (1.0 - margin):
@@ -183,10 +176,7 @@ def plan(model: nn.Module, example_inputs: tuple, *, margin: float = 0.05, use_c
         else:
             entry = _measure(fqn, mod, x, margin, rep)
             cache[key] = {"chosen": entry.chosen, "times_ms": entry.times_ms}
-        mod.plan[entry.bucket] = Backend(entry.chosen)
-        # Keep only the chosen backend's prepared state (a dense copy of a losing candidate is wasted memory).
-        mod._prepared = {b: s for b, s in mod._prepared.items() if b in mod.plan.values()}
-        mod._resolved.clear()
+        mod.set_plan(entry.bucket, Backend(entry.chosen))  # also frees the losing candidates' prepared state
         decisions.append(entry)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)

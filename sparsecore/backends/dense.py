@@ -10,13 +10,14 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..formats import FORMATS
 from ..formats.base import PackedWeight
 from .registry import Backend, BackendImpl, ConvParams, register
 
-ALL_KINDS = ("nm", "unstructured", "channel")
+ALL_KINDS = tuple(FORMATS)  # every registered format has the dense baseline and CSR
 
 
-def _any(packed: PackedWeight, x: torch.Tensor) -> str | None:
+def _always(packed: PackedWeight, x: torch.Tensor) -> str | None:
     return None
 
 
@@ -28,9 +29,9 @@ def _conv_run(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, conv:
     return F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-register(BackendImpl(Backend.DENSE, "linear", ALL_KINDS, _any, lambda p: p.to_dense(), _linear_run, accepts_nd=True,
+register(BackendImpl(Backend.DENSE, "linear", ALL_KINDS, _always, lambda p: p.to_dense(), _linear_run, accepts_nd=True,
                      differentiable=True))
-register(BackendImpl(Backend.DENSE, "conv2d", ALL_KINDS, _any, lambda p: p.to_dense(), _conv_run, differentiable=True))
+register(BackendImpl(Backend.DENSE, "conv2d", ALL_KINDS, _always, lambda p: p.to_dense(), _conv_run, differentiable=True))
 
 
 def _csr_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:

@@ -7,16 +7,13 @@ the tie rule (lower flat index first) holds everywhere.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
 from ..masks import as_matrix, channel_to_weight_mask, check_mask, keep_channels, keep_n_of_m, keep_topk
-from .magnitude import prunable_layers
+from .magnitude import FilterFn, prunable_layers, select_layers  # noqa: F401  (re-exported)
 
-FilterFn = Callable[[nn.Module, str], bool]
-PATTERNS = ("unstructured", "nm", "channel")
+from ..config import PATTERNS  # noqa: F401  (re-exported)
 
 __all__ = ["Pruner", "FixedMasks", "PATTERNS", "check_pattern", "select_layers", "select_mask", "apply_masks", "masks_sparsity",
            "weight_of"]
@@ -45,18 +42,6 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     if parametrizations is not None and "weight" in parametrizations:
         return parametrizations["weight"].original
     return module.weight
-
-
-def select_layers(model: nn.Module, pattern: str, m: int = 4, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
-    """Prunable Linear/Conv2d layers for ``pattern``; for N:M only layers whose K is a multiple of ``m``.
-
-    Grouped convolutions are skipped for N:M, as in ``magnitude_masks``; nothing else is skipped.
-    """
-    layers = prunable_layers(model, filter_fn)
-    if pattern == "nm":
-        layers = {f: mod for f, mod in layers.items()
-                  if as_matrix(mod.weight).shape[1] % m == 0 and getattr(mod, "groups", 1) == 1}
-    return layers
 
 
 def select_mask(scores: torch.Tensor, pattern: str, keep: int, n: int = 2, m: int = 4) -> torch.Tensor:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..masks import channel_to_weight_mask, keep_count
-from .base import FilterFn, Pruner, check_fraction, check_pattern, full_masks, select_layers, select_mask, weight_of
-from .scores import channel_norm, magnitude
+from .base import FilterFn, Pruner, check_fraction, check_pattern, full_masks, select_layers, weight_of
+from .magnitude import magnitude_layer_mask
 
 __all__ = ["gmp_sparsity", "GMP"]
 
@@ -102,14 +101,8 @@ class GMP(Pruner):
         return True
 
     def _layer_mask(self, fqn: str, mod: nn.Module, s: float) -> torch.Tensor:
-        w = weight_of(mod)
-        if self.pattern == "nm":
-            return select_mask(magnitude(w), "nm", 0, *self.nm)
-        if self.pattern == "channel":
-            keep = select_mask(channel_norm(w), "channel", keep_count(w.shape[0], s))
-            return channel_to_weight_mask(keep, w.shape)
-        # Already-pruned weights are zero, so they stay pruned while the target only grows.
-        return select_mask(magnitude(w), "unstructured", keep_count(w.numel(), s))
+        # Already-pruned weights are zero, so (unstructured) they stay pruned while the target only grows.
+        return magnitude_layer_mask(weight_of(mod), self.pattern, s, *self.nm)
 
     def after_step(self) -> None:
         self.step()

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from ..config import SparsityConfig
-from ..masks import channel_to_weight_mask, keep_channels, keep_count, keep_n_of_m, keep_topk
+from ..masks import as_matrix, channel_to_weight_mask, keep_channels, keep_count, keep_n_of_m, keep_topk
 from .scores import channel_norm, channel_rms, magnitude
 
 FilterFn = Callable[[nn.Module, str], bool]
 
-__all__ = ["prunable_layers", "magnitude_masks", "FilterFn"]
+__all__ = ["prunable_layers", "select_layers", "magnitude_layer_mask", "magnitude_masks", "FilterFn"]
 
 
 def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
@@ -24,13 +24,27 @@ def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict
     return layers
 
 
-def _layer_mask(weight: torch.Tensor, config: SparsityConfig) -> torch.Tensor:
-    if config.pattern == "nm":
-        return keep_n_of_m(magnitude(weight), config.n, config.m)
-    if config.pattern == "channel":
-        ch = keep_channels(channel_norm(weight), keep_count(weight.shape[0], config.sparsity))
+def select_layers(model: nn.Module, pattern: str, m: int = 4, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
+    """Prunable Linear/Conv2d layers for ``pattern``; for N:M only layers whose K is a multiple of ``m``.
+
+    Grouped convolutions are skipped for N:M (their K runs over one group); nothing else is skipped.
+    """
+    layers = prunable_layers(model, filter_fn)
+    if pattern == "nm":
+        layers = {f: mod for f, mod in layers.items()
+                  if as_matrix(mod.weight).shape[1] % m == 0 and getattr(mod, "groups", 1) == 1}
+    return layers
+
+
+def magnitude_layer_mask(weight: torch.Tensor, pattern: str, sparsity: float, n: int = 2, m: int = 4) -> torch.Tensor:
+    """One layer's magnitude mask (weight-shaped bool): n of every m along K, the ``round(sparsity * out)``
+    lowest-L2 output channels pruned, or the ``round(sparsity * numel)`` smallest |w| pruned."""
+    if pattern == "nm":
+        return keep_n_of_m(magnitude(weight), n, m)
+    if pattern == "channel":
+        ch = keep_channels(channel_norm(weight), keep_count(weight.shape[0], sparsity))
         return channel_to_weight_mask(ch, weight.shape)
-    return keep_topk(magnitude(weight), keep_count(weight.numel(), config.sparsity))
+    return keep_topk(magnitude(weight), keep_count(weight.numel(), sparsity))
 
 
 def _global_masks(weights: dict[str, torch.Tensor], config: SparsityConfig) -> dict[str, torch.Tensor]:
@@ -58,16 +72,10 @@ def magnitude_masks(model: nn.Module, config: SparsityConfig, filter_fn: FilterF
 
     >>> masks = magnitude_masks(nn.Linear(8, 4), SparsityConfig("unstructured", 0.5))
     """
-    layers = prunable_layers(model, filter_fn)
-    weights = {fqn: mod.weight for fqn, mod in layers.items()}
-    if config.pattern == "nm":
-        weights = {f: w for f, w in weights.items() if (w.numel() // w.shape[0]) % config.m == 0 and _dense_groups(layers[f])}
+    weights = {fqn: mod.weight for fqn, mod in select_layers(model, config.pattern, config.m, filter_fn).items()}
     if not weights:
         return {}
     if config.scope == "global":
         return _global_masks(weights, config)
-    return {fqn: _layer_mask(w, config) for fqn, w in weights.items()}
-
-
-def _dense_groups(mod: nn.Module) -> bool:
-    return not isinstance(mod, nn.Conv2d) or mod.groups == 1
+    return {fqn: magnitude_layer_mask(w, config.pattern, config.sparsity, config.n, config.m)
+            for fqn, w in weights.items()}
