@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["nm_matmul", "nm_matmul_ref", "choose_split_k", "m_bucket"]
+__all__ = ["nm_matmul", "nm_matmul_ref", "choose_split_k"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _BITS = {4: 2, 8: 3}
@@ -37,7 +37,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRET_BY_COLUMN = False
 
 
-def m_bucket(m_rows: int) -> int:
+def _autotune_bucket(m_rows: int) -> int:
     """Autotune bucket of the row count: next power of two up to 64, then 128 for every larger M."""
     return min(triton.next_power_of_2(max(1, m_rows)), 128)
 
@@ -273,7 +273,7 @@ def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: i
         return triton.cdiv(n_out, meta["BLOCK_N"]), split_k, triton.cdiv(m_rows, meta["BLOCK_M"])
 
     args = (x, values, positions, bias if bias is not None else values, out,
-            m_rows, n_out, k_dim, k_per_split, m_bucket(m_rows), split_k,
+            m_rows, n_out, k_dim, k_per_split, _autotune_bucket(m_rows), split_k,
             x.stride(0), x.stride(1), values.stride(0), positions.stride(0),
             out.stride(0) if partial else 0, out.stride(-2))
     meta = dict(NS=n, NS_P2=triton.next_power_of_2(n), MS=m, BITS=_BITS[m],
@@ -282,7 +282,7 @@ def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: i
                 DOT_UPCAST=_INTERPRET and x.dtype == torch.bfloat16)
     if _INTERPRET:
         # Triton 3.6's autotuner benchmarks even a lone config, which needs a GPU driver: launch it directly.
-        (cfg,) = _prune(_configs(), {"M_BUCKET": m_bucket(m_rows), "MS": m})
+        (cfg,) = _prune(_configs(), {"M_BUCKET": _autotune_bucket(m_rows), "MS": m})
         _nm_matmul_kernel.fn[grid](*args, **meta, **cfg.kwargs)
     else:
         _nm_matmul_kernel[grid](*args, **meta)
@@ -311,7 +311,8 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n:
     """``y [M, N] = x [M, K] @ W^T + bias`` with ``W`` given as N:M ``values [N, S]`` and ``positions``.
 
     ``split_k``: 0 chooses automatically (see ``choose_split_k``); >= 1 forces that many K slices.
-    Runs as the opaque custom op ``torch.ops.sparsecore.nm_matmul``.
+    Runs as the opaque custom op ``torch.ops.sparsecore.nm_matmul`` under torch.compile or autograd; eager
+    inference calls the launcher directly.
 
     >>> p = NMWeight.from_dense(w, keep_n_of_m(w.abs(), 2, 4))
     >>> y = nm_matmul(x, p.values, p.positions, 2, 4)   # == F.linear(x, p.to_dense())
@@ -319,7 +320,11 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n:
     _check(x, values, positions, n, m, bias)
     if not isinstance(split_k, int) or split_k < 0:
         raise ValueError(f"split_k must be an int >= 0, got {split_k!r}")
-    return torch.ops.sparsecore.nm_matmul(x, values, positions, n, m, bias, split_k)
+    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if torch.compiler.is_compiling() or grad:  # the op refuses backward loudly instead of detaching silently
+        return torch.ops.sparsecore.nm_matmul(x, values, positions, n, m, bias, split_k)
+    # Eager inference: skip the custom-op dispatcher, whose Python overhead rivals a whole decode GEMV.
+    return _launch(x, values, positions, n, m, bias, split_k)
 
 
 def nm_matmul_ref(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,

@@ -120,7 +120,7 @@ def _block_m(m: int) -> int:
     return 16 if m <= 16 else (32 if m <= 32 else 64)
 
 
-def _m_bucket(m: int, block_m: int) -> int:
+def _autotune_bucket(m: int, block_m: int) -> int:
     """Power-of-two count of row blocks: the autotuner keys on it (not on every distinct M)."""
     return triton.next_power_of_2(triton.cdiv(m, block_m))
 
@@ -184,7 +184,7 @@ def _launch(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_of
     # tiles go through an exact fp32 dot instead. GPUs always take the native bf16 dot.
     upcast = _INTERPRET and x.dtype == torch.bfloat16
     args = (x, bitmap, values, tile_offsets, bias if bias is not None else out, out, ws,
-            m, n, k, n_k_tiles, _m_bucket(m, block_m), x.stride(0), x.stride(1), out.stride(0))
+            m, n, k, n_k_tiles, _autotune_bucket(m, block_m), x.stride(0), x.stride(1), out.stride(0))
     meta = dict(HAS_BIAS=bias is not None, TILE_N=tile_n, TILE_K=32 * words, BLOCK_M=block_m,
                 DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else None, DOT_UPCAST=upcast)
     grid = lambda cfg: (bitmap.shape[0], cfg["SPLIT_K"], triton.cdiv(m, block_m))  # noqa: E731
