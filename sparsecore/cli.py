@@ -160,27 +160,17 @@ def layer_stats(fqn: str, op: str, p) -> dict[str, Any]:
 
 def file_report(path: str | Path) -> dict[str, Any]:
     """Per-layer and total statistics of a saved file, from the file alone (no model needed)."""
-    from .formats import FORMATS
-    from .formats.base import FormatError
-    from .io import FileFormatError, read
+    from .io import FileFormatError, packed_layer, read
 
     saved = read(path)
     layers, packed_keys = [], set()
     for fqn, entry in saved.header["layers"].items():
-        meta = entry.get("packed") if isinstance(entry, dict) else None
-        kind = meta.get("kind") if isinstance(meta, dict) else None
-        if kind not in FORMATS or not isinstance(entry.get("tensors"), list):
-            raise FileFormatError(f"{path}: layer {fqn!r} has an unknown format {kind!r} or no tensor list")
-        prefix = f"{fqn}.packed_" if fqn else "packed_"
         try:
-            tensors = {n: saved.tensors[prefix + n] for n in entry["tensors"]}
-            packed = FORMATS[kind].from_state(tensors, meta)
-        except KeyError as e:
-            raise FileFormatError(f"{path}: layer {fqn!r} misses tensor {e}") from None
-        except FormatError as e:
-            raise FileFormatError(f"{path}: layer {fqn!r}: {e}") from None
-        packed_keys.update(prefix + n for n in entry["tensors"])
-        layers.append(layer_stats(fqn, entry.get("type", "?"), packed))
+            packed, keys = packed_layer(fqn, entry, saved.tensors)
+        except FileFormatError as e:
+            raise FileFormatError(f"{path}: {e}") from None
+        packed_keys.update(keys)
+        layers.append(layer_stats(fqn, entry["type"], packed))
     aliases = saved.header["aliases"]
     other = sum(t.numel() * t.element_size() for k, t in saved.tensors.items()
                 if k not in packed_keys and k not in aliases)

@@ -29,11 +29,11 @@ from . import __version__
 from .backends import Backend
 from .config import SparsityConfig
 from .formats import FORMATS
-from .formats.base import FormatError
+from .formats.base import FormatError, PackedWeight
 from .modules import SparseConv2d, SparseLinear
 from .sparsify import sparse_modules, swap_module
 
-__all__ = ["save", "load", "read", "SavedModel", "FileFormatError", "FILE_VERSION"]
+__all__ = ["save", "load", "read", "packed_layer", "SavedModel", "FileFormatError", "FILE_VERSION"]
 
 FILE_VERSION = 1
 _KEY = "sparsecore"
@@ -136,8 +136,8 @@ def read(path: str | Path) -> SavedModel:
     return SavedModel(header, tensors)
 
 
-def _build_layer(fqn: str, entry: Any, tensors: dict[str, torch.Tensor], skeleton: nn.Module,
-                 slimmed: bool) -> nn.Module:
+def packed_layer(fqn: str, entry: Any, tensors: dict[str, torch.Tensor]) -> tuple[PackedWeight, list[str]]:
+    """Validate one header layer entry and rebuild its packed weight; also returns the state-dict keys it used."""
     if not isinstance(entry, dict) or not isinstance(entry.get("packed"), dict):
         raise FileFormatError(f"layer {fqn!r}: header entry must be an object with a 'packed' object")
     if entry.get("type") not in ("linear", "conv2d"):
@@ -150,14 +150,20 @@ def _build_layer(fqn: str, entry: Any, tensors: dict[str, torch.Tensor], skeleto
     names = entry.get("tensors")
     if not isinstance(names, list):
         raise FileFormatError(f"layer {fqn!r}: header lacks its tensor list")
+    keys = [f"{fqn}.packed_{n}" if fqn else f"packed_{n}" for n in names]
     try:
-        packed_tensors = {n: tensors[f"{fqn}.packed_{n}" if fqn else f"packed_{n}"] for n in names}
+        packed_tensors = {n: tensors[k] for n, k in zip(names, keys)}
     except KeyError as e:
         raise FileFormatError(f"layer {fqn!r}: missing tensor {e}") from None
     try:
-        packed = FORMATS[kind].from_state(packed_tensors, entry["packed"])
+        return FORMATS[kind].from_state(packed_tensors, entry["packed"]), keys
     except FormatError as e:
         raise FileFormatError(f"layer {fqn!r}: {e}") from None
+
+
+def _build_layer(fqn: str, entry: Any, tensors: dict[str, torch.Tensor], skeleton: nn.Module,
+                 slimmed: bool) -> nn.Module:
+    packed, _ = packed_layer(fqn, entry, tensors)
     bias = tensors.get(f"{fqn}.bias")
     expect = nn.Linear if entry.get("type") == "linear" else nn.Conv2d
     if not isinstance(skeleton, (expect, SparseLinear, SparseConv2d)):

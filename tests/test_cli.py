@@ -161,7 +161,7 @@ BAD = [
     (["inspect", "{junk}"], "not a readable safetensors"),
     (["inspect", "{foreign}"], "not a sparsecore model"),
     (["inspect", "{trunc}"], "truncated or corrupt"),
-    (["inspect", "{bogus}"], "layer 'gate_proj' has an unknown format 'bogus'"),
+    (["inspect", "{bogus}"], "layer 'gate_proj': unknown packed format 'bogus'"),
     (["inspect", "{badshape}"], "layer 'gate_proj'"),
     (["prune", *DEC, "--pattern", "nm", "--checkpoint", "{ckpt}", "--out", "{out}"], "does not fit this model"),
     (["prune", *DEC, "--pattern", "nm", "--checkpoint", "{missing}", "--out", "{out}"], "does not exist"),
