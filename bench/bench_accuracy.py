@@ -1,6 +1,7 @@
 """Accuracy vs sparsity of every pruning method on offline data (scikit-learn digits, mnist1d), CPU.
 
     python -m bench.bench_accuracy [--quick]
+    python -m bench.bench_accuracy --large-sparse [--quick]
 
 For each dataset x model (MLP, small CNN): train dense, then start every method from that same dense model
 with the same fine-tuning budget (epochs): one-shot magnitude + fine-tune (reference), GMP, PDP, SAP (PQ
@@ -9,6 +10,10 @@ Index rounds, one epoch of fine-tuning per round; its sparsity is whatever the r
 hidden layers' output channels (the classifier is never channel-pruned). The dense row gets the same extra
 epochs. Writes ``bench/results/accuracy_<device>.{csv,md}``, ``accuracy_sap_rounds_<device>.{csv,md}`` and
 two PNG plots. Everything is generated locally; nothing is downloaded.
+
+``--large-sparse`` runs only Zhu & Gupta's claim instead: dense MLPs of several widths vs wider MLPs pruned
+by GMP (cubic, from scratch, same epochs/optimiser/batches) to each narrower model's non-zero count of Linear
+weights (within 2%), 3 seeds; writes ``accuracy_large_sparse[_runs]_<device>.{csv,md}`` and a plot.
 """
 from __future__ import annotations
 
@@ -17,12 +22,13 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from bench.common import RESULTS, env_info, slug, device_name, write_table
-from sparsecore.masks import as_matrix
+from sparsecore.masks import as_matrix, keep_count
 from sparsecore.models.small import MLP, SmallCNN
 from sparsecore.pruning import (GMP, PDP, PSAP, SAP, FixedMasks, balanced_indices, evaluate, magnitude_masks,
                                 snacs_masks, snacs_scores, train)
@@ -157,13 +163,196 @@ def run_sap(base, pattern, loader, test, budget):
     return out
 
 
+# --- Large-sparse vs small-dense at equal non-zero count (Zhu & Gupta 2017's claim) ---------------------------
+
+
+@dataclass(frozen=True)
+class LargeSparseSetup:
+    """One data set: dense MLPs of the ``small`` widths vs MLPs of each ``large`` width pruned by GMP to the
+    non-zero count of every narrower small model (dense rows too for large widths not among ``small``).
+    Every MLP has two hidden layers of the same width."""
+    dataset: str
+    small: tuple[int, ...]
+    large: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LargeSparseBudget:
+    setups: tuple[LargeSparseSetup, ...]
+    epochs: int
+    seeds: tuple[int, ...]
+    prune_window: tuple[float, float] = (0.1, 0.6)  # GMP prunes from 10% to 60% of all steps, then fine-tunes
+    updates: int = 20                                # mask updates in that window (n of the schedule)
+    tolerance: float = 0.02                          # non-zero counts must match within 2%
+
+
+LS_FULL = LargeSparseBudget(setups=(LargeSparseSetup("digits", (16, 32, 64, 128), (64, 128, 256)),
+                                    LargeSparseSetup("mnist1d", (16, 32, 64, 128), (64, 128, 256))),
+                            epochs=40, seeds=(0, 1, 2))
+LS_QUICK = LargeSparseBudget(setups=(LargeSparseSetup("digits", (16, 64), (128,)),), epochs=8, seeds=(0, 1))
+
+
+def mlp_for(dataset_features: int, width: int) -> MLP:
+    """The MLP of the large-sparse experiment: ``features -> width -> width -> 10``."""
+    return MLP(dataset_features, 10, (width, width))
+
+
+def linear_weight_counts(model: nn.Module) -> list[int]:
+    """numel of every Linear weight (biases excluded), in module order."""
+    return [m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def linear_nonzeros(model: nn.Module) -> int:
+    """Non-zero entries over all Linear weights (biases excluded)."""
+    return sum(int((m.weight != 0).sum()) for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def matching_sparsity(counts: list[int], target: int, tolerance: float = 0.02) -> float:
+    """Layer-uniform sparsity s at which layers of ``counts`` weights keep ``target`` in total (GMP's rule:
+    each layer keeps ``keep_count(n_l, s)``); raises ValueError when the kept total misses by more than
+    ``tolerance`` (relative) or ``target`` exceeds the weights available.
+
+    >>> matching_sparsity([100, 100], 50)
+    0.75
+    """
+    total = sum(counts)
+    if not 0 < target <= total:
+        raise ValueError(f"target non-zero count must lie in (0, {total}], got {target}")
+    s = 1.0 - target / total
+    kept = sum(keep_count(n, s) for n in counts)
+    if abs(kept - target) > tolerance * target:
+        raise ValueError(f"sparsity {s:.4f} keeps {kept} weights, more than {tolerance:.0%} away from {target}")
+    return s
+
+
+def train_large_sparse(width: int, sparsity: float, xtr: torch.Tensor, ytr: torch.Tensor, test: list,
+                       epochs: int, seed: int, budget: LargeSparseBudget) -> tuple[float, int, float]:
+    """Train an MLP of ``width`` from scratch for ``epochs`` (Adam 1e-3, batch 64, seeded order); GMP
+    (cubic, layer-wise over every Linear incl. the head) prunes it to ``sparsity`` when > 0.
+    Returns (test accuracy, Linear non-zeros, actual sparsity)."""
+    torch.manual_seed(seed)
+    model = mlp_for(xtr.shape[1], width)
+    loader = Loader(xtr, ytr, seed=1000 * seed)  # same seed -> same batches for small and large
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    pruner = None
+    if sparsity > 0:
+        steps = epochs * len(loader)
+        t0 = int(budget.prune_window[0] * steps)
+        dt = max(1, int((budget.prune_window[1] - budget.prune_window[0]) * steps) // budget.updates)
+        pruner = GMP(model, sparsity, t0=t0, n=budget.updates, dt=dt)
+    train(model, loader, epochs, pruner, optimizer=opt)
+    if pruner is not None and not pruner.frozen:
+        raise RuntimeError(f"GMP window did not finish within {epochs} epochs (t0={pruner.t0}, dt={pruner.dt})")
+    nnz, total = linear_nonzeros(model), sum(linear_weight_counts(model))
+    return evaluate(model, test), nnz, 1.0 - nnz / total
+
+
+def _spread(vals: list[float]) -> float:
+    return float(torch.tensor(vals, dtype=torch.float64).std()) if len(vals) > 1 else 0.0
+
+
+def run_large_sparse(budget: LargeSparseBudget, out_dir: Path | None = None,
+                     suffix: str = "") -> tuple[list[dict], list[dict]]:
+    """Run the experiment; writes ``accuracy_large_sparse{suffix}_<device>.{csv,md}`` (mean +- std over
+    seeds), ``accuracy_large_sparse_runs{suffix}_<device>.{csv,md}`` (one row per seed) and a PNG plot to
+    ``out_dir`` (default bench/results). Returns (summary rows, per-seed rows)."""
+    env = env_info(DEVICE)
+    runs, summary = [], []
+    for setup in budget.setups:
+        xtr, ytr, xte, yte = load_data(setup.dataset)
+        test = batches(xte, yte, 512, None)
+        dense_accs: dict[int, list[float]] = {}  # small width -> per-seed accuracy (the pairing reference)
+        count = lambda w: linear_weight_counts(mlp_for(xtr.shape[1], w))  # noqa: E731
+        plan = [("small-dense", w, w, 0.0) for w in setup.small]
+        plan += [("large-dense", w, w, 0.0) for w in setup.large if w not in setup.small]
+        plan += [("large-sparse", big, w, matching_sparsity(count(big), sum(count(w)), budget.tolerance))
+                 for big in setup.large for w in setup.small if w < big]
+        for model_kind, width, matched, s in plan:
+            target = sum(count(matched))
+            accs = []
+            for seed in budget.seeds:
+                t0 = time.time()
+                acc, nnz, actual = train_large_sparse(width, s, xtr, ytr, test, budget.epochs, seed, budget)
+                if abs(nnz - target) > budget.tolerance * target:
+                    raise RuntimeError(f"{setup.dataset} {model_kind} w={width}: {nnz} non-zeros vs target {target}")
+                accs.append(100 * acc)
+                runs.append({"data": setup.dataset, "model": model_kind, "width": width, "matched_width": matched,
+                             "seed": seed, "sparsity_%": round(100 * actual, 2), "nonzeros": nnz,
+                             "test_acc_%": round(100 * acc, 2), "time_s": round(time.time() - t0, 2), **env})
+            mean, std = sum(accs) / len(accs), _spread(accs)
+            row = {"data": setup.dataset, "model": model_kind, "width": width, "matched_width": matched,
+                   "sparsity_%": runs[-1]["sparsity_%"], "nonzeros": runs[-1]["nonzeros"],
+                   "nonzeros_vs_target_%": round(100 * (runs[-1]["nonzeros"] - target) / target, 3),
+                   "biases": 2 * width + 10, "test_acc_%": f"{mean:.2f} ± {std:.2f}",
+                   "test_acc_mean_%": round(mean, 2), "test_acc_std_%": round(std, 2),
+                   "test_acc_min_%": round(min(accs), 2), "test_acc_max_%": round(max(accs), 2),
+                   "seeds": len(accs), "epochs": budget.epochs, "delta_vs_small_dense_pts": "", "seeds_ahead": ""}
+            if model_kind == "small-dense":
+                dense_accs[width] = accs
+            elif model_kind == "large-sparse":  # paired by seed: same data order and test set
+                diffs = [a - b for a, b in zip(accs, dense_accs[matched])]
+                row["delta_vs_small_dense_pts"] = f"{sum(diffs) / len(diffs):+.2f} ± {_spread(diffs):.2f}"
+                row["seeds_ahead"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+            summary.append({**row, **env})
+            print(f"{setup.dataset:8s} {model_kind:12s} w={width:4d} s={100 * s:6.2f}% nnz={row['nonzeros']:6d} "
+                  f"acc={row['test_acc_%']} {row['delta_vs_small_dense_pts']}", flush=True)
+    md = write_table("accuracy_large_sparse" + suffix, summary, DEVICE, out_dir)
+    write_table("accuracy_large_sparse_runs" + suffix, runs, DEVICE, out_dir)
+    plot_large_sparse(summary, md.with_suffix(".png"))
+    return summary, runs
+
+
+def plot_large_sparse(summary: list[dict], path: Path) -> None:
+    """Accuracy (mean, std error bars) vs Linear non-zeros, one panel per data set: the small-dense line, one
+    large-sparse line per large width (points labelled with their sparsity) and the large-dense models."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    datasets = list(dict.fromkeys(r["data"] for r in summary))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.6 * len(datasets), 4.0), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        mine = [r for r in summary if r["data"] == ds]
+        larges = sorted({r["width"] for r in mine if r["model"] == "large-sparse"})
+        lines = [("small-dense", None, "tab:gray", "small-dense (width labelled)")]
+        lines += [("large-sparse", w, plt.cm.Blues(0.45 + 0.5 * i / max(1, len(larges) - 1)), f"width {w} + GMP")
+                  for i, w in enumerate(larges)]
+        for kind, width, color, label in lines:
+            pts = sorted((r["nonzeros"], r["test_acc_mean_%"], r["test_acc_std_%"], r["width"], r["sparsity_%"])
+                         for r in mine if r["model"] == kind and width in (None, r["width"]))
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=4,
+                        capsize=3, color=color, label=label)
+            for n, acc, _, w, sp in pts:
+                ax.annotate(str(w) if kind == "small-dense" else f"{sp:.0f}%", (n, acc), fontsize=6, color=color,
+                            textcoords="offset points", xytext=(4, -10 if kind == "small-dense" else 4))
+        dense = [r for r in mine if r["model"] == "large-dense"]
+        ax.errorbar([r["nonzeros"] for r in dense], [r["test_acc_mean_%"] for r in dense],
+                    yerr=[r["test_acc_std_%"] for r in dense], marker="s", color="k", ls="none", capsize=3,
+                    label="large-dense (" + ", ".join(str(r["width"]) for r in dense) + ")")
+        ax.set_xscale("log")
+        ax.set_xlabel("non-zero Linear weights (log scale)")
+        ax.set_ylabel("test accuracy (%), mean +- std over seeds")
+        ax.set_title(f"{ds}: MLP, equal non-zeros")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer epochs and sparsities (~2 minutes)")
+    ap.add_argument("--large-sparse", action="store_true",
+                    help="only the large-sparse vs small-dense experiment at equal non-zero count (~5 minutes)")
     args = ap.parse_args(argv)
     budget = QUICK if args.quick else FULL
     # Tiny models: one thread is ~5x faster than two on a shared 2-core machine (no sync overhead).
     torch.set_num_threads(1)
+    if args.large_sparse:
+        t_start = time.time()
+        run_large_sparse(LS_QUICK if args.quick else LS_FULL, suffix="_quick" if args.quick else "")
+        print(f"large-sparse experiment done in {time.time() - t_start:.0f} s")
+        return
     env = env_info(DEVICE)
     rows, sap_rows, t_start = [], [], time.time()
     for dataset in ("digits", "mnist1d"):

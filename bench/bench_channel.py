@@ -3,8 +3,9 @@
     python -m bench.bench_channel            # GPU: fp16, batch 1 and 32, NCHW and channels-last
     python -m bench.bench_channel --quick    # a small subset (CPU: fp32, reduced sizes; proves it runs)
 
-Kernel level, per conv shape and memory format (speedups against the unpruned dense conv in the same
-layout, and against the best dense layout, all measured in this run):
+Kernel level, per conv shape and memory format (``speedup_vs_dense_same_layout`` against the unpruned
+dense conv in the same layout, ``speedup_vs_best_dense`` against the faster dense layout, all measured in
+this run; ``sparsity_pct`` = 75: half the input x half the output channels):
 * ``dense``          F.conv2d with the full weight (cuDNN / oneDNN), the baseline;
 * ``physical_slice`` F.conv2d on an input that already has only the kept channels, with the sliced
                      weight: what a slimmed model runs (``sparsecore.channel.slim``);
@@ -14,7 +15,8 @@ The FLOP ceiling of 50% in x 50% out is 4x.
 
 Model level: ResNet-50 (torchvision layout, random weights, eval) dense vs slimmed with 50% of every
 prunable channel group kept (L1 scores, ``round_to=8``), batch 1 and 32; the slimmed output is checked
-against the masked dense model.
+against the masked dense model (``max_rel_err_vs_masked_ref``). ``sparsity_pct`` there is the share of
+output channels pruned. Column vocabulary: ``bench.common``.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import env_info, time_ms, write_table
+from bench.common import BEST_DENSE_MS, bench_parser, SPEEDUP, TIME_MS, env_info, speedup_columns, time_ms, write_table
 from sparsecore.backends import Backend, ConvParams, resolve
 from sparsecore.channel import channel_groups, masked_reference, plan_slim, apply_plan
 from sparsecore.formats.channel import ChannelWeight
@@ -57,6 +59,7 @@ def bench_layers(device: torch.device, dtype: torch.dtype, batches: list[int], s
         h, w = max(h // scale, 1), max(w // scale, 1)
         weight = torch.randn(c_out, c_in, k, k, generator=g).to(dtype)
         mask = _half_mask(c_out, c_in, k, g)
+        kept_share = float(mask.float().mean())
         packed = ChannelWeight.from_dense(weight, mask).to(device)
         weight, mask = weight.to(device), mask.to(device)
         conv = ConvParams(stride=(stride, stride), padding=(k // 2, k // 2))
@@ -64,7 +67,7 @@ def bench_layers(device: torch.device, dtype: torch.dtype, batches: list[int], s
         for batch in batches:
             x = torch.randn(batch, c_in, h, w, generator=g).to(device, dtype)
             x_small = x.index_select(1, packed.in_idx.long())
-            dense_best = None
+            dense_best, case_rows = None, []
             for layout in ("channels_last", "nchw"):
                 fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
                 xl, xsl = x.contiguous(memory_format=fmt), x_small.contiguous(memory_format=fmt)
@@ -91,13 +94,13 @@ def bench_layers(device: torch.device, dtype: torch.dtype, batches: list[int], s
                 flops_dense = 2 * batch * h_out * w_out * c_out * c_in * k * k
                 for label, t in times.items():
                     kept_flops = flops_dense if label == "dense" else flops_dense * packed.n_out * packed.n_in / (c_out * c_in)
-                    rows.append({"layer": name, "C_in": c_in, "C_out": c_out, "H": h, "W": w, "k": k, "batch": batch,
-                                 "dtype": str(dtype).removeprefix("torch."), "layout": layout, "provider": label,
-                                 "time_ms": t, "tflops": kept_flops / (t * 1e-3) / 1e12,
-                                 "speedup_vs_dense_same_layout": times["dense"] / t, **env})
-            for r in rows:
-                if r["layer"] == name and r["batch"] == batch:
-                    r["speedup_vs_best_dense"] = dense_best / r["time_ms"]
+                    case_rows.append({"layer": name, "C_in": c_in, "C_out": c_out, "H": h, "W": w, "k": k,
+                                      "batch": batch, "sparsity_pct": round(100 * (1 - kept_share)),
+                                      "dtype": str(dtype).removeprefix("torch."), "layout": layout, "provider": label,
+                                      TIME_MS: t, "useful_TFLOP_per_s": kept_flops / (t * 1e-3) / 1e12,
+                                      "speedup_vs_dense_same_layout": times["dense"] / t})
+            # The best dense layout is known only once both layouts ran.
+            rows += [{**r, **speedup_columns(r[TIME_MS], dense_best), **env} for r in case_rows]
     return rows
 
 
@@ -138,17 +141,17 @@ def bench_model(device: torch.device, dtype: torch.dtype, batches: list[int], si
         for name, t in times.items():
             params = sum(p.numel() for p in nets[name].parameters())
             rows.append({"model": "resnet50", "width": width, "input": size, "batch": batch,
-                         "dtype": str(dtype).removeprefix("torch."), "layout": "channels_last", "variant": name,
-                         "params": params, "time_ms": t, "speedup_vs_dense": times["dense"] / t,
+                         "sparsity_pct": 0 if name == "dense" else round(100 * (1 - KEEP)),
+                         "dtype": str(dtype).removeprefix("torch."), "layout": "channels_last", "provider": name,
+                         "params": params, **speedup_columns(t, times["dense"]),
                          "max_rel_err_vs_masked_ref": err if name == "slimmed" else 0.0, **env})
     print(plan.summary().splitlines()[0])
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a small subset (the CPU default)")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+def main(argv: list[str] | None = None) -> int:
+    ap = bench_parser("bench.bench_channel", __doc__, "a small subset (the CPU default)")
+    ap.add_argument("--out", dest="out_dir", type=Path, help=argparse.SUPPRESS)  # the former name of --out-dir
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
@@ -159,15 +162,16 @@ def main(argv: list[str] | None = None) -> None:
     shapes = [SHAPES[0], SHAPES[4]] if quick else SHAPES
     layer_rows = bench_layers(device, dtype, [1] if not on_gpu else ([1, 32] if not args.quick else [32]),
                               shapes, scale=1 if on_gpu else 4)
-    print(write_table("channel_conv", layer_rows, device, args.out))
+    print(write_table("channel_conv", layer_rows, device, args.out_dir))
     model_rows = bench_model(device, dtype, [1, 32] if on_gpu else [1], size=224 if on_gpu else 64,
                              width=64 if on_gpu else 16)
-    print(write_table("channel_resnet50", model_rows, device, args.out))
+    print(write_table("channel_resnet50", model_rows, device, args.out_dir))
     for r in layer_rows + model_rows:
         key = r.get("layer", r.get("model"))
-        print(f"{key:14s} b={r['batch']:<3d} {r.get('layout', ''):13s} {r.get('provider', r.get('variant')):15s} "
-              f"{r['time_ms']:8.3f} ms  x{r.get('speedup_vs_dense_same_layout', r.get('speedup_vs_dense')):.2f}")
+        print(f"{key:14s} b={r['batch']:<3d} {r['layout']:13s} {r['provider']:15s} {r[TIME_MS]:8.3f} ms  "
+              f"x{r[SPEEDUP]:.2f} vs best dense ({r[BEST_DENSE_MS]:.3f} ms)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -6,8 +6,10 @@ Models: a LLaMA-shaped decoder block in decode (T = 1, batch 1/4/16), a BERT-sty
 ResNet-50. Variants: dense, 2:4, unstructured 90%, channel 50% (ResNet: physically slimmed with
 ``sparsecore.channel.slim`` where the graph allows, the rest in channel format). Every sparse variant is
 planned (``sparsecore.plan``) on the very input it is timed on, so a layer runs sparse only where that
-measured faster than dense. Per row: median latency (CUDA: ``sparsecore.timing.time_ms``; CPU: all
-variants timed round-robin, see ``paired_ms``), speedup against the dense model in the same run, memory
+measured faster than dense. Per row (vocabulary in ``bench.common``; ``provider`` is the variant,
+``sparsity_pct`` its nominal share pruned): median latency ``time_ms`` (CUDA: ``sparsecore.timing.time_ms``;
+CPU: all variants timed round-robin, ``time_interleaved_ms``), ``speedup_vs_best_dense`` against the dense
+model in the same run (``best_dense_time_ms``), memory
 (GPU: peak allocated during a forward pass plus resident model bytes; CPU: parameter + buffer +
 backend-state bytes), and the max abs error against the masked dense model run
 in float64 (the dense row: against itself in float64, the yardstick of the dtype's rounding).
@@ -29,11 +31,12 @@ from torch import nn
 import sparsecore as sc
 from sparsecore.models.resnet import resnet50
 from sparsecore.models.transformer import DecoderBlock, encoder
+from sparsecore.pruning.base import masked_copy
 from sparsecore.pruning.magnitude import FilterFn
 
 from sparsecore.timing import time_interleaved_ms
 
-from .common import env_info, write_table
+from .common import bench_parser, env_info, speedup_columns, write_table
 
 VARIANTS = {"dense": None, "2:4": sc.SparsityConfig("nm", n=2, m=4),
             "unstructured90": sc.SparsityConfig("unstructured", 0.9), "channel50": sc.SparsityConfig("channel", 0.5)}
@@ -121,12 +124,11 @@ def _peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def _masked_reference(dense: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    ref = copy.deepcopy(dense).double()
-    with torch.no_grad():
-        for fqn, mask in masks.items():
-            ref.get_submodule(fqn).weight.mul_(mask.to(ref.get_submodule(fqn).weight.device))
-    return ref
+def sparsity_pct(config: sc.SparsityConfig | None) -> int:
+    """Nominal percent pruned: 0 for dense, ``100 * (1 - n/m)`` for N:M, the config's share otherwise."""
+    if config is None:
+        return 0
+    return round(100 * (1 - config.n / config.m)) if config.pattern == "nm" else round(100 * config.sparsity)
 
 
 def _sparse_variant(spec: ModelSpec, dense: nn.Module, config: sc.SparsityConfig, x0: torch.Tensor
@@ -148,7 +150,7 @@ def _sparse_variant(spec: ModelSpec, dense: nn.Module, config: sc.SparsityConfig
         ref = masked_reference(cpu, slim_plan.masks, x0.float().cpu()).double().to(x0.device)
         return small, ref, f"slim+channel({len(rest)} layers)"
     sparse = sc.sparsify(copy.deepcopy(dense), config, masks=masks)
-    return sparse, _masked_reference(dense, masks), f"{config.pattern} format"
+    return sparse, masked_copy(dense, masks), f"{config.pattern} format"
 
 
 def _backends(entries: list) -> str:
@@ -199,14 +201,14 @@ def bench_model(spec: ModelSpec, variants: Sequence[str], device: torch.device, 
             err = float((out - want).abs().max())
             scale = float(want.abs().max())
             mb = model_bytes(model)
-            row = {"model": spec.name, "dims": spec.dims, "variant": name, "how": how, "batch": batch,
-                   "dtype": str(dtype).replace("torch.", ""), "latency_ms": ms, "dense_ms": dense_ms,
-                   "speedup": dense_ms / ms, "model_MB": mb / 2**20,
+            row = {"model": spec.name, "dims": spec.dims, "provider": name, "how": how, "batch": batch,
+                   "sparsity_pct": sparsity_pct(VARIANTS[name]), "dtype": str(dtype).replace("torch.", ""),
+                   **speedup_columns(ms, dense_ms), "model_MB": mb / 2**20,
                    "peak_MB": "" if peak is None else (mb + peak) / 2**20,
                    "max_abs_err": err, "ref_max_abs": scale, "agrees": err <= AGREE[dtype] * max(1.0, scale),
                    "backends": _backends(entries), "build_s": prep_s, "plan_s": plan_s}
             rows.append(row)
-            log(f"{spec.name:14s} b={batch:<3d} {name:15s} {ms:9.3f} ms  x{row['speedup']:.2f}  "
+            log(f"{spec.name:14s} b={batch:<3d} {name:15s} {ms:9.3f} ms  x{row['speedup_vs_best_dense']:.2f}  "
                 f"{row['model_MB']:8.2f} MB  err {err:.2e}  [{row['backends']}]")
     return rows
 
@@ -228,8 +230,7 @@ def run(preset: str, models: Sequence[str], variants: Sequence[str], device: tor
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.bench_models", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small dims, fewer repetitions")
+    p = bench_parser("bench.bench_models", __doc__.split("\n")[0], "small dims, fewer repetitions")
     p.add_argument("--preset", choices=("gpu", "cpu", "quick", "tiny"),
                    help="model dims (default: gpu on CUDA, cpu otherwise; quick with --quick on CPU)")
     p.add_argument("--models", default="decoder_block,encoder,resnet50")
@@ -239,7 +240,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="default: float16 on GPU, float32 on CPU")
     p.add_argument("--rep", type=int, help="timed repetitions on CPU (CUDA uses do_bench)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out-dir", help="where the table goes (default bench/results)")
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:

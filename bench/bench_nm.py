@@ -8,22 +8,22 @@ Providers (all on the same masked weight, timed in the same run):
 * ``triton_nm``: ``sparsecore.kernels.nm_matmul`` (autotuned; tuning happens in a warm-up call);
 * ``reference``: ``nm_matmul_ref`` (pure torch; unpacks the weight on every call).
 
-Columns: ``time_us`` (median), ``speedup_vs_best_dense`` (best of dense/dense_compile in this run over
-this provider), ``GB_per_s`` ((weight bytes the provider streams + x + y) / time; packed bytes for the
-sparse providers), ``TFLOP_per_s`` (dense-equivalent 2*M*N*K / time), ``max_abs_err`` against the
-dense fp32 product. On a CPU the command runs a tiny subset (dense and reference) to prove it works.
+Columns (vocabulary in ``bench.common``): ``time_ms`` (median), ``best_dense_time_ms`` (best of
+dense/dense_compile in this run) and ``speedup_vs_best_dense`` (that over ``time_ms``), ``GB_per_s``
+((weight bytes the provider streams + x + y) / time; packed bytes for the sparse providers),
+``TFLOP_per_s`` (dense-equivalent 2*M*N*K / time), ``max_abs_err`` against the dense fp32 product,
+``first_call_ms`` (compile / autotune / cache building, kept out of ``time_ms``). On a CPU the command
+runs a tiny subset (dense and reference) to prove it works.
 """
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import env_info, time_ms, write_table
+from bench.common import bench_parser, best_dense_ms, env_info, kernel_row, time_ms, write_table
 from sparsecore.backends import Backend
 from sparsecore.backends.nm import torch_24_why_not
 from sparsecore.formats import NMWeight
@@ -91,28 +91,24 @@ def bench_shape(n_out: int, k_dim: int, ms: list[int], dtype: torch.dtype, devic
             warm[name] = (time.perf_counter() - start) * 1e3
             errs[name] = float((out.float() - exact).abs().max())
             times[name] = time_ms(lambda: fn(x), device)
-        best_dense = min(times[d] for d in DENSE if d in times)
+        best_dense = best_dense_ms(times, DENSE)
         io_bytes = (x.numel() + m_rows * n_out) * x.element_size()
+        case = {"N": n_out, "K": k_dim, "M": m_rows, "pattern": f"{n}:{m}", "sparsity_pct": round(100 * (1 - n / m)),
+                "dtype": str(dtype).removeprefix("torch.")}
         for name, (_, w_bytes) in providers.items():
             t = times[name]
-            rows.append({
-                "N": n_out, "K": k_dim, "M": m_rows, "pattern": f"{n}:{m}", "dtype": str(dtype).removeprefix("torch."),
-                "provider": name, "time_us": t * 1e3, "speedup_vs_best_dense": best_dense / t,
-                "GB_per_s": (w_bytes + io_bytes) / (t * 1e-3) / 1e9,
-                "TFLOP_per_s": 2.0 * m_rows * n_out * k_dim / (t * 1e-3) / 1e12,
-                "max_abs_err": errs[name], "first_call_ms": warm[name], **env,
-            })
-            print(f"  N={n_out:6d} K={k_dim:6d} M={m_rows:5d} {name:14s} {t * 1e3:10.1f} us  "
+            rows.append(kernel_row(case, name, t, best_dense, moved_bytes=w_bytes + io_bytes,
+                                   dense_flop=2.0 * m_rows * n_out * k_dim, max_abs_err=errs[name], env=env,
+                                   first_call_ms=warm[name]))
+            print(f"  N={n_out:6d} K={k_dim:6d} M={m_rows:5d} {name:14s} {t:10.4f} ms  "
                   f"x{best_dense / t:5.2f}  err {errs[name]:.2e}")
     return rows
 
 
-def main(argv: list[str] | None = None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 shapes x M in {1, 16, 2048} (implied on CPU)")
+def main(argv: list[str] | None = None) -> int:
+    ap = bench_parser("bench.bench_nm", __doc__.splitlines()[0], "2 shapes x M in {1, 16, 2048} (implied on CPU)")
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
     ap.add_argument("--pattern", default="2:4", help="n:m, e.g. 2:4 (default), 1:4, 2:8, 4:8")
-    ap.add_argument("--out-dir", type=Path, default=None, help="where tables go (default bench/results)")
     args = ap.parse_args(argv)
     n, m = (int(v) for v in args.pattern.split(":"))
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -130,8 +126,8 @@ def main(argv: list[str] | None = None) -> Path:
         rows += bench_shape(n_out, k_dim, ms, dtype, device, n, m)
     path = write_table(f"nm_matmul_{n}x{m}_{str(dtype).removeprefix('torch.')}", rows, device, args.out_dir)
     print(f"wrote {path}")
-    return path
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -11,16 +11,16 @@ M in {1, 16}, 50 and 90%.
 CPU (fp32, tiny): dense F.linear vs torch CSR (MKL) vs the reference, just to prove the command runs;
 GPU-only providers are skipped with the reason printed.
 
-Columns: median time (``bench.common.time_ms``: ``do_bench`` on CUDA), speedup against the best dense
-provider of the same run, achieved GB/s (weight bytes as stored by the provider + x + y, over the
-median time) and its share of the device's measured copy bandwidth, useful TFLOP/s (2 M nnz over the
-time), the provider's weight bytes per dense element, and the max abs error against an fp32 dense product (a wrong kernel shows here).
+Columns (vocabulary in ``bench.common``): ``time_ms`` (median; ``do_bench`` on CUDA),
+``best_dense_time_ms`` and ``speedup_vs_best_dense`` (best dense provider of the same run),
+``GB_per_s`` (weight bytes as stored by the provider + x + y, over the median time) and
+``pct_of_copy_bw`` (its share of the device's measured copy bandwidth), ``TFLOP_per_s``
+(dense-equivalent 2 M N K) and ``useful_TFLOP_per_s`` (2 M nnz), ``weight_bytes_per_dense_elem``, and
+``max_abs_err`` against an fp32 dense product (a wrong kernel shows here).
 """
 from __future__ import annotations
 
-import argparse
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -28,10 +28,11 @@ import torch.nn.functional as F
 
 from sparsecore.formats import UnstructuredWeight
 
-from .common import env_info, time_ms, write_table
+from .common import bench_parser, best_dense_ms, env_info, kernel_row, time_ms, write_table
 
 GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (768, 3072))
 GPU_MS = (1, 4, 16, 64, 256)
+CPU_SHAPES = ((768, 3072),)
 SPARSITIES = (0.5, 0.7, 0.9, 0.95)
 DENSE_PROVIDERS = ("dense", "dense_compile")
 # Providers from outside sparsecore: a failure is printed and the provider skipped for that case. A
@@ -97,7 +98,7 @@ def build_providers(packed: UnstructuredWeight, w: torch.Tensor, x: torch.Tensor
 
 
 def bench_case(n: int, k: int, m: int, sparsity: float, dtype: torch.dtype, device: torch.device,
-               copy_bw: float, packed: UnstructuredWeight, w: torch.Tensor) -> list[dict]:
+               copy_bw: float, packed: UnstructuredWeight, w: torch.Tensor, env: dict[str, str]) -> list[dict]:
     """Rows for one (shape, M, sparsity): every provider timed on the same x."""
     g = torch.Generator(device=device).manual_seed(m)
     x = torch.randn(m, k, generator=g, device=device, dtype=dtype)
@@ -116,28 +117,24 @@ def bench_case(n: int, k: int, m: int, sparsity: float, dtype: torch.dtype, devi
             continue
         err = float((out.float() - ref).abs().max()) if out.numel() else 0.0
         timings[name] = (time_ms(fn, device), weight_bytes, err)
-    best_dense = min(timings[p][0] for p in DENSE_PROVIDERS if p in timings)
+    best_dense = best_dense_ms({name: t[0] for name, t in timings.items()}, DENSE_PROVIDERS)
     rows = []
     io_bytes = _tensor_bytes(x) + m * n * x.element_size()
     useful_flop = 2 * m * packed.nnz  # multiply-adds on kept weights only
+    case = {"N": n, "K": k, "M": m, "sparsity_pct": round(100 * sparsity), "dtype": str(dtype).split(".")[-1]}
     for name, (ms, weight_bytes, err) in timings.items():
-        gb_s = (weight_bytes + io_bytes) / ms / 1e6
-        rows.append({"N": n, "K": k, "M": m, "sparsity_pct": round(100 * sparsity), "dtype": str(dtype).split(".")[-1],
-                     "provider": name, "time_ms": ms, "speedup_vs_best_dense_x": best_dense / ms,
-                     "achieved_GB_per_s": gb_s, "pct_of_copy_bw": 100 * gb_s / copy_bw,
-                     "useful_TFLOP_per_s": useful_flop / ms / 1e9,
-                     "weight_bytes_per_dense_elem": weight_bytes / (n * k), "max_abs_err_vs_fp32": err,
-                     **env_info(device)})
-        print(f"  {name:18s} {ms * 1e3:9.1f} us  {best_dense / ms:5.2f}x  {gb_s:7.1f} GB/s  "
+        moved = weight_bytes + io_bytes
+        row = kernel_row(case, name, ms, best_dense, moved_bytes=moved, dense_flop=2.0 * m * n * k, max_abs_err=err,
+                         env=env, pct_of_copy_bw=100 * moved / ms / 1e6 / copy_bw,
+                         useful_TFLOP_per_s=useful_flop / ms / 1e9, weight_bytes_per_dense_elem=weight_bytes / (n * k))
+        rows.append(row)
+        print(f"  {name:18s} {ms:9.4f} ms  {best_dense / ms:5.2f}x  {row['GB_per_s']:7.1f} GB/s  "
               f"{weight_bytes / (n * k):.3f} B/elem  err {err:.2e}")
     return rows
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small subset")
-    parser.add_argument("--out-dir", type=Path, default=None, help="results folder (default bench/results)")
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    args = bench_parser("bench.bench_spmm", __doc__.splitlines()[0], "small subset").parse_args(argv)
     warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -148,9 +145,10 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         print("no CUDA device: CPU subset (fp32 dense vs torch CSR vs reference); GPU providers skipped")
         dtype = torch.float32
-        shapes, ms, sparsities = ((768, 3072),), ((1,) if args.quick else (1, 16)), (0.9,) if args.quick else (0.5, 0.9)
+        shapes, ms, sparsities = CPU_SHAPES, ((1,) if args.quick else (1, 16)), (0.9,) if args.quick else (0.5, 0.9)
     copy_bw = copy_bandwidth_gb_s(device)
-    print(f"device {env_info(device)['device']}: copy bandwidth {copy_bw:.0f} GB/s")
+    env = env_info(device)
+    print(f"device {env['device']}: copy bandwidth {copy_bw:.0f} GB/s")
     rows = []
     for n, k in shapes:
         g = torch.Generator(device=device).manual_seed(n * k)
@@ -161,11 +159,11 @@ def main(argv: list[str] | None = None) -> Path:
             w = packed.to_dense()
             for m in ms:
                 print(f"[{n}x{k}] M={m} sparsity={sparsity:.0%} {dtype}")
-                rows += bench_case(n, k, m, sparsity, dtype, device, copy_bw, packed, w)
+                rows += bench_case(n, k, m, sparsity, dtype, device, copy_bw, packed, w, env)
     path = write_table("spmm", rows, device, args.out_dir)
     print(f"wrote {path}")
-    return path
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,24 +1,59 @@
-"""Shared benchmark plumbing: environment record, timing, result tables.
+"""Shared benchmark plumbing: column vocabulary, environment record, timing, result tables.
 
 Every row carries device, torch and triton versions, git commit and date. On CUDA, timing uses
 ``triton.testing.do_bench`` (median of many runs, L2 flushed); on CPU a warmed-up median of
 ``time.perf_counter`` runs. Tables go to ``bench/results/<name>_<device-slug>.{csv,md}``.
+
+Column vocabulary, the same in every kernel and model table (``bench.plots`` reads only these names):
+
+* ``provider``               what was timed: a kernel provider (``dense``, ``torch_csr``, ...) or a model
+                             variant (``dense``, ``2:4``, ``slimmed``, ...);
+* ``time_ms``                its median latency in milliseconds;
+* ``best_dense_time_ms``     the fastest dense provider of the same case, measured in the same run;
+* ``speedup_vs_best_dense``  ``best_dense_time_ms / time_ms`` (> 1: faster than every dense baseline);
+  a speedup against another baseline carries that baseline in its name
+  (e.g. ``speedup_vs_dense_same_layout``);
+* ``M``                      activation rows of a matmul (tokens x batch); ``batch`` for models and convs;
+* ``sparsity_pct``           percent of weights pruned (nominal for a model variant: the config's share;
+                             N:M gives ``100 * (1 - n/m)``; channel pruning the share of output channels);
+* ``GB_per_s``, ``TFLOP_per_s``  bytes moved / time and dense-equivalent ``2 * M * N * K`` / time (kernels);
+* ``max_abs_err``            against a dense reference of higher precision (the table's docstring says which);
+* ``device``, ``torch``, ``triton``, ``commit``, ``date``  from ``env_info`` (``ENV_COLUMNS``).
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import platform
 import re
 import subprocess
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
 from sparsecore.timing import time_ms  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+PROVIDER = "provider"
+TIME_MS = "time_ms"
+BEST_DENSE_MS = "best_dense_time_ms"
+SPEEDUP = "speedup_vs_best_dense"
+M_ROWS = "M"
+BATCH = "batch"
+SPARSITY_PCT = "sparsity_pct"
+ENV_COLUMNS = ("device", "torch", "triton", "commit", "date")
+
+
+def bench_parser(module: str, description: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every bench takes, ``--quick`` and ``--out-dir DIR``; the bench adds its own."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out-dir", type=Path, default=None, help="where the tables go (default bench/results)")
+    return parser
 
 
 def device_name(device: torch.device | str) -> str:
@@ -40,7 +75,7 @@ def git_commit() -> str:
 
 
 def env_info(device: torch.device | str) -> dict[str, str]:
-    """The columns every result row carries."""
+    """The columns every result row carries (``ENV_COLUMNS``)."""
     try:
         import triton
         triton_version = triton.__version__
@@ -53,6 +88,32 @@ def env_info(device: torch.device | str) -> dict[str, str]:
         "commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
     }
+
+
+def best_dense_ms(times: dict[str, float], dense: Sequence[str]) -> float:
+    """The fastest of the dense providers in ``times`` (``{provider: ms}``); raises when none was timed."""
+    measured = [times[d] for d in dense if d in times]
+    if not measured:
+        raise ValueError(f"no dense baseline among {sorted(times)} (expected one of {list(dense)})")
+    return min(measured)
+
+
+def speedup_columns(ms: float, best_dense: float) -> dict[str, float]:
+    """``time_ms``, ``best_dense_time_ms`` and ``speedup_vs_best_dense`` of a provider that took ``ms``."""
+    return {TIME_MS: ms, BEST_DENSE_MS: best_dense, SPEEDUP: best_dense / ms}
+
+
+def kernel_row(case: dict, provider: str, ms: float, best_dense: float, *, moved_bytes: int,
+               dense_flop: float, max_abs_err: float, env: dict[str, str], **extra: object) -> dict:
+    """One kernel-table row: ``case`` columns (shape, ``M``, dtype, ...), then the shared vocabulary.
+
+    ``moved_bytes``: weight bytes as this provider stores them plus activations in and out, so
+    ``GB_per_s`` is the achieved bandwidth; ``dense_flop``: ``2 * M * N * K`` whatever the sparsity, so
+    ``TFLOP_per_s`` is comparable across providers. ``extra`` columns go before the env columns.
+    """
+    return {**case, PROVIDER: provider, **speedup_columns(ms, best_dense),
+            "GB_per_s": moved_bytes / ms / 1e6, "TFLOP_per_s": dense_flop / ms / 1e9,
+            "max_abs_err": max_abs_err, **extra, **env}
 
 
 def slug(text: str) -> str:

@@ -16,7 +16,7 @@ log=bench/results/gpu_run.log
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
   timeout 300 python3 -m pytest -q -m gpu tests -x -p no:cacheprovider
   for b in bench_nm bench_spmm bench_channel bench_models; do
-    echo "== $b $flag"; timeout 600 python3 -m bench.$b $flag
+    echo "== $b $flag"; timeout 600 python3 -m bench.$b $flag || echo "!! bench.$b exited with status $?"
   done
   python3 -m bench.plots
 } 2>&1 | tee "$log"

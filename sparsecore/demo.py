@@ -21,6 +21,7 @@ from torch import nn
 from . import io, planner
 from .config import SparsityConfig
 from .models.transformer import DecoderBlock
+from .pruning.base import masked_copy
 from .pruning.magnitude import magnitude_masks
 from .sparsify import sparse_modules, sparsify
 from .timing import time_interleaved_ms
@@ -46,12 +47,8 @@ class CaseResult:
 
 
 def _masked_dense_reference(model: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    ref = copy.deepcopy(model).double()
     with torch.no_grad():
-        for fqn, mask in masks.items():
-            w = ref.get_submodule(fqn).weight
-            w.mul_(mask.to(w.device))
-        return ref(x.double())
+        return masked_copy(model, masks)(x.double())
 
 
 def _model_bytes(model: nn.Module) -> int:

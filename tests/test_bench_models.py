@@ -31,24 +31,25 @@ def test_quick_path_writes_a_complete_table(tmp_path, capsys):
     rows = list(csv.DictReader(table.open()))
     specs = bm.specs("tiny")
     expected = {(s.name, b, v) for s in specs for b in s.batches for v in bm.VARIANTS}
-    assert {(r["model"], int(r["batch"]), r["variant"]) for r in rows} == expected and len(rows) == len(expected)
+    assert {(r["model"], int(r["batch"]), r["provider"]) for r in rows} == expected and len(rows) == len(expected)
     for r in rows:
         assert r["device"].startswith("CPU") and r["torch"] == torch.__version__ and r["commit"] and r["date"]
-        ms, dense_ms = float(r["latency_ms"]), float(r["dense_ms"])
-        assert ms > 0 and float(r["speedup"]) == pytest.approx(dense_ms / ms)
+        ms, dense_ms = float(r["time_ms"]), float(r["best_dense_time_ms"])
+        assert ms > 0 and float(r["speedup_vs_best_dense"]) == pytest.approx(dense_ms / ms)
+        assert int(r["sparsity_pct"]) == {"dense": 0, "2:4": 50, "unstructured90": 90, "channel50": 50}[r["provider"]]
         assert r["agrees"] == "True", r
         assert float(r["max_abs_err"]) <= 1e-4 * max(1.0, float(r["ref_max_abs"]))
         assert r["peak_MB"] == ""  # only measured on CUDA
         names = {b.value for b in sc.Backend}
-        if r["variant"] == "dense":
-            assert float(r["speedup"]) == 1.0 and r["backends"] == "-"
+        if r["provider"] == "dense":
+            assert float(r["speedup_vs_best_dense"]) == 1.0 and r["backends"] == "-"
         else:
             counts = dict(item.split(":") for item in r["backends"].split())
             assert set(counts) <= names and sum(map(int, counts.values())) > 0
     # the slimmed ResNet is physically smaller than its dense self
-    mb = {r["variant"]: float(r["model_MB"]) for r in rows if r["model"] == "resnet50"}
+    mb = {r["provider"]: float(r["model_MB"]) for r in rows if r["model"] == "resnet50"}
     assert mb["channel50"] < 0.75 * mb["dense"]
-    assert "slim" in next(r["how"] for r in rows if r["model"] == "resnet50" and r["variant"] == "channel50")
+    assert "slim" in next(r["how"] for r in rows if r["model"] == "resnet50" and r["provider"] == "channel50")
 
 
 def test_disagreeing_model_is_flagged(monkeypatch):
@@ -65,7 +66,7 @@ def test_disagreeing_model_is_flagged(monkeypatch):
     spec.batches = (1,)
     rows = bm.bench_model(spec, ["dense", "unstructured90"], torch.device("cpu"), torch.float32, rep=1,
                           log=lambda s: None)
-    by = {r["variant"]: r for r in rows}
+    by = {r["provider"]: r for r in rows}
     assert by["dense"]["agrees"] is True and by["unstructured90"]["agrees"] is False
 
 
@@ -90,14 +91,20 @@ def test_plots_from_tables(tmp_path, capsys):
     from bench import plots
     from bench.common import write_table
 
-    rows = [{"provider": p, "M": m, "sparsity": s, "shape": "96x64", "latency_ms": 1.0 + m * (1 - s) + (p == "dense"),
-             "device": "CPU test"} for p in ("dense", "triton") for m in (1, 4, 16) for s in (0.5, 0.9)]
+    rows = [{"provider": p, "M": m, "sparsity_pct": s, "shape": "96x64", "time_ms": 1.0 + m * (1 - s / 100) + (p == "dense"),
+             "device": "CPU test"} for p in ("dense", "triton") for m in (1, 4, 16) for s in (50, 90)]
     write_table("spmm", rows, "cpu", tmp_path)
     (tmp_path / "junk_cpu.csv").write_text("a,b\n1,2\n")
+    # a model table: each provider sits at one sparsity, so only the batch figure has lines to draw
+    model_rows = [{"provider": p, "model": m, "batch": b, "sparsity_pct": s, "time_ms": 1.0 + b}
+                  for m in ("a", "b") for p, s in (("dense", 0), ("2:4", 50)) for b in (1, 4)]
+    write_table("models", model_rows, "cpu", tmp_path)
+    assert plots.panel_facets(model_rows, "batch") == ["model"]  # dense and 2:4 share a panel
+    assert plots.panel_facets(rows, "M") == ["sparsity_pct"]
     assert plots.main(["--results", str(tmp_path), "--out", str(tmp_path / "fig")]) == 0
     out = capsys.readouterr().out
     made = sorted(p.name for p in (tmp_path / "fig").glob("*.png"))
-    stem = next(tmp_path.glob("spmm_*.csv")).stem
-    assert made == [f"{stem}_vs_batch.png", f"{stem}_vs_sparsity.png"]
+    stem, models = next(tmp_path.glob("spmm_*.csv")).stem, next(tmp_path.glob("models_*.csv")).stem
+    assert made == sorted([f"{stem}_vs_batch.png", f"{stem}_vs_sparsity.png", f"{models}_vs_batch.png"])
     assert all((tmp_path / "fig" / m).stat().st_size > 1000 for m in made)
-    assert "skip nm: no nm_*.csv" in out and "skip junk_cpu.csv: no latency column" in out
+    assert "skip nm: no nm_*.csv" in out and "skip junk_cpu.csv: no time_ms or provider column" in out

@@ -90,3 +90,9 @@ def test_bad_scores_and_masks():
         M.check_mask(torch.ones(2, 2), torch.ones(2, 2))
     with pytest.raises(ValueError, match="does not match weight shape"):
         M.check_mask(torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 2))
+
+
+def test_from_matrix_gives_standard_strides_for_1x1_kernels():
+    # a channels-last-strided weight makes the convolution libraries switch every activation to channels-last
+    w = M.from_matrix(torch.randn(8, 16), (8, 16, 1, 1))
+    assert w.stride() == (16, 1, 1, 1)

@@ -4,7 +4,7 @@ Methods: one-shot magnitude (``magnitude_masks``), gradual magnitude pruning (``
 (``SAP``, ``pq_index``), PDP (``PDP``), SNACS (``snacs_scores`` + ``snacs_masks``) and PSAP (``PSAP``, our
 interpretation). ``training.attach`` / ``training.train`` run them inside a training loop.
 """
-from .base import FixedMasks, Pruner, apply_masks, channel_sparsity, masks_sparsity
+from .base import FixedMasks, Pruner, apply_masks, channel_sparsity, masked_copy, masks_sparsity
 from .gmp import GMP, gmp_sparsity
 from .magnitude import magnitude_masks, prunable_layers
 from .mi import hash_cmi, hash_mi
@@ -17,7 +17,7 @@ from .snacs import SnacsResult, SnacsScores, balanced_indices, snacs_masks, snac
 from .training import attach, evaluate, train
 
 __all__ = [
-    "FixedMasks", "Pruner", "apply_masks", "channel_sparsity", "masks_sparsity",
+    "FixedMasks", "Pruner", "apply_masks", "masked_copy", "channel_sparsity", "masks_sparsity",
     "GMP", "gmp_sparsity",
     "magnitude_masks", "prunable_layers",
     "hash_mi", "hash_cmi",

@@ -7,6 +7,8 @@ the tie rule (lower flat index first) holds everywhere.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -15,8 +17,8 @@ from .magnitude import FilterFn, prunable_layers, select_layers  # noqa: F401  (
 
 from ..config import PATTERNS  # noqa: F401  (re-exported)
 
-__all__ = ["Pruner", "FixedMasks", "PATTERNS", "check_pattern", "select_layers", "select_mask", "apply_masks", "masks_sparsity",
-           "weight_of"]
+__all__ = ["Pruner", "FixedMasks", "PATTERNS", "check_pattern", "select_layers", "select_mask", "apply_masks", "masked_copy",
+           "masks_sparsity", "weight_of"]
 
 
 def check_pattern(pattern: str, allowed: tuple[str, ...] = PATTERNS) -> str:
@@ -75,6 +77,29 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], *, zero_bias: 
         if zero_bias and getattr(mod, "bias", None) is not None:
             dropped = ~as_matrix(mask).any(dim=1)
             mod.bias.masked_fill_(dropped, 0)
+
+
+@torch.no_grad()
+def masked_copy(model: nn.Module, masks: dict[str, torch.Tensor], dtype: torch.dtype = torch.float64) -> nn.Module:
+    """A deep copy of ``model`` cast to ``dtype`` whose pruned weights are exactly +0; ``model`` is untouched.
+
+    The masked dense reference a sparse model must reproduce: ``torch.where(mask, weight, 0)``, so a NaN,
+    inf or -0 in a pruned position becomes +0 (multiplying by the mask would keep NaN and -0). ``masks``:
+    ``{fqn: bool weight-shaped}`` on any device. Example::
+
+        ref = masked_copy(dense, magnitude_masks(dense, SparsityConfig("nm")))
+        err = (sparse(x).double() - ref(x.double())).abs().max()
+    """
+    ref = copy.deepcopy(model).to(dtype)
+    modules = dict(ref.named_modules())
+    for fqn, mask in masks.items():
+        if fqn not in modules:
+            raise KeyError(f"mask for {fqn!r} but the model has no such module")
+        weight = weight_of(modules[fqn])
+        mask = mask.to(weight.device)
+        check_mask(mask, weight)
+        weight.copy_(torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)))
+    return ref
 
 
 def masks_sparsity(masks: dict[str, torch.Tensor]) -> float:
