@@ -20,13 +20,13 @@ class SparseOpGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, run: Callable, weight_fn: Callable,
                 conv: Any) -> torch.Tensor:
-        ctx.run_args = (weight_fn, conv, x.shape)
+        ctx.backward_args = (weight_fn, conv, x.shape)
         ctx.has_bias = bias is not None
         return run(x, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        weight_fn, conv, x_shape = ctx.run_args
+        weight_fn, conv, x_shape = ctx.backward_args
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
             w = weight_fn().to(grad.dtype)

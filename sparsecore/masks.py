@@ -212,10 +212,3 @@ def sparsity(mask: torch.Tensor) -> float:
     """Fraction of pruned (False) entries; 0.0 for an empty mask."""
     numel = mask.numel()
     return 0.0 if numel == 0 else 1.0 - float(mask.sum()) / numel
-
-
-def nm_keep_ratio(n: int, m: int) -> float:
-    """Kept fraction of an n:m pattern."""
-    _check_nm_params(n, m)
-    return n / m
-

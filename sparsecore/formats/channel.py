@@ -94,9 +94,7 @@ class ChannelWeight(PackedWeight):
         expect_state(cls, tensors, meta, {"values", "out_idx", "in_idx"})
         shape = meta_shape(meta)
         dtype = dtype_from_name(meta.get("dtype"))
-        out_idx, in_idx = tensors.get("out_idx"), tensors.get("in_idx")
-        if out_idx is None or in_idx is None:
-            raise FormatError(f"channel data lacks out_idx/in_idx; has {sorted(tensors)}")
+        out_idx, in_idx = tensors["out_idx"], tensors["in_idx"]  # present: expect_state checked the names
         for name, idx, limit in (("out_idx", out_idx, shape[0]), ("in_idx", in_idx, shape[1])):
             expect_tensor(tensors, name, torch.int32, (idx.numel(),))
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limit or bool((idx[1:] <= idx[:-1]).any())):

@@ -36,13 +36,15 @@ Exact byte layout (little-endian, contiguous):
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
 
 from ..masks import as_matrix, from_matrix
 from .base import (FormatError, PackedWeight, check_weight_and_mask, dtype_from_name, dtype_name, expect_tensor,
-                   meta_shape, register_format)
+                   meta_shape, register_format, expect_state)
 
 __all__ = ["UnstructuredWeight", "TILE_N_CHOICES", "TILE_K_CHOICES", "MAX_TILE_ELEMS", "unpack_bits",
            "tiles_to_matrix", "decode_matrix"]
@@ -177,26 +179,16 @@ class UnstructuredWeight(PackedWeight):
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "UnstructuredWeight":
-        if meta.get("kind", cls.kind) != cls.kind:
-            raise FormatError(f"meta kind {meta.get('kind')!r} is not {cls.kind!r}")
-        if meta.get("version") != cls.version:
-            raise FormatError(f"unstructured format version {meta.get('version')!r} unsupported; expected {cls.version}")
+        expect_state(cls, tensors, meta, {"bitmap", "values", "tile_offsets"})
         shape = meta_shape(meta)
         dtype = dtype_from_name(meta.get("dtype"))
         tile_n, tile_k = meta.get("tile_n"), meta.get("tile_k")
         _check_tiles(tile_n, tile_k, FormatError)
-        n = shape[0]
-        k = 1
-        for s in shape[1:]:
-            k *= s
+        n, k = shape[0], math.prod(shape[1:])
         tn, tk = _cdiv(n, tile_n), _cdiv(k, tile_k)
         bitmap = expect_tensor(tensors, "bitmap", torch.int32, (tn, tk, tile_n, tile_k // 32))
         offsets = expect_tensor(tensors, "tile_offsets", torch.int32, (tn * tk + 1,))
-        if "values" not in tensors:
-            raise FormatError(f"packed data lacks tensor 'values'; has {sorted(tensors)}")
         values = expect_tensor(tensors, "values", dtype, (tensors["values"].numel(),))
-        if set(tensors) != {"bitmap", "values", "tile_offsets"}:
-            raise FormatError(f"unexpected tensors {sorted(set(tensors) - {'bitmap', 'values', 'tile_offsets'})}")
 
         bits = unpack_bits(bitmap)
         pad = torch.ones(tn * tile_n, tk * tile_k, dtype=torch.bool, device=bitmap.device)
