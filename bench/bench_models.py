@@ -9,7 +9,11 @@ planned (``sparsecore.plan``) on the very input it is timed on, so a layer runs 
 measured faster than dense. Per row (vocabulary in ``bench.common``; ``provider`` is the variant,
 ``sparsity_pct`` its nominal share pruned): median latency ``time_ms`` (CUDA: ``sparsecore.timing.time_ms``;
 CPU: all variants timed round-robin, ``time_interleaved_ms``), ``speedup_vs_best_dense`` against the dense
-model in the same run (``best_dense_time_ms``), memory
+model in the same run (``best_dense_time_ms``). On CUDA each model is also captured in a CUDA graph
+(``sparsecore.timing.capture_cuda_graph``; sparse variants re-planned with ``cuda_graphs=True``, so
+launch cost no longer counts) and its replay timed: ``graph_time_ms``, ``graph_speedup_vs_dense_graph``
+(against the dense model's graph in the same run), ``graph_backends``, ``graph_agrees`` (replay output
+against the float64 reference), or ``graph_error`` when capture failed. Memory
 (GPU: peak allocated during a forward pass plus resident model bytes; CPU: parameter + buffer +
 backend-state bytes), and the max abs error against the masked dense model run
 in float64 (the dense row: against itself in float64, the yardstick of the dtype's rounding).
@@ -34,7 +38,7 @@ from sparsecore.models.transformer import DecoderBlock, encoder
 from sparsecore.pruning.base import masked_copy
 from sparsecore.pruning.magnitude import FilterFn
 
-from sparsecore.timing import time_interleaved_ms
+from sparsecore.timing import capture_cuda_graph, time_interleaved_ms, time_ms
 
 from .common import bench_parser, env_info, speedup_columns, write_table
 
@@ -161,12 +165,30 @@ def _backends(entries: list) -> str:
 
 
 @torch.no_grad()
+def _graph_columns(model: nn.Module, name: str, x: torch.Tensor, want: torch.Tensor, tol: float, rep: int,
+                   cache_path: Path | None) -> dict:
+    """CUDA only: re-plan for graphs, capture ``model(x)``, time the replay, check its output (never raises)."""
+    try:
+        entries = [] if name == "dense" else sc.plan(model, (x,), use_cache=cache_path is not None,
+                                                     cache_path=cache_path, rep=rep, cuda_graphs=True)
+        graph, out = capture_cuda_graph(lambda: model(x), x.device)
+        graph.replay()
+        err = float((out.double() - want).abs().max())
+        return {"graph_time_ms": time_ms(graph.replay, x.device), "graph_backends": _backends(entries),
+                "graph_agrees": err <= tol, "graph_error": ""}
+    except Exception as e:  # noqa: BLE001  (a row that says why beats a lost run)
+        return {"graph_time_ms": "", "graph_backends": "", "graph_agrees": "",
+                "graph_error": f"{type(e).__name__}: {e}"[:200]}
+
+
 def bench_model(spec: ModelSpec, variants: Sequence[str], device: torch.device, dtype: torch.dtype, rep: int,
-                log: Callable[[str], None] = print, cache_path: Path | None = None) -> list[dict]:
+                log: Callable[[str], None] = print, cache_path: Path | None = None,
+                graphs: bool = False) -> list[dict]:
     """Rows for one model: every batch size x variant, dense first.
 
     ``cache_path``: the planner's decision cache. Give a fresh file per run: layers of one shape are then
     measured once in this run (as a deployment would) and no decision comes from an earlier run.
+    ``graphs``: also time each variant captured in a CUDA graph (CUDA only; see the module docstring).
     """
     torch.manual_seed(0)
     dense = spec.build().eval().to(device=device, dtype=dtype)
@@ -190,6 +212,7 @@ def bench_model(spec: ModelSpec, variants: Sequence[str], device: torch.device, 
                 plans[name] = (entries, time.perf_counter() - t0)
         models = {name: dense if name == "dense" else built[name][0] for name in variants}
         times = time_interleaved_ms({name: (lambda m=m: m(x)) for name, m in models.items()}, device, rep=rep)
+        batch_rows = []
         for name in variants:
             if name == "dense":
                 model, ref, how, prep_s, (entries, plan_s) = dense, dense64, "nn.Linear/Conv2d", 0.0, ([], 0.0)
@@ -207,14 +230,24 @@ def bench_model(spec: ModelSpec, variants: Sequence[str], device: torch.device, 
                    "peak_MB": "" if peak is None else (mb + peak) / 2**20,
                    "max_abs_err": err, "ref_max_abs": scale, "agrees": err <= AGREE[dtype] * max(1.0, scale),
                    "backends": _backends(entries), "build_s": prep_s, "plan_s": plan_s}
-            rows.append(row)
+            batch_rows.append(row)
             log(f"{spec.name:14s} b={batch:<3d} {name:15s} {ms:9.3f} ms  x{row['speedup_vs_best_dense']:.2f}  "
                 f"{row['model_MB']:8.2f} MB  err {err:.2e}  [{row['backends']}]")
+            if graphs and device.type == "cuda":  # after the eager row: re-planning changes the model's plan
+                row.update(_graph_columns(model, name, x, want, AGREE[dtype] * max(1.0, scale), rep, cache_path))
+                log(f"{'':14s} {'':5s} {name:15s} graph {row['graph_time_ms'] or '-'} ms  [{row['graph_backends']}]"
+                    f" {row['graph_error']}")
+        dense_graph = next(r.get("graph_time_ms") for r in batch_rows if r["provider"] == "dense")
+        for row in batch_rows:
+            if graphs and device.type == "cuda":
+                ok = isinstance(dense_graph, float) and isinstance(row["graph_time_ms"], float)
+                row["graph_speedup_vs_dense_graph"] = dense_graph / row["graph_time_ms"] if ok else ""
+        rows += batch_rows
     return rows
 
 
 def run(preset: str, models: Sequence[str], variants: Sequence[str], device: torch.device, dtype: torch.dtype,
-        rep: int, log: Callable[[str], None] = print, trim_batches: bool = False) -> list[dict]:
+        rep: int, log: Callable[[str], None] = print, trim_batches: bool = False, graphs: bool = False) -> list[dict]:
     """All rows (each carrying ``env_info``) for the chosen models and variants."""
     env = env_info(device)
     chosen = [s for s in specs(preset) if s.name in models]
@@ -225,7 +258,7 @@ def run(preset: str, models: Sequence[str], variants: Sequence[str], device: tor
     with tempfile.TemporaryDirectory() as tmp:
         for spec in chosen:
             cache = Path(tmp) / "plans.json"
-            rows += [{**r, **env} for r in bench_model(spec, variants, device, dtype, rep, log, cache)]
+            rows += [{**r, **env} for r in bench_model(spec, variants, device, dtype, rep, log, cache, graphs)]
     return rows
 
 
@@ -240,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="default: float16 on GPU, float32 on CPU")
     p.add_argument("--rep", type=int, help="timed repetitions on CPU (CUDA uses do_bench)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-graphs", action="store_true", help="CUDA: skip the CUDA-graph replay timings")
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:
@@ -267,7 +301,8 @@ def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     rep = args.rep or (5 if args.quick else 20)
     if not on_gpu:
         print("CPU run: reduced dims; Triton backends need CUDA and are skipped by the planner")
-    rows = run(preset, models, variants, device, dtype, rep, trim_batches=args.quick and preset == "gpu")
+    rows = run(preset, models, variants, device, dtype, rep, trim_batches=args.quick and preset == "gpu",
+               graphs=on_gpu and not args.no_graphs)
     suffix = "" if preset in ("gpu", "cpu") else f"_{preset}"
     print(f"wrote {write_table('models' + suffix, rows, device, args.out_dir)}")
     return 0

@@ -85,7 +85,8 @@ def build_providers(packed: UnstructuredWeight, w: torch.Tensor, x: torch.Tensor
         except (ImportError, RuntimeError, NotImplementedError, ValueError) as e:
             skipped["torch_bsr_triton"] = f"unavailable: {type(e).__name__}: {e}"
         from sparsecore.kernels.spmm import spmm
-        ready["sparsecore_triton"] = (lambda: spmm(x, packed.bitmap, packed.values, packed.tile_offsets, packed.n),
+        ready["sparsecore_triton"] = (lambda: spmm(x, packed.bitmap, packed.values, packed.tile_offsets, packed.n,
+                                                   k=packed.shape[1]),
                                       packed.nbytes)
     else:
         skipped["torch_bsr_triton"] = "GPU only"

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._host import cdiv
+
 __all__ = ["channel_conv", "channel_conv_ref", "fill_indices", "conv_out_size"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -174,14 +176,14 @@ def _launch(x: torch.Tensor, values: torch.Tensor, in_idx: torch.Tensor, out_idx
     if m == 0:
         return y
     nhwc = x.stride(1) == 1 and x.shape[1] > 1
+    n_fill = fill_idx.numel()
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]),
-                triton.cdiv(n_out, meta["BLOCK_N"]) + triton.cdiv(fill_idx.numel(), meta["BLOCK_N"]))
+        return (cdiv(m, meta["BLOCK_M"]), cdiv(n_out, meta["BLOCK_N"]) + cdiv(n_fill, meta["BLOCK_N"]))
 
     _channel_conv_kernel[grid](
         x, values, bias if bias is not None else y, y, in_idx, out_idx, fill_idx,
-        m, h, w, oh, ow, n_in, n_out, fill_idx.numel(),
+        m, h, w, oh, ow, n_in, n_out, n_fill,
         *x.stride(), *values.stride(), *y.stride(),
         *stride, *padding, *dilation,
         KH=kh, KW=kw, HAS_BIAS=bias is not None, IS_NHWC=nhwc,
@@ -242,8 +244,13 @@ def channel_conv(x: torch.Tensor, values: torch.Tensor, in_idx: torch.Tensor, ou
             raise ValueError(f"out must be {x.dtype} {tuple(expect.shape)} on {x.device}, "
                              f"got {out.dtype} {tuple(out.shape)} on {out.device}")
         return _launch(x, values, in_idx, out_idx, fill_idx, bias, out, stride, padding, dilation)
-    return _channel_conv_op(x, values, in_idx, out_idx, fill_idx, bias, c_out_full, list(stride), list(padding),
-                            list(dilation))
+    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if grad or torch.compiler.is_compiling():  # the op refuses backward loudly instead of detaching silently
+        return _channel_conv_op(x, values, in_idx, out_idx, fill_idx, bias, c_out_full, list(stride),
+                                list(padding), list(dilation))
+    # Eager inference: skip the custom-op dispatcher (tens of microseconds of Python per call).
+    y = _empty_out(x, c_out_full, values, stride, padding, dilation)
+    return _launch(x, values, in_idx, out_idx, fill_idx, bias, y, stride, padding, dilation)
 
 
 def channel_conv_ref(x: torch.Tensor, values: torch.Tensor, in_idx: torch.Tensor, out_idx: torch.Tensor,

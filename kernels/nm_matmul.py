@@ -28,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["nm_matmul", "nm_matmul_ref", "choose_split_k"]
+from ._host import cdiv, next_pow2, num_sms
+
+__all__ = ["nm_matmul", "nm_matmul_prechecked", "check_packed", "nm_matmul_ref", "choose_split_k"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _BITS = {4: 2, 8: 3}
@@ -39,7 +41,7 @@ INTERPRET_BY_COLUMN = False
 
 def _autotune_bucket(m_rows: int) -> int:
     """Autotune bucket of the row count: next power of two up to 64, then 128 for every larger M."""
-    return min(triton.next_power_of_2(max(1, m_rows)), 128)
+    return min(next_pow2(m_rows), 128)
 
 
 def _configs() -> list[triton.Config]:
@@ -193,12 +195,6 @@ def _nm_matmul_kernel(
         tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a small pretend GPU
-
-
 def choose_split_k(m_rows: int, n_out: int, k_dim: int, m: int, num_sms: int) -> int:
     """How many K slices to run: 1 unless 16-row blocks of N leave SMs idle at decode sizes.
 
@@ -206,10 +202,10 @@ def choose_split_k(m_rows: int, n_out: int, k_dim: int, m: int, num_sms: int) ->
     """
     if m_rows > 64:
         return 1
-    programs = triton.cdiv(n_out, 16)
+    programs = cdiv(n_out, 16)
     if programs >= num_sms:
         return 1
-    return max(1, min(triton.cdiv(2 * num_sms, programs), k_dim // 256, 16))
+    return max(1, min(cdiv(2 * num_sms, programs), k_dim // 256, 16))
 
 
 def _check(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
@@ -263,20 +259,20 @@ def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: i
     if k_dim == 0:
         return y.zero_() if bias is None else y.copy_(bias.expand_as(y))
     if split_k <= 0:
-        split_k = choose_split_k(m_rows, n_out, k_dim, m, _num_sms(x.device))
-    k_per_split = triton.cdiv(k_dim // m, split_k) * m
-    split_k = triton.cdiv(k_dim, k_per_split)  # no empty slices
+        split_k = choose_split_k(m_rows, n_out, k_dim, m, num_sms(x.device))
+    k_per_split = cdiv(k_dim // m, split_k) * m
+    split_k = cdiv(k_dim, k_per_split)  # no empty slices
     partial = split_k > 1
     out = _empty((split_k, m_rows, n_out), torch.float32, x.device) if partial else y
 
     def grid(meta: dict) -> tuple[int, int, int]:
-        return triton.cdiv(n_out, meta["BLOCK_N"]), split_k, triton.cdiv(m_rows, meta["BLOCK_M"])
+        return cdiv(n_out, meta["BLOCK_N"]), split_k, cdiv(m_rows, meta["BLOCK_M"])
 
     args = (x, values, positions, bias if bias is not None else values, out,
             m_rows, n_out, k_dim, k_per_split, _autotune_bucket(m_rows), split_k,
             x.stride(0), x.stride(1), values.stride(0), positions.stride(0),
             out.stride(0) if partial else 0, out.stride(-2))
-    meta = dict(NS=n, NS_P2=triton.next_power_of_2(n), MS=m, BITS=_BITS[m],
+    meta = dict(NS=n, NS_P2=next_pow2(n), MS=m, BITS=_BITS[m],
                 HAS_BIAS=bias is not None, PARTIAL=partial,
                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                 DOT_UPCAST=_INTERPRET and x.dtype == torch.bfloat16)
@@ -320,8 +316,39 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n:
     _check(x, values, positions, n, m, bias)
     if not isinstance(split_k, int) or split_k < 0:
         raise ValueError(f"split_k must be an int >= 0, got {split_k!r}")
+    return _run(x, values, positions, n, m, bias, split_k)
+
+
+def nm_matmul_prechecked(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
+                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``nm_matmul`` for a caller that validated the packed tensors once (``check_packed``) and keeps them.
+
+    The TRITON_NM backend calls this: its module checks ``x``'s dtype and device per (dtype, device) and
+    its last dim on every call. Still checked here, because a wrong value would make the kernel read out
+    of bounds: ``x`` is 2-D with the weight's K, and ``bias`` (a parameter a user may replace) has shape
+    ``[N]``, ``x``'s dtype and unit stride. Anything off gets ``nm_matmul``'s full check and message.
+    """
+    if (x.dim() != 2 or x.shape[1] * n != values.shape[1] * m or x.dtype != values.dtype
+            or (bias is not None and (bias.shape != values.shape[:1] or bias.dtype != x.dtype or bias.stride(0) != 1))):
+        _check(x, values, positions, n, m, bias)
+    return _run(x, values, positions, n, m, bias, 0)
+
+
+def check_packed(values: torch.Tensor, positions: torch.Tensor, n: int, m: int) -> None:
+    """Validate the packed tensors alone (what ``nm_matmul_prechecked`` relies on); raises like ``nm_matmul``."""
+    if not isinstance(values, torch.Tensor) or values.dim() != 2 or not isinstance(m, int) or m not in _BITS:
+        raise ValueError(f"values must be a 2-D tensor and m one of {sorted(_BITS)}, got "
+                         f"{type(values).__name__} {tuple(getattr(values, 'shape', ()))}, m={m!r}")
+    if not isinstance(n, int) or not 0 < n < m or values.shape[1] % n:
+        raise ValueError(f"n must be an int in (0, {m}) dividing values' {values.shape[1]} slots, got {n!r}")
+    k_dim = values.shape[1] // n * m
+    _check(values.new_empty((0, k_dim)), values, positions, n, m, None)
+
+
+def _run(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
+         bias: Optional[torch.Tensor], split_k: int) -> torch.Tensor:
     grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if torch.compiler.is_compiling() or grad:  # the op refuses backward loudly instead of detaching silently
+    if grad or torch.compiler.is_compiling():  # the op refuses backward loudly instead of detaching silently
         return torch.ops.sparsecore.nm_matmul(x, values, positions, n, m, bias, split_k)
     # Eager inference: skip the custom-op dispatcher, whose Python overhead rivals a whole decode GEMV.
     return _launch(x, values, positions, n, m, bias, split_k)

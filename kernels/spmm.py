@@ -22,7 +22,9 @@ import triton.language as tl
 
 from sparsecore.formats.unstructured import MAX_TILE_ELEMS, TILE_K_CHOICES, TILE_N_CHOICES, decode_matrix
 
-__all__ = ["spmm", "spmm_ref"]
+from ._host import cdiv, next_pow2
+
+__all__ = ["spmm", "spmm_prechecked", "check_packed", "spmm_ref"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -116,13 +118,13 @@ _spmm_autotuned = triton.autotune(configs=_configs(), key=["m_bucket", "N", "K",
 
 def _block_m(m: int) -> int:
     if m <= 4:
-        return triton.next_power_of_2(m)
+        return next_pow2(m)
     return 16 if m <= 16 else (32 if m <= 32 else 64)
 
 
 def _autotune_bucket(m: int, block_m: int) -> int:
     """Power-of-two count of row blocks: the autotuner keys on it (not on every distinct M)."""
-    return triton.next_power_of_2(triton.cdiv(m, block_m))
+    return next_pow2(cdiv(m, block_m))
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -187,7 +189,8 @@ def _launch(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_of
             m, n, k, n_k_tiles, _autotune_bucket(m, block_m), x.stride(0), x.stride(1), out.stride(0))
     meta = dict(HAS_BIAS=bias is not None, TILE_N=tile_n, TILE_K=32 * words, BLOCK_M=block_m,
                 DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else None, DOT_UPCAST=upcast)
-    grid = lambda cfg: (bitmap.shape[0], cfg["SPLIT_K"], triton.cdiv(m, block_m))  # noqa: E731
+    tile_rows, m_blocks = bitmap.shape[0], cdiv(m, block_m)
+    grid = lambda cfg: (tile_rows, cfg["SPLIT_K"], m_blocks)  # noqa: E731
     if split_k > 0:
         if split_k > 1:
             ws.zero_()
@@ -215,24 +218,56 @@ def _spmm_fake(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile
 
 
 def spmm(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torch.Tensor, n: int,
-         bias: torch.Tensor | None = None, *, split_k: int | None = None) -> torch.Tensor:
+         bias: torch.Tensor | None = None, *, split_k: int | None = None, k: int | None = None) -> torch.Tensor:
     """``y [M, N] = x [M, K] @ W^T + bias [N]`` with W packed as ``UnstructuredWeight`` tensors.
 
     fp16, bf16 or fp32 (values, x and bias share the dtype); fp32 accumulation. ``x`` may have any
     strides; packed tensors must be contiguous and on x's device. ``split_k`` forces the number of K
-    chunks (``None``: autotuned per (M block, N, K)). Runs as the opaque op ``torch.ops.sparsecore.spmm``.
+    chunks (``None``: autotuned per (M block, N, K)). ``k``: the weight's K (``p.shape[1]``); pass it, since
+    the bitmap alone fixes K only up to a whole tile, so without it an ``x`` whose K differs from the
+    weight's but needs as many tiles is multiplied by the weight zero-extended (or cut) to that K.
+    Runs as the opaque op ``torch.ops.sparsecore.spmm`` under torch.compile or autograd.
 
-    >>> p = UnstructuredWeight.from_dense(w, mask)                      # w: (N, K) on CUDA
-    >>> y = spmm(x, p.bitmap, p.values, p.tile_offsets, p.n, bias)     # (M, N)
+    >>> p = UnstructuredWeight.from_dense(w, mask)                                  # w: (N, K) on CUDA
+    >>> y = spmm(x, p.bitmap, p.values, p.tile_offsets, p.n, bias, k=p.shape[1])   # (M, N)
     """
     if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
         raise ValueError(f"spmm: split_k must be a positive int or None, got {split_k!r}")
+    if k is not None and isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] != k:
+        raise ValueError(f"spmm: x must be [M, {k}] (the weight's K), got {tuple(x.shape)}")
     grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if torch.compiler.is_compiling() or grad:  # the op refuses backward loudly instead of detaching silently
         return torch.ops.sparsecore.spmm(x, bitmap, values, tile_offsets, n, bias, split_k or 0)
     # Eager: skip the custom-op dispatcher, whose Python overhead is comparable to a whole decode GEMV.
     _check(x, bitmap, values, tile_offsets, n, bias)
     return _launch(x, bitmap, values, tile_offsets, n, bias, split_k or 0)
+
+
+def check_packed(bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torch.Tensor, n: int, k: int) -> None:
+    """Validate the packed tensors of an ``[n, k]`` weight alone (what ``spmm_prechecked`` relies on)."""
+    if not isinstance(values, torch.Tensor) or not isinstance(k, int) or k < 0:
+        raise TypeError(f"spmm: values must be a tensor and k an int >= 0, got {type(values).__name__}, k={k!r}")
+    _check(values.new_empty((0, k)), bitmap, values, tile_offsets, n, None)
+
+
+def spmm_prechecked(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torch.Tensor,
+                    n: int, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``spmm`` of an ``[n, k]`` weight whose packed tensors were validated once (``check_packed``).
+
+    The TRITON_SPMM backend calls this; its module checks ``x``'s dtype, device and last dim. Still checked
+    here, since a wrong value would read out of bounds or mean another product: ``x`` 2-D ``[M, k]`` in
+    the values' dtype, and ``bias`` (a parameter a user may replace) ``[n]`` of ``x``'s dtype with unit
+    stride. Anything off gets the full check and its message.
+    """
+    if (x.dim() != 2 or x.shape[1] != k or x.dtype != values.dtype
+            or (bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or bias.stride(0) != 1))):
+        if x.dim() == 2 and x.shape[1] != k:
+            raise ValueError(f"spmm: x must be [M, {k}] (the weight's K), got {tuple(x.shape)}")
+        _check(x, bitmap, values, tile_offsets, n, bias)
+    if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
+        return torch.ops.sparsecore.spmm(x, bitmap, values, tile_offsets, n, bias, 0)
+    return _launch(x, bitmap, values, tile_offsets, n, bias, 0)
 
 
 def spmm_ref(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torch.Tensor, n: int,

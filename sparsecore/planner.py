@@ -4,7 +4,13 @@ For each sparse module whose ``backend`` is AUTO, ``plan`` records its input on 
 ``example_inputs``, then times each candidate backend (dense included) on that input with
 ``sparsecore.timing.time_ms``. A sparse backend is chosen only when it beats the dense time by
 ``margin`` (default 5%): at equal speed, dense wins, so a planned model is never slower than its dense
-self beyond measurement noise. A candidate whose output disagrees with dense beyond the dtype's
+self beyond measurement noise.
+
+What "time" means on CUDA depends on how the model will run. Eagerly, a layer costs
+``max(GPU time, host time)``: at decode sizes a kernel can finish before Python has issued the next one,
+and then the launch cost is the layer's cost (``sparsecore.timing.host_ms``). Under CUDA graphs
+(``torch.compile(mode="reduce-overhead")`` or a captured ``torch.cuda.CUDAGraph``) replays issue no Python,
+so ``cuda_graphs=True`` compares GPU time alone. On CPU host time is the latency and both modes agree. A candidate whose output disagrees with dense beyond the dtype's
 tolerance is rejected and reported, never chosen. Decisions are cached in a JSON file keyed by device,
 torch/triton versions, op, format, shapes, dtype and batch bucket.
 """
@@ -21,7 +27,7 @@ from torch import nn
 
 from .backends import Backend, BackendUnavailable, candidates, resolve
 from .modules import SparseConv2d, SparseLinear, m_bucket
-from .timing import time_ms
+from .timing import host_ms, time_ms
 
 __all__ = ["plan", "PlanEntry", "default_cache_path"]
 
@@ -36,9 +42,11 @@ class PlanEntry:
     fqn: str
     bucket: int
     chosen: str
-    times_ms: dict[str, float] = field(default_factory=dict)
+    times_ms: dict[str, float] = field(default_factory=dict)  # the cost compared: see the module docstring
     rejected: dict[str, str] = field(default_factory=dict)
     cached: bool = False
+    gpu_ms: dict[str, float] = field(default_factory=dict)    # CUDA: kernel time alone (do_bench)
+    host_ms: dict[str, float] = field(default_factory=dict)   # CUDA: time to issue one call (host_ms)
 
 
 def default_cache_path() -> Path:
@@ -56,11 +64,12 @@ def _device_key(x: torch.Tensor) -> str:
     return f"{dev}|torch{torch.__version__}|triton{tv}"
 
 
-def _layer_key(mod: SparseLinear | SparseConv2d, x: torch.Tensor) -> str:
+def _layer_key(mod: SparseLinear | SparseConv2d, x: torch.Tensor, cuda_graphs: bool) -> str:
     p = mod.packed
     _, meta = p.state()
     shape = list(x.shape[1:]) if mod.op == "conv2d" else [x.shape[-1]]
-    parts = [_device_key(x), mod.op, json.dumps(meta, sort_keys=True), str(x.dtype), f"in{shape}",
+    mode = ("graphs" if cuda_graphs else "eager") if _on_cuda(x) else "cpu"
+    parts = [_device_key(x), mode, mod.op, json.dumps(meta, sort_keys=True), str(x.dtype), f"in{shape}",
              f"m{m_bucket(x.shape[0])}", f"nnz{_nnz(mod)}"]
     if isinstance(mod, SparseConv2d):
         parts.append(json.dumps(asdict(mod.conv)))
@@ -93,7 +102,23 @@ def _capture_inputs(model: nn.Module, example_inputs: tuple, mods: dict[str, nn.
     return seen
 
 
-def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int) -> PlanEntry:
+def _on_cuda(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def _cost_ms(fn, x: torch.Tensor, rep: int, cuda_graphs: bool, entry: PlanEntry, name: str) -> float:
+    """The time the choice compares (recording its parts on CUDA): see the module docstring."""
+    gpu = time_ms(fn, x.device, rep=rep)
+    if not _on_cuda(x):
+        return gpu
+    entry.gpu_ms[name] = gpu
+    if cuda_graphs:
+        return gpu
+    entry.host_ms[name] = host_ms(fn, x.device, rep=rep)
+    return max(gpu, entry.host_ms[name])
+
+
+def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int, cuda_graphs: bool = False) -> PlanEntry:
     bucket = m_bucket(x.shape[0])
     entry = PlanEntry(fqn, bucket, Backend.DENSE.value)
     dense = resolve(mod.op, Backend.DENSE, mod.packed, x)
@@ -113,7 +138,7 @@ def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int) -> PlanEnt
         if not err <= tol:
             entry.rejected[name] = f"output differs from dense by {err:.3g} > {tol:.3g}"
             continue
-        entry.times_ms[name] = time_ms(lambda impl=impl: mod.run_backend(impl, x), x.device, rep=rep)
+        entry.times_ms[name] = _cost_ms(lambda impl=impl: mod.run_backend(impl, x), x, rep, cuda_graphs, entry, name)
     dense_ms = entry.times_ms[Backend.DENSE.value]
     best = min(entry.times_ms, key=entry.times_ms.get)
     if best != Backend.DENSE.value and entry.times_ms[best] < dense_ms * (1.0 - margin):
@@ -132,6 +157,13 @@ def _cached_choice(entry: Any, mod, x: torch.Tensor) -> str | None:
     return entry["chosen"] if _contender(impl.backend, x) else None
 
 
+def _floats(value: Any) -> dict[str, float]:
+    """A cached ``{backend: ms}`` dict, keeping only well-formed items (the file may have been edited)."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: float(v) for k, v in value.items() if isinstance(k, str) and isinstance(v, (int, float))}
+
+
 def _contender(backend: Backend, x: torch.Tensor) -> bool:
     """Backends the planner may choose: not the reference (an oracle that may decode per call), and not
     Triton on CPU (there it only runs in its interpreter, a test vehicle)."""
@@ -148,10 +180,11 @@ def _load_cache(path: Path) -> dict[str, Any]:
 
 @torch.no_grad()
 def plan(model: nn.Module, example_inputs: tuple, *, margin: float = 0.05, use_cache: bool = True,
-         cache_path: str | Path | None = None, rep: int = 20) -> list[PlanEntry]:
+         cache_path: str | Path | None = None, rep: int = 20, cuda_graphs: bool = False) -> list[PlanEntry]:
     """Choose a backend per AUTO sparse layer for the batch size in ``example_inputs``; returns the decisions.
 
-    ``model(*example_inputs)`` must run. Layers with a forced backend are left alone. Calling ``plan``
+    ``model(*example_inputs)`` must run. Layers with a forced backend are left alone. ``cuda_graphs``:
+    the model will run under CUDA graphs, so on CUDA launch cost is ignored (eager: it counts). Calling ``plan``
     again with another batch size adds a decision for that size (``module.plan`` is keyed by
     ``m_bucket(rows)``); unplanned sizes run dense.
     """
@@ -169,13 +202,16 @@ def plan(model: nn.Module, example_inputs: tuple, *, margin: float = 0.05, use_c
         if fqn not in inputs:
             continue  # not reached by this forward pass
         x = inputs[fqn]
-        key = _layer_key(mod, x)
+        key = _layer_key(mod, x, cuda_graphs)
         hit = _cached_choice(cache.get(key), mod, x) if use_cache else None
         if hit is not None:
-            entry = PlanEntry(fqn, m_bucket(x.shape[0]), hit, dict(cache[key].get("times_ms") or {}), cached=True)
+            got = cache[key]
+            entry = PlanEntry(fqn, m_bucket(x.shape[0]), hit, _floats(got.get("times_ms")), cached=True,
+                              gpu_ms=_floats(got.get("gpu_ms")), host_ms=_floats(got.get("host_ms")))
         else:
-            entry = _measure(fqn, mod, x, margin, rep)
-            cache[key] = {"chosen": entry.chosen, "times_ms": entry.times_ms}
+            entry = _measure(fqn, mod, x, margin, rep, cuda_graphs)
+            cache[key] = {"chosen": entry.chosen, "times_ms": entry.times_ms, "gpu_ms": entry.gpu_ms,
+                          "host_ms": entry.host_ms}
         mod.set_plan(entry.bucket, Backend(entry.chosen))  # also frees the losing candidates' prepared state
         decisions.append(entry)
     if use_cache:

@@ -28,6 +28,58 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int
     return statistics.median(samples)
 
 
+# ~10 ms of GPU sleep at ~2 GHz: keeps the stream busy while ``rep`` calls are issued (see ``host_ms``).
+_BUSY_CYCLES = 20_000_000
+
+
+def host_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 3, rep: int = 20) -> float:
+    """Median host time to *issue* ``fn()`` in ms: its Python, allocation and launch cost.
+
+    An eager model pays ``max(GPU time, host time)`` per layer in steady state: when a layer's host
+    work outlasts its kernels, the GPU idles between launches. ``time_ms`` on CUDA cannot see this
+    (``do_bench`` hides launch cost behind its cache flush), so the planner takes both. CUDA: a long
+    ``torch.cuda._sleep`` is queued first, so no call waits for the GPU and each sample is pure host
+    work; a call that synchronises waits for the sleep and is rightly found slow. CPU: host time is the
+    latency, ``time_ms``.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return time_ms(fn, device, warmup=warmup, rep=rep)
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    samples = []
+    with torch.cuda.device(device):
+        torch.cuda._sleep(_BUSY_CYCLES)
+        for _ in range(rep):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize(device)
+    return statistics.median(samples)
+
+
+def capture_cuda_graph(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 3
+                       ) -> tuple["torch.cuda.CUDAGraph", object]:
+    """Capture ``fn()`` into a CUDA graph: ``(graph, output)``; ``graph.replay()`` refills ``output``.
+
+    ``fn`` is warmed up on a side stream first (so autotuning, lazy init and allocator growth happen
+    outside the capture) and must read its inputs from fixed tensors, as any graphed code must.
+    """
+    device = torch.device(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device | str, *, warmup: int = 3,
                         rep: int = 20) -> dict[str, float]:
     """Median time of each function in ms, sampled in turn (a, b, b, a, a, b, ...) on CPU.

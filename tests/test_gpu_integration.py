@@ -1,4 +1,6 @@
 """GPU-only integration: planner on real backends, CUDA graph capture and torch.compile of a sparsified block."""
+import time
+
 import pytest
 import torch
 
@@ -64,3 +66,39 @@ def test_compile_fullgraph_on_gpu(backend):
         torch._dynamo.reset()
         compiled = torch.compile(sparse, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, atol=1e-2, rtol=1e-2)
+
+
+def test_host_ms_measures_issue_cost_only():
+    from sparsecore.timing import host_ms
+
+    y = torch.zeros(16, device="cuda")
+
+    def busy_then_launch(us=300):
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < us * 1e-6:
+            pass
+        y.add_(1)
+
+    def syncing():
+        y.add_(1)
+        torch.cuda.synchronize()
+
+    assert host_ms(lambda: y.add_(1), "cuda") < 0.1
+    assert 0.3 <= host_ms(busy_then_launch, "cuda") < 1.5
+    assert host_ms(syncing, "cuda", warmup=1, rep=3) > 1.0  # waits for the queued sleep: rightly slow
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.pattern)
+def test_graph_plan_capture_and_replay(config, tmp_path):
+    from sparsecore.timing import capture_cuda_graph
+
+    ref, sparse = _block(config)
+    x = torch.randn(1, 1, 512, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        entries = sc.plan(sparse, (x,), cache_path=tmp_path / "p.json", cuda_graphs=True)
+        assert entries and all(e.host_ms == {} and e.gpu_ms for e in entries)
+        graph, out = capture_cuda_graph(lambda: sparse(x), "cuda")
+        x.copy_(torch.randn_like(x))  # a new input in the same buffer: the replay must use it
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, ref(x), atol=2e-2, rtol=2e-2)

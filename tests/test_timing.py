@@ -19,3 +19,9 @@ def test_interleaved_timer_ranks_and_scales():
     assert 1.0 <= t["fast"] < 15.0 and 20.0 <= t["slow"] < 60.0, t
     assert calls == {"fast": 6, "slow": 6}
     assert 20.0 <= time_ms(slow, "cpu", warmup=0, rep=3) < 60.0
+
+
+def test_host_ms_on_cpu_is_the_latency():
+    from sparsecore.timing import host_ms
+
+    assert 20.0 <= host_ms(lambda: time.sleep(0.02), "cpu", warmup=0, rep=3) < 60.0

@@ -55,12 +55,18 @@ def _triton_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
     return linear_why_not(packed, x)
 
 
-def _triton_linear(packed: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    from sparsecore.kernels.nm_matmul import nm_matmul
-    return nm_matmul(x, packed.values, packed.positions, packed.n, packed.m, bias)
+def _triton_prepare(packed: Any) -> tuple:
+    from sparsecore.kernels.nm_matmul import check_packed, nm_matmul_prechecked
+    check_packed(packed.values, packed.positions, packed.n, packed.m)  # once, so that each call skips it
+    return nm_matmul_prechecked, packed.values, packed.positions, packed.n, packed.m
 
 
-register(BackendImpl(Backend.TRITON_NM, "linear", _KINDS, _triton_why_not, _ref_prepare, _triton_linear))
+def _triton_linear(state: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    fn, values, positions, n, m = state  # resolved in prepare: no import or attribute lookups per call
+    return fn(x, values, positions, n, m, bias)
+
+
+register(BackendImpl(Backend.TRITON_NM, "linear", _KINDS, _triton_why_not, _triton_prepare, _triton_linear))
 
 
 # ---- PyTorch 2:4: cuSPARSELt and CUTLASS -------------------------------------------------------------

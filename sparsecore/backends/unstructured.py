@@ -42,14 +42,21 @@ def _ref_conv(p: UnstructuredWeight, x: torch.Tensor, bias: torch.Tensor | None,
     return F.conv2d(x, p.to_dense(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def _triton_linear(p: UnstructuredWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    from ..kernels.spmm import spmm
+def _triton_prepare(p: PackedWeight) -> tuple:
+    from ..kernels.spmm import check_packed, spmm_prechecked  # imported on use: the kernel module imports Triton
 
-    return spmm(x, p.bitmap, p.values, p.tile_offsets, p.n, bias)
+    p = _identity(p)
+    check_packed(p.bitmap, p.values, p.tile_offsets, p.n, p.shape[1])  # once, so that each call skips it
+    return spmm_prechecked, p.bitmap, p.values, p.tile_offsets, p.n, p.shape[1]
+
+
+def _triton_linear(state: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    fn, bitmap, values, tile_offsets, n, k = state  # resolved in prepare: no import or lookups per call
+    return fn(x, bitmap, values, tile_offsets, n, k, bias)
 
 
 register(BackendImpl(Backend.REFERENCE, "linear", KINDS, linear_why_not, _identity, _ref_linear,
                      differentiable=True))
 register(BackendImpl(Backend.REFERENCE, "conv2d", KINDS, conv_why_not, _identity, _ref_conv,
                      differentiable=True))
-register(BackendImpl(Backend.TRITON_SPMM, "linear", KINDS, _triton_why_not, _identity, _triton_linear))
+register(BackendImpl(Backend.TRITON_SPMM, "linear", KINDS, _triton_why_not, _triton_prepare, _triton_linear))

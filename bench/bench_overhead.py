@@ -1,0 +1,150 @@
+"""Host cost per call of each layer path: ``python -m bench.bench_overhead [--quick]``.
+
+At decode sizes a GPU kernel can finish before Python has issued the next one; an eager model then runs
+at the speed of its host code, and a sparse kernel's GPU-time gain is lost. This table says, per path,
+how long one call takes to *issue* (``host_us``: ``sparsecore.timing.host_ms``, the GPU kept busy so
+that no call waits) next to its GPU time (``gpu_us``: ``time_ms``, do_bench); ``launch_bound`` marks
+rows where issuing takes longer than running. The planner weighs both the same way (eager:
+``max(gpu, host)``; ``plan(..., cuda_graphs=True)``: GPU time alone).
+
+Providers: ``nn.Linear`` / ``nn.Conv2d`` (dense, the yardstick), ``SparseLinear[<backend>]`` /
+``SparseConv2d[<backend>]`` (a forced backend through the module: checks, dispatch, launch), and the
+kernel functions called directly (``nm_matmul``, ``spmm``: their full argument checks included).
+
+On a CPU the Triton kernels cannot be timed (the interpreter is a test vehicle), so each kernel launch
+is replaced by a no-op that still evaluates the launch grid: ``host_us`` is then sparsecore's own Python
+per call, *without* Triton's launcher, and ``gpu_us`` is empty. CUDA rows include everything.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+import sparsecore as sc
+from sparsecore.masks import keep_n_of_m
+from sparsecore.timing import host_ms, time_ms
+
+from .common import bench_parser, env_info, write_table
+
+# (out, in, M) for linears; (C_in = C_out, H = W, batch) for the 3x3 conv. GPU: decode shapes.
+GPU_LINEAR, GPU_CONV = (4096, 4096, 1), (256, 14, 1)
+CPU_LINEAR, CPU_CONV = (256, 256, 1), (16, 8, 1)
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel on CPU: ``kernel[grid](*args, **meta)`` evaluates the grid, launches nothing."""
+
+    def __init__(self, meta: dict) -> None:
+        self.meta = meta
+        self.best_config = type("Cfg", (), {"kwargs": meta})()
+        self.fn = self
+
+    def __getitem__(self, grid: Callable | tuple) -> Callable:
+        def launch(*args: object, **kwargs: object) -> None:
+            if callable(grid):
+                grid({**self.meta, **kwargs})
+        return launch
+
+
+@contextlib.contextmanager
+def _cpu_stubs() -> Iterator[None]:
+    """On CPU: no-op kernel launches, and the Triton backends allowed on CPU tensors (restored on exit)."""
+    stubs = {("sparsecore.kernels.nm_matmul", "_nm_matmul_kernel"): {"BLOCK_N": 8, "BLOCK_M": 1},
+             ("sparsecore.kernels.spmm", "_spmm_autotuned"): {"SPLIT_K": 1},
+             ("sparsecore.kernels.spmm", "_spmm_kernel"): {"SPLIT_K": 1},
+             ("sparsecore.kernels.channel_conv", "_channel_conv_kernel"): {"BLOCK_M": 64, "BLOCK_N": 64}}
+    allow = {(name, "triton_why_not"): lambda x: None
+             for name in ("sparsecore.backends.nm", "sparsecore.backends.unstructured", "sparsecore.backends.channel")}
+    # these two launchers refuse CPU tensors unless they believe they run under the interpreter
+    allow.update({("sparsecore.kernels.spmm", "_INTERPRET"): True, ("sparsecore.kernels.channel_conv", "_INTERPRET"): True})
+    patches = {key: _NoLaunch(meta) for key, meta in stubs.items()} | allow
+    saved = []
+    try:
+        for (mod_name, attr), value in patches.items():
+            mod = importlib.import_module(mod_name)
+            saved.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, value)
+        yield
+    finally:
+        for mod, attr, value in reversed(saved):
+            setattr(mod, attr, value)
+
+
+def _linear_providers(n_out: int, k: int, dtype: torch.dtype, device: torch.device, g: torch.Generator
+                      ) -> dict[str, tuple[nn.Module | Callable, str]]:
+    from sparsecore.kernels.nm_matmul import nm_matmul
+    from sparsecore.kernels.spmm import spmm
+
+    lin = nn.Linear(k, n_out).to(dtype)
+    nm_mask = keep_n_of_m(torch.rand(n_out, k, generator=g), 2, 4)
+    un_mask = torch.rand(n_out, k, generator=g) < 0.1
+    out: dict[str, tuple] = {"nn.Linear": (lin.to(device), "dense")}
+    backends = [("nm", nm_mask, "dense"), ("nm", nm_mask, "triton_nm"), ("unstructured", un_mask, "triton_spmm")]
+    if device.type == "cuda":
+        backends.append(("nm", nm_mask, "cusparselt"))
+    for pattern, mask, backend in backends:
+        mod = sc.SparseLinear.from_dense(lin.cpu(), mask, pattern, backend=backend).to(device)
+        out[f"SparseLinear[{backend}]"] = (mod, "2:4" if pattern == "nm" else "unstructured 90%")
+    nm = sc.SparseLinear.from_dense(lin.cpu(), nm_mask, "nm").to(device).packed
+    un = sc.SparseLinear.from_dense(lin.cpu(), un_mask, "unstructured").to(device).packed
+    out["nm_matmul()"] = (lambda x: nm_matmul(x, nm.values, nm.positions, 2, 4), "2:4")
+    out["spmm()"] = (lambda x: spmm(x, un.bitmap, un.values, un.tile_offsets, un.n, k=k), "unstructured 90%")
+    return out
+
+
+def _conv_providers(c: int, dtype: torch.dtype, device: torch.device, g: torch.Generator) -> dict[str, tuple]:
+    conv = nn.Conv2d(c, c, 3, padding=1).to(dtype)
+    keep_out = torch.randperm(c, generator=g) < c // 2
+    keep_in = torch.randperm(c, generator=g) < c // 2
+    mask = (keep_out[:, None] & keep_in[None, :])[:, :, None, None].expand_as(conv.weight).contiguous()
+    out: dict[str, tuple] = {"nn.Conv2d": (conv.to(device), "dense")}
+    for backend in ("sliced_dense", "triton_channel"):
+        mod = sc.SparseConv2d.from_dense(conv.cpu(), mask, "channel", backend=backend).to(device)
+        out[f"SparseConv2d[{backend}]"] = (mod, "channel 50%")
+    return out
+
+
+def run(device: torch.device, rep: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    cuda = device.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    (n_out, k, m_rows), (c, hw, batch) = (GPU_LINEAR, GPU_CONV) if cuda else (CPU_LINEAR, CPU_CONV)
+    cases = [("linear", f"{n_out}x{k} M={m_rows}", _linear_providers(n_out, k, dtype, device, g),
+              torch.randn(m_rows, k, generator=g).to(dtype).to(device)),
+             ("conv3x3", f"{c}->{c} {hw}x{hw} batch={batch}", _conv_providers(c, dtype, device, g),
+              torch.randn(batch, c, hw, hw, generator=g).to(dtype).to(device))]
+    env, rows = env_info(device), []
+    stubs = contextlib.nullcontext() if cuda else _cpu_stubs()
+    with torch.no_grad(), stubs:
+        for op, shape, providers, x in cases:
+            for name, (fn, sparsity) in providers.items():
+                call = lambda fn=fn: fn(x)  # noqa: E731
+                call()  # first call: compile / autotune / prepare, not timed
+                host = min(host_ms(call, device, rep=rep) for _ in range(3)) * 1e3
+                gpu = time_ms(call, device) * 1e3 if cuda else None
+                rows.append({"op": op, "shape": shape, "provider": name, "sparsity": sparsity, "dtype": str(dtype)[6:],
+                             "host_us": host, "gpu_us": gpu if gpu is not None else "",
+                             "launch_bound": "" if gpu is None else ("yes" if host > gpu else "no"),
+                             "triton_launch": "included" if cuda else "stubbed (CPU)", **env})
+                print(f"  {op:8s} {shape:24s} {name:30s} host {host:8.1f} us"
+                      + (f"  gpu {gpu:8.1f} us" if gpu is not None else ""))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = bench_parser("bench.bench_overhead", __doc__.splitlines()[0], "fewer repetitions")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        print("no CUDA device: Triton launches are stubbed; host_us is sparsecore's own Python per call")
+    rows = run(device, rep=50 if args.quick else 200)
+    print(f"wrote {write_table('overhead', rows, device, args.out_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

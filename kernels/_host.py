@@ -1,0 +1,36 @@
+"""Host-side integer helpers for the launchers, kept off Triton's Python API on the hot path.
+
+``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects in Triton >= 3.6: a
+call from Python unwraps every argument and costs ~2.7 us on the 2-core CI machine, against ~10 ns for
+the integer expression. A decode launch used seven of them, more than the whole GPU time of a
+4096 x 4096 2:4 GEMV, so the launchers use these instead (same results, see tests/test_host_helpers.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["cdiv", "next_pow2", "num_sms"]
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints, ``b > 0``."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (cached); 4 for the CPU interpreter (a small pretend GPU)."""
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
