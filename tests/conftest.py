@@ -1,7 +1,11 @@
 """Test set-up: Triton runs on CPU through its interpreter unless a GPU is present.
 
 TRITON_INTERPRET must be set before any kernel module (and so triton.jit) is imported, which is why
-it is set here, at the top of the first file pytest loads.
+it is set here, at the top of the first file pytest loads. It is process-wide, so one run either
+interprets or compiles: tests marked ``interpreter`` (Triton kernels on CPU tensors) run where it is
+set, i.e. on CPU-only machines and in CI; tests marked ``gpu`` (compiled kernels on CUDA tensors) run
+where a GPU is present and it is not. On a GPU machine, ``TRITON_INTERPRET=1 python -m pytest -q``
+runs the interpreter half.
 """
 import os
 
@@ -22,7 +26,13 @@ def _private_plan_cache(monkeypatch, tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU and compiled kernels (TRITON_INTERPRET unset)")
+    skip_interp = pytest.mark.skip(reason="runs Triton on CPU tensors: needs TRITON_INTERPRET=1 "
+                                          "(set automatically without a GPU)")
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
-            item.add_marker(skip_gpu)
+        if "gpu" in item.keywords:
+            if interpreted or not torch.cuda.is_available():
+                item.add_marker(skip_gpu)
+        elif "interpreter" in item.keywords and not interpreted:
+            item.add_marker(skip_interp)

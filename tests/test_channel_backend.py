@@ -35,6 +35,7 @@ def test_sliced_dense_linear(all_in, seeded):
     assert torch.equal(y[:, pruned], bias[pruned].expand(5, -1))   # pruned rows: bias exactly
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("backend", [Backend.SLICED_DENSE, Backend.TRITON_CHANNEL])
 def test_channel_conv_backends(backend, channels_last, seeded):
@@ -51,6 +52,7 @@ def test_channel_conv_backends(backend, channels_last, seeded):
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@pytest.mark.interpreter
 def test_sliced_dense_depthwise_conv(seeded):
     w = nonzero_randn(9, 1, 3, 3, generator=seeded)
     keep = torch.rand(9, generator=seeded) < 0.5
@@ -66,6 +68,7 @@ def test_sliced_dense_depthwise_conv(seeded):
         resolve("conv2d", Backend.TRITON_CHANNEL, packed, x)
 
 
+@pytest.mark.interpreter
 def test_why_not_reasons(seeded, monkeypatch):
     w = nonzero_randn(8, 6, 3, 3, generator=seeded)
     packed = ChannelWeight.from_dense(w, _block(seeded, w.shape, 4, 3))

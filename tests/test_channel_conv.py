@@ -7,6 +7,8 @@ from helpers import assert_close_to_ref, nonzero_randn
 from sparsecore.kernels.channel_conv import channel_conv, channel_conv_ref, fill_indices
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The same cases run the compiled kernel on a GPU machine and the interpreter elsewhere.
+ON_DEVICE = pytest.mark.gpu if DEVICE == "cuda" else pytest.mark.interpreter
 
 
 def _case(g, b, c_in, n_in, c_out, n_out, hw, k, dtype, bias, sort=True):
@@ -38,6 +40,7 @@ CASES = [
 ]
 
 
+@ON_DEVICE
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_channel_conv_matches_dense_float64(case, seeded):
     b, c_in, n_in, c_out, n_out, hw, k, stride, pad, dil, dtype, cl, bias, poisoned = case
@@ -71,6 +74,7 @@ def test_fill_indices_is_the_complement():
     assert torch.equal(fill_indices(out_idx, 6), torch.tensor([1, 3, 5], dtype=torch.int32))
 
 
+@pytest.mark.interpreter
 def test_custom_op_fake_impl_and_schema(seeded):
     x, values, in_idx, out_idx, bias = _case(seeded, 1, 5, 3, 7, 4, (6, 6), 3, torch.float32, True)
     x = x.to(memory_format=torch.channels_last)
@@ -84,6 +88,7 @@ def test_custom_op_fake_impl_and_schema(seeded):
     assert y.shape == (1, 7, 3, 3) and y.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.interpreter
 def test_bad_inputs_raise(seeded):
     x, values, in_idx, out_idx, bias = _case(seeded, 1, 5, 3, 7, 4, (6, 6), 3, torch.float32, True)
     with pytest.raises(ValueError, match="in_idx must be a contiguous int32"):

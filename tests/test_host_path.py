@@ -20,6 +20,8 @@ from sparsecore.kernels.spmm import check_packed as spmm_check_packed
 from sparsecore.kernels.spmm import spmm, spmm_prechecked
 from sparsecore.masks import keep_n_of_m
 
+pytestmark = pytest.mark.interpreter  # Triton on CPU tensors
+
 
 @settings(max_examples=300, deadline=None)
 @given(a=st.integers(0, 1 << 40), b=st.integers(1, 1 << 20))

@@ -15,6 +15,8 @@ from sparsecore.kernels.nm_matmul import choose_split_k, nm_matmul, nm_matmul_re
 mod = importlib.import_module("sparsecore.kernels.nm_matmul")  # the module, even if a package re-export shadows it
 from sparsecore.masks import keep_n_of_m
 
+pytestmark = pytest.mark.interpreter  # Triton on CPU tensors; the gpu-marked tests here run on CUDA
+
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 

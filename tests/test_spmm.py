@@ -12,6 +12,8 @@ from sparsecore.backends import Backend, BackendUnavailable, ConvParams, resolve
 from sparsecore.formats import UnstructuredWeight
 from sparsecore.kernels.spmm import spmm, spmm_ref
 
+pytestmark = pytest.mark.interpreter  # Triton on CPU tensors; the gpu-marked tests here run on CUDA
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
