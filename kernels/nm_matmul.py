@@ -61,7 +61,10 @@ def _configs() -> list[triton.Config]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": False,
                                    "BY_COLUMN": by_column}, num_warps=warps, num_stages=3))
     # Tensor-core tiles: 16..64 rows (batched decode) and M > 64 (prefill; cuSPARSELt is usually faster there).
-    for bm, bn, bk, warps in ((16, 32, 128, 4), (16, 64, 64, 4), (16, 64, 128, 8), (32, 64, 64, 4),
+    # Batched decode is still memory bound: 16-wide N tiles give N / 16 programs (256 for N = 4096, about
+    # two per SM on an H100), where 64-wide ones leave half the SMs idle; ``choose_split_k`` assumes 16.
+    for bm, bn, bk, warps in ((16, 16, 128, 4), (16, 16, 256, 4), (32, 16, 128, 4),
+                              (16, 32, 128, 4), (16, 64, 64, 4), (16, 64, 128, 8), (32, 64, 64, 4),
                               (32, 32, 128, 4), (64, 64, 64, 8), (64, 128, 64, 8), (128, 64, 64, 8)):
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": True,
                                    "BY_COLUMN": False}, num_warps=warps, num_stages=3))
