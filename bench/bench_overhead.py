@@ -56,11 +56,12 @@ def _cpu_stubs() -> Iterator[None]:
     stubs = {("sparsecore.kernels.nm_matmul", "_nm_matmul_kernel"): {"BLOCK_N": 8, "BLOCK_M": 1},
              ("sparsecore.kernels.spmm", "_spmm_autotuned"): {"SPLIT_K": 1},
              ("sparsecore.kernels.spmm", "_spmm_kernel"): {"SPLIT_K": 1},
+             ("sparsecore.kernels.sell_matmul", "_sell_matmul_kernel"): {"BLOCK_M": 1, "BLOCK_J": 64},
              ("sparsecore.kernels.channel_conv", "_channel_conv_kernel"): {"BLOCK_M": 64, "BLOCK_N": 64}}
     allow = {(name, "triton_why_not"): lambda x: None
              for name in ("sparsecore.backends.nm", "sparsecore.backends.unstructured", "sparsecore.backends.channel")}
     # these two launchers refuse CPU tensors unless they believe they run under the interpreter
-    allow.update({("sparsecore.kernels.spmm", "_INTERPRET"): True, ("sparsecore.kernels.channel_conv", "_INTERPRET"): True})
+    allow.update({(f"sparsecore.kernels.{name}", "_INTERPRET"): True for name in ("spmm", "sell_matmul", "channel_conv")})
     patches = {key: _NoLaunch(meta) for key, meta in stubs.items()} | allow
     saved = []
     try:
@@ -83,7 +84,8 @@ def _linear_providers(n_out: int, k: int, dtype: torch.dtype, device: torch.devi
     nm_mask = keep_n_of_m(torch.rand(n_out, k, generator=g), 2, 4)
     un_mask = torch.rand(n_out, k, generator=g) < 0.1
     out: dict[str, tuple] = {"nn.Linear": (lin.to(device), "dense")}
-    backends = [("nm", nm_mask, "dense"), ("nm", nm_mask, "triton_nm"), ("unstructured", un_mask, "triton_spmm")]
+    backends = [("nm", nm_mask, "dense"), ("nm", nm_mask, "triton_nm"), ("unstructured", un_mask, "triton_spmm"),
+                ("unstructured", un_mask, "triton_sell")]
     if device.type == "cuda":
         backends.append(("nm", nm_mask, "cusparselt"))
     for pattern, mask, backend in backends:

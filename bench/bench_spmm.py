@@ -5,8 +5,9 @@
 GPU (fp16): weights [N, K] = 4096x4096, 11008x4096, 4096x11008 (LLaMA-class) and 768x3072 (BERT-base
 FFN down), M in {1, 4, 16, 64, 256}, random unstructured masks at 50/70/90/95% sparsity. Providers:
 dense F.linear (cuBLAS), dense under torch.compile, torch CSR (cuSPARSE), torch BSR Triton
-(``torch.sparse._triton_ops.bsr_dense_mm``, 16x16 blocks), sparsecore Triton ``spmm`` (autotuned; the
-tuning runs in the warm-up, not in the timed loop) and its torch reference. ``--quick``: 4096x4096,
+(``torch.sparse._triton_ops.bsr_dense_mm``, 16x16 blocks), sparsecore Triton ``spmm`` on the tiled bitmap
+(``sparsecore_triton``) and ``sell_matmul`` on the sliced-ELL layout (``sparsecore_sell``; both autotuned,
+the tuning runs in the warm-up, not in the timed loop) and the torch reference. ``--quick``: 4096x4096,
 M in {1, 16}, 50 and 90%.
 CPU (fp32, tiny): dense F.linear vs torch CSR (MKL) vs the reference, just to prove the command runs;
 GPU-only providers are skipped with the reason printed.
@@ -88,9 +89,15 @@ def build_providers(packed: UnstructuredWeight, w: torch.Tensor, x: torch.Tensor
         ready["sparsecore_triton"] = (lambda: spmm(x, packed.bitmap, packed.values, packed.tile_offsets, packed.n,
                                                    k=packed.shape[1]),
                                       packed.nbytes)
+        from sparsecore.formats.sell import pack_sell
+        from sparsecore.kernels.sell_matmul import check_layout, sell_matmul
+        layout = pack_sell(w, packed.mask())
+        check_layout(layout)
+        ready["sparsecore_sell"] = (lambda: sell_matmul(x, layout), layout.nbytes)
     else:
         skipped["torch_bsr_triton"] = "GPU only"
         skipped["sparsecore_triton"] = "GPU only (interpreter timings mean nothing)"
+        skipped["sparsecore_sell"] = "GPU only (interpreter timings mean nothing)"
 
     from sparsecore.kernels.spmm import spmm_ref
     ready["reference"] = (lambda: spmm_ref(x, packed.bitmap, packed.values, packed.tile_offsets, packed.n),

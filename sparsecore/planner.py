@@ -31,7 +31,7 @@ from .timing import host_ms, time_ms
 
 __all__ = ["plan", "PlanEntry", "default_cache_path"]
 
-_TRITON = frozenset({Backend.TRITON_NM, Backend.TRITON_SPMM, Backend.TRITON_CHANNEL})
+_TRITON = frozenset({Backend.TRITON_NM, Backend.TRITON_SPMM, Backend.TRITON_SELL, Backend.TRITON_CHANNEL})
 _AGREE_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 

@@ -39,6 +39,7 @@ class Backend(str, Enum):
     CUSPARSELT = "cusparselt"          # torch._cslt_sparse_mm (2:4, compute-bound M)
     CUTLASS = "cutlass"                # torch 2:4 semi-structured via CUTLASS
     TRITON_SPMM = "triton_spmm"        # kernels/spmm.py
+    TRITON_SELL = "triton_sell"        # kernels/sell_matmul.py (unstructured, decode sizes)
     SLICED_DENSE = "sliced_dense"      # dense op on the kept channels only, scattered to full width
     TRITON_CHANNEL = "triton_channel"  # kernels/channel_conv.py
 

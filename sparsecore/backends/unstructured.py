@@ -4,6 +4,8 @@
   always-available fallback, not a fast path; DENSE is the fast dense one).
 * REFERENCE conv2d: decode the packed weight on every call, then ``F.conv2d``.
 * TRITON_SPMM linear: ``kernels/spmm.py`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+* TRITON_SELL linear: ``kernels/sell_matmul.py`` on a sliced-ELL copy built once in ``prepare``
+  (``sparsecore.formats.sell``): work per kept value, for decode batches at high sparsity; K <= 65536.
 """
 from __future__ import annotations
 
@@ -60,3 +62,30 @@ register(BackendImpl(Backend.REFERENCE, "linear", KINDS, linear_why_not, _identi
 register(BackendImpl(Backend.REFERENCE, "conv2d", KINDS, conv_why_not, _identity, _ref_conv,
                      differentiable=True))
 register(BackendImpl(Backend.TRITON_SPMM, "linear", KINDS, _triton_why_not, _triton_prepare, _triton_linear))
+
+
+def _sell_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
+    from ..formats.sell import MAX_K
+
+    reason = _triton_why_not(packed, x)
+    if reason is None and len(packed.shape) == 2 and packed.shape[1] > MAX_K:
+        reason = f"triton_sell stores 16-bit columns: K must be <= {MAX_K}, got {packed.shape[1]}"
+    return reason
+
+
+def _sell_prepare(p: PackedWeight) -> tuple:
+    from ..formats.sell import pack_sell
+    from ..kernels.sell_matmul import check_layout, sell_matmul
+
+    p = _identity(p)
+    layout = pack_sell(p.to_dense(), p.mask())  # once per device/dtype: the module drops it on .to()
+    check_layout(layout)
+    return sell_matmul, layout
+
+
+def _sell_linear(state: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    fn, layout = state
+    return fn(x, layout, bias)
+
+
+register(BackendImpl(Backend.TRITON_SELL, "linear", KINDS, _sell_why_not, _sell_prepare, _sell_linear))
