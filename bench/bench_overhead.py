@@ -18,6 +18,7 @@ per call, *without* Triton's launcher, and ``gpu_us`` is empty. CUDA rows includ
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 from typing import Callable, Iterator
 
@@ -80,19 +81,19 @@ def _linear_providers(n_out: int, k: int, dtype: torch.dtype, device: torch.devi
     from sparsecore.kernels.nm_matmul import nm_matmul
     from sparsecore.kernels.spmm import spmm
 
-    lin = nn.Linear(k, n_out).to(dtype)
+    lin = nn.Linear(k, n_out).to(dtype)  # stays on CPU: every provider below is built from it, then moved
     nm_mask = keep_n_of_m(torch.rand(n_out, k, generator=g), 2, 4)
     un_mask = torch.rand(n_out, k, generator=g) < 0.1
-    out: dict[str, tuple] = {"nn.Linear": (lin.to(device), "dense")}
+    out: dict[str, tuple] = {"nn.Linear": (copy.deepcopy(lin).to(device), "dense")}  # .to() moves in place
     backends = [("nm", nm_mask, "dense"), ("nm", nm_mask, "triton_nm"), ("unstructured", un_mask, "triton_spmm"),
                 ("unstructured", un_mask, "triton_sell")]
     if device.type == "cuda":
         backends.append(("nm", nm_mask, "cusparselt"))
     for pattern, mask, backend in backends:
-        mod = sc.SparseLinear.from_dense(lin.cpu(), mask, pattern, backend=backend).to(device)
+        mod = sc.SparseLinear.from_dense(lin, mask, pattern, backend=backend).to(device)
         out[f"SparseLinear[{backend}]"] = (mod, "2:4" if pattern == "nm" else "unstructured 90%")
-    nm = sc.SparseLinear.from_dense(lin.cpu(), nm_mask, "nm").to(device).packed
-    un = sc.SparseLinear.from_dense(lin.cpu(), un_mask, "unstructured").to(device).packed
+    nm = sc.SparseLinear.from_dense(lin, nm_mask, "nm").to(device).packed
+    un = sc.SparseLinear.from_dense(lin, un_mask, "unstructured").to(device).packed
     out["nm_matmul()"] = (lambda x: nm_matmul(x, nm.values, nm.positions, 2, 4), "2:4")
     out["spmm()"] = (lambda x: spmm(x, un.bitmap, un.values, un.tile_offsets, un.n, k=k), "unstructured 90%")
     return out
@@ -103,9 +104,9 @@ def _conv_providers(c: int, dtype: torch.dtype, device: torch.device, g: torch.G
     keep_out = torch.randperm(c, generator=g) < c // 2
     keep_in = torch.randperm(c, generator=g) < c // 2
     mask = (keep_out[:, None] & keep_in[None, :])[:, :, None, None].expand_as(conv.weight).contiguous()
-    out: dict[str, tuple] = {"nn.Conv2d": (conv.to(device), "dense")}
+    out: dict[str, tuple] = {"nn.Conv2d": (copy.deepcopy(conv).to(device), "dense")}
     for backend in ("sliced_dense", "triton_channel"):
-        mod = sc.SparseConv2d.from_dense(conv.cpu(), mask, "channel", backend=backend).to(device)
+        mod = sc.SparseConv2d.from_dense(conv, mask, "channel", backend=backend).to(device)
         out[f"SparseConv2d[{backend}]"] = (mod, "channel 50%")
     return out
 

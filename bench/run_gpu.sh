@@ -15,7 +15,9 @@ cd "$(dirname "$0")/.."
 mode="${1:-quick}"
 steps=",${2:-tests,overhead,nm,spmm,channel,models,plots},"
 budget="${3:-540}"
+[[ "$budget" =~ ^[0-9]+$ ]] || { echo "BUDGET_S must be a whole number of seconds, got '$budget'"; exit 2; }
 deadline=$((SECONDS + budget))
+status_file=$(mktemp)  # the steps run in a pipeline (| tee): a failure is recorded here for the exit status
 flag=$([ "$mode" = quick ] && echo --quick || echo "")
 python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
 mkdir -p bench/results
@@ -41,9 +43,12 @@ step() {
   fi
   local limit=$((max < left ? max : left))
   echo "== $name (limit ${limit}s, $((SECONDS))s elapsed)"
-  timeout "$limit" "$@"
+  timeout -k 10 "$limit" "$@"
   local rc=$?
-  [ "$rc" -eq 0 ] || echo "!! $name exited with status $rc$([ "$rc" -eq 124 ] && echo ' (time limit)')"
+  if [ "$rc" -ne 0 ]; then
+    echo "!! $name exited with status $rc$( { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && echo ' (time limit)')"
+    echo "$name" >> "$status_file"
+  fi
   pack
 }
 
@@ -59,4 +64,10 @@ step() {
   step plots 30 python3 -m bench.plots
   echo "== done in ${SECONDS}s"
 } 2>&1 | tee -a "$log"
-pack
+pack  # again, now that tee has flushed the whole log
+if [ -s "$status_file" ]; then
+  echo "failed steps: $(tr '\n' ' ' < "$status_file")"
+  rm -f "$status_file"
+  exit 1
+fi
+rm -f "$status_file"

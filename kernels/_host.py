@@ -3,7 +3,7 @@
 ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects in Triton >= 3.6: a
 call from Python unwraps every argument and costs ~2.7 us on the 2-core CI machine, against ~10 ns for
 the integer expression. A decode launch used seven of them, more than the whole GPU time of a
-4096 x 4096 2:4 GEMV, so the launchers use these instead (same results, see tests/test_host_helpers.py).
+4096 x 4096 2:4 GEMV, so the launchers use these instead (same results, see tests/test_host_path.py).
 """
 from __future__ import annotations
 

@@ -8,16 +8,23 @@ Inputs (see ``sparsecore.formats.nm`` for the byte layout):
 * ``bias``: ``[N]`` contiguous or ``None``.
 Output ``y``: new contiguous ``[M, N]`` in ``x``'s dtype.
 
-Design. Decode (M = 1..64) is memory bound: each program owns ``BLOCK_N`` weight rows and streams their
-compressed values and positions exactly once, expanding a dense ``[BLOCK_N, BLOCK_K]`` tile in registers
-that is reused for all ``BLOCK_M`` activation rows. Two expansions, both autotuned: ``_expand_slots``
-loads the slots as one contiguous (BN, BK/m, n) block and places each value with a ``where`` over the m
-in-group positions; ``_expand_columns`` builds the tile column by column from the n slots of each
-column's group (redundant but cached loads, no 4-D temporaries). For ``BLOCK_M < 16`` the tile is
-consumed by broadcast-multiply-and-sum on the CUDA cores; from 16 rows on by ``tl.dot``. When even
-16-row blocks of N cannot fill the GPU (N < ~16 * #SMs), K is split over ``SPLIT_K`` programs writing
-fp32 partials that are summed in a fixed order afterwards (deterministic; no atomics). Configs are
-autotuned per (M bucket, N, K, n, m, SPLIT_K, dtype); under ``TRITON_INTERPRET=1`` one small config runs.
+Design. Decode is memory bound on paper (the compressed weight is read once), but only if the kernel
+spends few instructions per weight element: an H100 issues ~30 T thread-instructions/s against ~3 TB/s,
+so streaming a 2:4 fp16 weight (0.56 B per element) leaves ~5 instructions per element. Two paths:
+
+* gather (M <= 4, n a power of two): each program owns ``BLOCK_N`` weight rows, reads contiguous blocks of
+  their values and position bytes, and multiplies each kept value by ``x[:, its column]`` (x is a few KB,
+  cache resident), accumulating element-wise and reducing once at the end (``_gather_rows``);
+* tensor cores (any M; 16-row blocks for decode): a dense ``[BLOCK_N, BLOCK_K]`` tile is expanded in
+  registers and fed to ``tl.dot``. For m = 4 (2:4, 1:4) ``_expand_m4`` reads one position byte per group
+  and builds the tile's 4 columns with one compare-and-select per slot, interleaved in-thread; other
+  patterns use the general ``_expand_slots``.
+
+Counted offline from the sm_90 PTX of the main loop: ~10 instructions per weight element for the gather at
+M = 1, ~13-15 for the m = 4 tensor-core path (the first expansion took 41-47). When even 16-row blocks of N
+cannot fill the GPU (N < ~16 * #SMs), K is split over ``SPLIT_K`` programs writing fp32 partials that are
+summed in a fixed order afterwards (deterministic; no atomics). Configs are autotuned per (M bucket, N, K,
+n, m, SPLIT_K, dtype); under ``TRITON_INTERPRET=1`` one small config runs (``INTERPRET_GATHER`` picks the path).
 """
 from __future__ import annotations
 
@@ -35,8 +42,8 @@ __all__ = ["nm_matmul", "nm_matmul_prechecked", "check_packed", "nm_matmul_ref",
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _BITS = {4: 2, 8: 3}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Which tile expansion the interpreter runs (on a GPU the autotuner tries both); tests flip it.
-INTERPRET_BY_COLUMN = False
+# Which path the interpreter runs (on a GPU the autotuner tries both where both apply); tests flip it.
+INTERPRET_GATHER = False
 
 
 def _autotune_bucket(m_rows: int) -> int:
@@ -45,51 +52,52 @@ def _autotune_bucket(m_rows: int) -> int:
 
 
 def _configs() -> list[triton.Config]:
-    """Candidate tiles, checked offline by compiling for sm_90 with ptxas (no GPU needed): no fp16 2:4 tile
-    spills registers (4:8 tiles spill a few bytes at most). The column-wise expansion needs ~2x the
-    registers, so it is only offered on small CUDA-core tiles. fp32 ``tl.dot`` in "ieee" precision does
-    spill (FMA dot layout): fp32 is supported for correctness, not tuned."""
+    """Candidate tiles. Chosen offline (no GPU needed) by compiling for sm_90 with ptxas and counting the
+    main loop's PTX instructions per weight element, since at decode sizes instruction issue, not DRAM,
+    is what a careless expansion runs out of: the gather path takes ~10 per element at M = 1, the m = 4
+    tensor-core path ~13-15 for up to 16 rows (a broadcast-multiply-and-reduce on CUDA cores took 47-134,
+    and was dropped). fp16/bf16 tiles do not spill; fp32 ``tl.dot`` in "ieee" precision does (FMA dot
+    layout): fp32 is supported for correctness, not tuned."""
     cfgs = []
-    # CUDA-core (GEMV-like) tiles for M <= 8: (BLOCK_M, BLOCK_N, BLOCK_K, warps, column-wise expansion).
-    # Large BLOCK_K keeps several KB of weight in flight per program: decode is latency x bandwidth bound.
-    for bm, bn, bk, warps, by_column in (
-            (1, 8, 256, 4, False), (1, 8, 512, 4, False), (1, 8, 1024, 8, False), (1, 16, 256, 8, False),
-            (1, 4, 1024, 4, False), (1, 16, 128, 4, False), (1, 8, 256, 4, True), (1, 16, 128, 4, True),
-            (2, 8, 512, 4, False), (2, 16, 256, 4, False), (2, 8, 256, 4, False), (2, 8, 256, 4, True),
-            (4, 8, 256, 4, False), (4, 16, 256, 8, False), (4, 8, 512, 8, False), (4, 8, 256, 4, True),
-            (8, 8, 256, 8, False), (8, 16, 128, 8, False), (8, 8, 128, 4, False), (8, 8, 128, 4, True)):
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": False,
-                                   "BY_COLUMN": by_column}, num_warps=warps, num_stages=3))
-    # Tensor-core tiles: 16..64 rows (batched decode) and M > 64 (prefill; cuSPARSELt is usually faster there).
-    # Batched decode is still memory bound: 16-wide N tiles give N / 16 programs (256 for N = 4096, about
+    # Gather tiles for M <= 4: no dense tile; each kept value meets x[:, its column].
+    for bm, bn, bk, warps in ((1, 8, 256, 4), (1, 8, 512, 4), (1, 16, 256, 4), (1, 4, 512, 4), (1, 8, 1024, 8),
+                              (2, 8, 256, 4), (2, 8, 512, 4), (4, 8, 256, 4), (4, 4, 256, 4)):
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GATHER": True},
+                                  num_warps=warps, num_stages=3))
+    # Tensor-core tiles: decode (16-row blocks, also offered to M < 16) and prefill (cuSPARSELt is usually
+    # faster there). Decode is memory bound: 16-wide N tiles give N / 16 programs (256 for N = 4096, about
     # two per SM on an H100), where 64-wide ones leave half the SMs idle; ``choose_split_k`` assumes 16.
-    for bm, bn, bk, warps in ((16, 16, 128, 4), (16, 16, 256, 4), (32, 16, 128, 4),
-                              (16, 32, 128, 4), (16, 64, 64, 4), (16, 64, 128, 8), (32, 64, 64, 4),
-                              (32, 32, 128, 4), (64, 64, 64, 8), (64, 128, 64, 8), (128, 64, 64, 8)):
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": True,
-                                   "BY_COLUMN": False}, num_warps=warps, num_stages=3))
+    for bm, bn, bk, warps in ((16, 16, 128, 4), (16, 16, 256, 4), (16, 32, 128, 4), (32, 16, 128, 4),
+                              (16, 64, 64, 4), (16, 64, 128, 8), (32, 64, 64, 4), (32, 32, 128, 4),
+                              (64, 64, 64, 8), (64, 128, 64, 8), (128, 64, 64, 8)):
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GATHER": False},
+                                  num_warps=warps, num_stages=3))
     return cfgs
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Keep the configs made for this M bucket; a single one under the interpreter (no benchmarking there)."""
     args = {**named_args, **kwargs}
-    bucket, m_dense = args["M_BUCKET"], args["MS"]
-    if bucket <= 8:
-        keep = [c for c in configs if not c.kwargs["USE_DOT"] and c.kwargs["BLOCK_M"] == bucket]
+    bucket, m_dense, ns = args["M_BUCKET"], args["MS"], args["NS"]
+    gather_ok = not ns & (ns - 1)  # the gather walks power-of-two blocks of slots: n must be 1, 2 or 4
+    kw = lambda c: c.kwargs  # noqa: E731
+    if bucket <= 4:
+        keep = [c for c in configs if (kw(c)["GATHER"] and gather_ok and kw(c)["BLOCK_M"] == bucket)
+                or (not kw(c)["GATHER"] and kw(c)["BLOCK_M"] == 16 and kw(c)["BLOCK_N"] <= 32)]
+    elif bucket <= 16:
+        keep = [c for c in configs if not kw(c)["GATHER"] and kw(c)["BLOCK_M"] == 16 and kw(c)["BLOCK_N"] <= 64]
     elif bucket <= 64:
-        keep = [c for c in configs if c.kwargs["USE_DOT"] and 16 <= c.kwargs["BLOCK_M"] <= bucket
-                and c.kwargs["BLOCK_N"] <= 64]
+        keep = [c for c in configs if not kw(c)["GATHER"] and 16 <= kw(c)["BLOCK_M"] <= bucket
+                and kw(c)["BLOCK_N"] <= 64]
     else:
-        keep = [c for c in configs if c.kwargs["USE_DOT"] and c.kwargs["BLOCK_M"] >= 64]
-    keep = [c for c in keep if c.kwargs["BLOCK_K"] >= m_dense]
+        keep = [c for c in configs if not kw(c)["GATHER"] and kw(c)["BLOCK_M"] >= 64]
+    keep = [c for c in keep if kw(c)["BLOCK_K"] >= m_dense]
     if _INTERPRET:
         # One small config under the interpreter: same code path, no benchmarking, few numpy steps.
-        c = keep[0]
-        kw = dict(c.kwargs, BLOCK_N=16, BLOCK_K=max(32, m_dense), BY_COLUMN=INTERPRET_BY_COLUMN)
-        if c.kwargs["USE_DOT"]:
-            kw["BLOCK_M"] = 16
-        return [triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)]
+        gather = INTERPRET_GATHER and gather_ok and bucket <= 4
+        c = next(c for c in keep if kw(c)["GATHER"] == gather)
+        cfg = dict(kw(c), BLOCK_N=16, BLOCK_K=max(32, m_dense))
+        return [triton.Config(cfg, num_warps=c.num_warps, num_stages=c.num_stages)]
     return keep
 
 
@@ -125,28 +133,92 @@ def _expand_slots(v_ptr, p_ptr, offs_n, n_ok, k0, g_end, stride_vn, stride_pn, r
 
 
 @triton.jit
-def _expand_columns(v_ptr, p_ptr, offs_n, n_ok, k0, k_end, stride_vn, stride_pn, row_bytes,
-                    NS: tl.constexpr, MS: tl.constexpr, BITS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Dense (BN, BK) tile built column-wise: each column reads its group's n slots (cache hits).
+def _expand_m4(v_ptr, p_ptr, offs_n, n_ok, k0, g_end, stride_vn, stride_pn, NS: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dense (BN, BK) tile for m = 4 and n in (1, 2): per group one byte read and its 2-bit fields split off,
+    then per dense element one compare-and-select per slot (counted offline for sm_90: ~4x fewer
+    instructions than ``_expand_slots``, whose 4-D compare and reduction dominate a decode loop)."""
+    BLOCK_G: tl.constexpr = BLOCK_K // 4
+    g = k0 // 4 + tl.arange(0, BLOCK_G)                                      # (BG,)
+    ok = n_ok[:, None] & (g < g_end)[None, :]                                # (BN, BG)
+    rows = offs_n[:, None].to(tl.int64)
+    bit = g * (2 * NS)                                                       # first field of each group
+    fields = tl.load(p_ptr + rows * stride_pn + (bit // 8)[None, :], mask=ok, other=0).to(tl.int32)
+    fields = fields >> (bit % 8)[None, :]                                    # (BN, BG): p0 | p1 << 2
+    p0 = fields & 3
+    if NS == 2:
+        v = tl.load(v_ptr + rows * stride_vn + (2 * (k0 // 4) + tl.arange(0, 2 * BLOCK_G))[None, :],
+                    mask=(n_ok[:, None] & (2 * (k0 // 4) + tl.arange(0, 2 * BLOCK_G) < 2 * g_end)[None, :]),
+                    other=0.0)                                               # (BN, 2 BG): both slots of each group
+        v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_G, 2)))             # (BN, BG) each
+        p1 = (fields >> 2) & 3
+        zero = tl.zeros_like(v0)
+        c0 = tl.where(p0 == 0, v0, zero)                                     # a group's column c holds the slot
+        c1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))              # whose position is c, else 0
+        c2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))              # (p0 < p1, so column 0 can only be
+        c3 = tl.where(p1 == 3, v1, zero)                                     # p0's and column 3 only p1's)
+    else:
+        v = tl.load(v_ptr + rows * stride_vn + g[None, :], mask=ok, other=0.0)  # (BN, BG)
+        zero = tl.zeros_like(v)
+        c0, c1, c2, c3 = (tl.where(p0 == 0, v, zero), tl.where(p0 == 1, v, zero), tl.where(p0 == 2, v, zero),
+                          tl.where(p0 == 3, v, zero))
+    # columns 0..3 of every group side by side: interleave is join + reshape, both in-thread
+    return tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))     # (BN, BK)
 
-    No 4-D temporaries or reshapes (no layout conversions), at the price of m-fold redundant loads.
+
+@triton.jit
+def _gather_rows(x_ptr, v_ptr, p_ptr, offs_m, m_ok, offs_n, n_ok, k_start, k_end, stride_xm, stride_xk,
+                 stride_vn, stride_pn, row_bytes, NS: tl.constexpr, MS: tl.constexpr, BITS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    """``x @ W^T`` for rows ``offs_m`` x ``offs_n`` over K ``[k_start, k_end)`` without expanding W: each kept
+    value is multiplied by ``x[:, its column]`` (a gather from x, which is a few KB and cache resident).
+
+    Values are read as contiguous ``(BN, BLOCK_S)`` blocks (wide loads); products accumulate element-wise
+    and are reduced once after the loop, so the loop has no cross-lane traffic. ``EVEN`` (every block
+    full: N and this K range are multiples of the block) drops the bounds masks, a third of the loop's
+    instructions. Returns ``(BM, BN)`` fp32.
     """
-    offs_k = k0 + tl.arange(0, BLOCK_K)                                      # (BK,)
-    ok = n_ok[:, None] & (offs_k < k_end)[None, :]
-    v_rows = v_ptr + offs_n[:, None].to(tl.int64) * stride_vn
+    BLOCK_S: tl.constexpr = BLOCK_K // MS * NS
+    v_rows = v_ptr + offs_n[:, None].to(tl.int64) * stride_vn                   # (BN, 1)
     p_rows = p_ptr + offs_n[:, None].to(tl.int64) * stride_pn
-    w = tl.zeros((BLOCK_N, BLOCK_K), dtype=v_ptr.dtype.element_ty)
-    for j in tl.static_range(NS):
-        slot = ((offs_k // MS) * NS + j)[None, :]                            # (1, BK)
-        vj = tl.load(v_rows + slot, mask=ok, other=0.0)
-        pj = _decode_positions(p_rows, slot, ok, row_bytes, BITS, MS)
-        w = tl.where(pj == (offs_k % MS)[None, :], vj, w)
-    return w
+    x_rows = x_ptr + offs_m[:, None, None].to(tl.int64) * stride_xm            # (BM, 1, 1)
+    s_end = k_end // MS * NS
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_S), dtype=tl.float32)
+    for s0 in range(k_start // MS * NS, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)                                           # (BS,) slot numbers
+        if EVEN:
+            vals = tl.load(v_rows + s[None, :])                                  # (BN, BS)
+            if BITS == 2:  # m = 4: one byte holds 4 slots; load the block's bytes once and split them
+                byte = tl.load(p_rows + (s0 // 4 + tl.arange(0, BLOCK_S // 4))[None, :])  # (BN, BS/4) uint8
+                nib = tl.interleave(byte & 15, byte >> 4)                         # (BN, BS/2): slots 2j, 2j+1
+                pos = tl.interleave(nib & 3, nib >> 2).to(tl.int32)               # (BN, BS)
+            else:
+                bit = s[None, :] * BITS
+                word = tl.load(p_rows + bit // 8).to(tl.int32)
+                if BITS == 3:  # a 3-bit field may straddle into the next byte (which may be past the row)
+                    word = word | (tl.load(p_rows + bit // 8 + 1, mask=bit // 8 + 1 < row_bytes,
+                                           other=0).to(tl.int32) << 8)
+                pos = (word >> (bit % 8)) & (MS - 1)
+            col = (s[None, :] // NS) * MS + pos                                  # (BN, BS) column in K
+            if BLOCK_M == 1:  # grid rows = M: the row always exists
+                xg = tl.load(x_rows + col[None, :, :] * stride_xk)
+            else:
+                xg = tl.load(x_rows + col[None, :, :] * stride_xk, mask=m_ok[:, None, None], other=0.0)
+        else:
+            ok = n_ok[:, None] & (s < s_end)[None, :]                           # (BN, BS)
+            vals = tl.load(v_rows + s[None, :], mask=ok, other=0.0)             # (BN, BS)
+            pos = _decode_positions(p_rows, s[None, :], ok, row_bytes, BITS, MS)  # (BN, BS) in-group position
+            col = (s[None, :] // NS) * MS + pos                                  # (BN, BS) column in K
+            xg = tl.load(x_rows + col[None, :, :] * stride_xk, mask=m_ok[:, None, None] & ok[None, :, :],
+                         other=0.0)
+        acc += xg.to(tl.float32) * vals[None, :, :].to(tl.float32)              # (BM, BN, BS)
+    return tl.sum(acc, axis=2)
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "NS", "MS", "SPLIT_K"],
                  prune_configs_by={"early_config_prune": _prune})
+@triton.heuristics({"EVEN": lambda a: (a["K_PER_SPLIT"] % a["BLOCK_K"] == 0 and a["K"] % a["BLOCK_K"] == 0
+                                       and a["N"] % a["BLOCK_N"] == 0)})
 @triton.jit
 def _nm_matmul_kernel(
     x_ptr, v_ptr, p_ptr, b_ptr, y_ptr,
@@ -154,8 +226,8 @@ def _nm_matmul_kernel(
     stride_xm, stride_xk, stride_vn, stride_pn, stride_ys, stride_ym,
     NS: tl.constexpr, NS_P2: tl.constexpr, MS: tl.constexpr, BITS: tl.constexpr,
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    BY_COLUMN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -168,25 +240,25 @@ def _nm_matmul_kernel(
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        if BY_COLUMN:
-            w = _expand_columns(v_ptr, p_ptr, offs_n, n_ok, k0, k_end, stride_vn, stride_pn, row_bytes,
-                                NS, MS, BITS, BLOCK_N, BLOCK_K)
-        else:
-            w = _expand_slots(v_ptr, p_ptr, offs_n, n_ok, k0, k_end // MS, stride_vn, stride_pn, row_bytes,
-                              NS, NS_P2, MS, BITS, BLOCK_N, BLOCK_K)         # (BN, BK)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x_ok = m_ok[:, None] & (offs_k[None, :] < k_end)
-        x = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk, mask=x_ok, other=0.0)  # (BM, BK)
-        if USE_DOT:
+    if GATHER:  # M <= 4: multiply each kept value by x at its column, no dense tile
+        acc = _gather_rows(x_ptr, v_ptr, p_ptr, offs_m, m_ok, offs_n, n_ok, k_start, k_end, stride_xm, stride_xk,
+                           stride_vn, stride_pn, row_bytes, NS, MS, BITS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN)
+    else:  # expand a dense (BN, BK) tile per step and feed the tensor cores (BLOCK_M >= 16)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            if MS == 4 and NS <= 2:
+                w = _expand_m4(v_ptr, p_ptr, offs_n, n_ok, k0, k_end // 4, stride_vn, stride_pn, NS,
+                               BLOCK_N, BLOCK_K)                                  # (BN, BK)
+            else:
+                w = _expand_slots(v_ptr, p_ptr, offs_n, n_ok, k0, k_end // MS, stride_vn, stride_pn, row_bytes,
+                                  NS, NS_P2, MS, BITS, BLOCK_N, BLOCK_K)         # (BN, BK)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x_ok = m_ok[:, None] & (offs_k[None, :] < k_end)
+            x = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk, mask=x_ok, other=0.0)  # (BM, BK)
             if DOT_UPCAST:  # interpreter only: its bf16 tl.dot returns garbage (triton 3.9); fp32 is exact here
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        else:  # CUDA cores: the expanded tile is reused for all BLOCK_M rows
-            acc += tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
 
     out_ok = m_ok[:, None] & n_ok[None, :]
     y_offs = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
@@ -281,7 +353,7 @@ def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: i
                 DOT_UPCAST=_INTERPRET and x.dtype == torch.bfloat16)
     if _INTERPRET:
         # Triton 3.6's autotuner benchmarks even a lone config, which needs a GPU driver: launch it directly.
-        (cfg,) = _prune(_configs(), {"M_BUCKET": _autotune_bucket(m_rows), "MS": m})
+        (cfg,) = _prune(_configs(), {"M_BUCKET": _autotune_bucket(m_rows), "MS": m, "NS": n})
         _nm_matmul_kernel.fn[grid](*args, **meta, **cfg.kwargs)
     else:
         _nm_matmul_kernel[grid](*args, **meta)
@@ -332,7 +404,8 @@ def nm_matmul_prechecked(x: torch.Tensor, values: torch.Tensor, positions: torch
     ``[N]``, ``x``'s dtype and unit stride. Anything off gets ``nm_matmul``'s full check and message.
     """
     if (x.dim() != 2 or x.shape[1] * n != values.shape[1] * m or x.dtype != values.dtype
-            or (bias is not None and (bias.shape != values.shape[:1] or bias.dtype != x.dtype or bias.stride(0) != 1))):
+            or (bias is not None and (bias.shape != values.shape[:1] or bias.dtype != x.dtype or bias.stride(0) != 1
+                                      or bias.device != values.device))):
         _check(x, values, positions, n, m, bias)
     return _run(x, values, positions, n, m, bias, 0)
 

@@ -6,7 +6,8 @@ Inputs: ``x [M, K]`` fp16/bf16/fp32 (any strides), a ``SellLayout`` of the same 
 Design (decode, M = 1..16, high sparsity). Program ``(s, b)`` owns slice ``s`` (``C`` rows of W) and rows
 ``b*BLOCK_M ..`` of x. It walks the slice's width in ``BLOCK_J`` steps: each step loads a ``[C, BLOCK_J]``
 block of values and columns (row segments are 16-element aligned, so these are 16-byte loads), gathers
-``x[:, col]`` (x is a few KB per row: it stays in L1/L2), multiplies and reduces along the block. Work
+``x[:, col]`` (x is a few KB per row: it stays in L1/L2) and accumulates the products element-wise,
+reduced once after the loop (no cross-lane traffic inside it). Work
 and bytes are proportional to the kept values, not to the dense size (see the layout's docstring for why
 the bitmap kernel cannot do that). Entries past a row's length are masked, so padding is never read and
 a non-finite ``x`` at a column whose weights were all pruned does not reach ``y`` (pruned weights are
@@ -22,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsecore.formats.sell import ALIGN, SellLayout
+from sparsecore.formats.sell import ALIGN, MAX_K, SellLayout
 
 from ._host import cdiv, next_pow2
 
@@ -72,7 +73,7 @@ def _sell_matmul_kernel(
     m_ok = offs_m < M
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm                         # (BM,)
 
-    acc = tl.zeros((BLOCK_M, C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, C, BLOCK_J), dtype=tl.float32)  # element-wise: reduced once, after the loop
     for j0 in range(0, width, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)                                       # (BJ,)
         ok = j[None, :] < lens[:, None]                                      # (C, BJ): kept, not padding
@@ -81,18 +82,23 @@ def _sell_matmul_kernel(
         col = tl.load(c_ptr + at, mask=ok, other=0).to(tl.int32) & 0xFFFF   # (C, BJ)
         xg = tl.load(x_rows[:, None, None] + col[None, :, :].to(tl.int64) * stride_xk,
                      mask=m_ok[:, None, None] & ok[None, :, :], other=0.0)  # (BM, C, BJ)
-        acc += tl.sum(xg.to(tl.float32) * v[None, :, :], axis=2)
+        acc += xg.to(tl.float32) * v[None, :, :]
 
+    y = tl.sum(acc, axis=2)                                                  # (BM, C)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
     y_at = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :]
-    tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
+    tl.store(y_at, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
 
 
 def check_layout(layout: SellLayout) -> None:
     """Validate a layout's tensors against each other (what each call then relies on); raises ValueError."""
     if not isinstance(layout, SellLayout):
         raise TypeError(f"expected a SellLayout, got {type(layout).__name__}")
+    c = layout.slice_rows
+    if not (isinstance(c, int) and c >= 1 and not c & (c - 1)) or not 0 <= layout.k <= MAX_K or layout.n < 0:
+        raise ValueError(f"SELL slice_rows must be a power of two and 0 <= k <= {MAX_K}, got "
+                         f"slice_rows={c!r}, k={layout.k!r}, n={layout.n!r}")
     n_slices = cdiv(layout.n, layout.slice_rows)
     want = {"row_len": (torch.int32, (layout.n,)), "base": (torch.int64, (n_slices,)),
             "width": (torch.int32, (n_slices,)), "cols": (torch.int16, (layout.values.numel(),))}
@@ -112,6 +118,15 @@ def check_layout(layout: SellLayout) -> None:
                 or int(base[0]) != 0 or not torch.equal(base[1:], ends[:-1])
                 or int(ends[-1]) != layout.values.numel() or bool((lens < 0).any())):
             raise ValueError("SELL widths, bases and row lengths are inconsistent")
+        # every entry a row uses must name a column of x: the kernel gathers x[:, col] unchecked
+        slot = torch.arange(layout.values.numel(), device=width.device)
+        s_of = torch.repeat_interleave(torch.arange(n_slices, device=width.device), layout.slice_rows * width)
+        local = slot - base[s_of]
+        w_of = width[s_of].clamp(min=1)
+        row = s_of * layout.slice_rows + local // w_of
+        used = (local % w_of) < lens[row]
+        if bool(((layout.cols.to(torch.int64) & 0xFFFF)[used] >= layout.k).any()):
+            raise ValueError(f"SELL cols name a column >= k = {layout.k}")
 
 
 def sell_matmul(x: torch.Tensor, layout: SellLayout, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -137,7 +152,7 @@ def sell_matmul(x: torch.Tensor, layout: SellLayout, bias: Optional[torch.Tensor
     args = (x, layout.values, layout.cols, layout.row_len, layout.base, layout.width, bias, layout.slice_rows)
     if torch.compiler.is_compiling() or (
             torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
-        return torch.ops.sparsecore.sell_matmul(*args)
+        return torch.ops.sparsecore.sell_matmul(*args, layout.k)
     return _launch(*args)
 
 
@@ -180,12 +195,23 @@ def _launch(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_len: 
 @torch.library.custom_op("sparsecore::sell_matmul", mutates_args=())
 def _sell_matmul_op(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_len: torch.Tensor,
                     base: torch.Tensor, width: torch.Tensor, bias: Optional[torch.Tensor],
-                    slice_rows: int) -> torch.Tensor:
+                    slice_rows: int, k: int) -> torch.Tensor:
+    """The op behind ``sell_matmul``. Checks shapes, dtypes and devices (cheap); the layout's contents are
+    trusted as ``check_layout`` left them (that check reads them all, so it runs once, not per call)."""
+    n = row_len.shape[0]
+    if x.dim() != 2 or x.shape[1] != k or values.dtype != x.dtype or cols.dtype != torch.int16 \
+            or cols.shape != values.shape or row_len.dtype != torch.int32 or base.dtype != torch.int64 \
+            or width.shape != base.shape or base.shape[0] != cdiv(n, slice_rows) \
+            or (bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype)) \
+            or len({t.device for t in (x, values, cols, row_len, base, width)}) != 1:
+        raise ValueError(f"sparsecore::sell_matmul: inconsistent arguments (x {x.dtype} {tuple(x.shape)}, k={k}, "
+                         f"values {values.dtype} {tuple(values.shape)}, cols {cols.dtype} {tuple(cols.shape)}, "
+                         f"{n} rows in slices of {slice_rows})")
     return _launch(x, values, cols, row_len, base, width, bias, slice_rows)
 
 
 @_sell_matmul_op.register_fake
-def _sell_matmul_fake(x, values, cols, row_len, base, width, bias, slice_rows):
+def _sell_matmul_fake(x, values, cols, row_len, base, width, bias, slice_rows, k):
     return x.new_empty((x.shape[0], row_len.shape[0]))
 
 

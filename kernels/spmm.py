@@ -260,7 +260,8 @@ def spmm_prechecked(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor,
     stride. Anything off gets the full check and its message.
     """
     if (x.dim() != 2 or x.shape[1] != k or x.dtype != values.dtype
-            or (bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or bias.stride(0) != 1))):
+            or (bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or bias.stride(0) != 1
+                                      or bias.device != values.device))):
         if x.dim() == 2 and x.shape[1] != k:
             raise ValueError(f"spmm: x must be [M, {k}] (the weight's K), got {tuple(x.shape)}")
         _check(x, bitmap, values, tile_offsets, n, bias)

@@ -106,15 +106,26 @@ def _on_cuda(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-def _cost_ms(fn, x: torch.Tensor, rep: int, cuda_graphs: bool, entry: PlanEntry, name: str) -> float:
-    """The time the choice compares (recording its parts on CUDA): see the module docstring."""
-    gpu = time_ms(fn, x.device, rep=rep)
+def _cost_ms(mod, impl, x: torch.Tensor, rep: int, cuda_graphs: bool, entry: PlanEntry) -> float:
+    """The time the choice compares (recording its parts on CUDA): see the module docstring.
+
+    GPU time is the backend's own call; host time is a whole forward of the module forced to that
+    backend, so the per-layer checks and dispatch every backend pays count as well: they are not
+    constant under ``max(gpu, host)``.
+    """
+    name = impl.backend.value
+    gpu = time_ms(lambda: mod.run_backend(impl, x), x.device, rep=rep)
     if not _on_cuda(x):
         return gpu
     entry.gpu_ms[name] = gpu
     if cuda_graphs:
         return gpu
-    entry.host_ms[name] = host_ms(fn, x.device, rep=rep)
+    previous = mod.backend
+    mod.backend = impl.backend
+    try:
+        entry.host_ms[name] = host_ms(lambda: mod(x), x.device, rep=rep)
+    finally:
+        mod.backend = previous
     return max(gpu, entry.host_ms[name])
 
 
@@ -138,7 +149,7 @@ def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int, cuda_graph
         if not err <= tol:
             entry.rejected[name] = f"output differs from dense by {err:.3g} > {tol:.3g}"
             continue
-        entry.times_ms[name] = _cost_ms(lambda impl=impl: mod.run_backend(impl, x), x, rep, cuda_graphs, entry, name)
+        entry.times_ms[name] = _cost_ms(mod, impl, x, rep, cuda_graphs, entry)
     dense_ms = entry.times_ms[Backend.DENSE.value]
     best = min(entry.times_ms, key=entry.times_ms.get)
     if best != Backend.DENSE.value and entry.times_ms[best] < dense_ms * (1.0 - margin):
@@ -161,7 +172,8 @@ def _floats(value: Any) -> dict[str, float]:
     """A cached ``{backend: ms}`` dict, keeping only well-formed items (the file may have been edited)."""
     if not isinstance(value, dict):
         return {}
-    return {k: float(v) for k, v in value.items() if isinstance(k, str) and isinstance(v, (int, float))}
+    return {k: float(v) for k, v in value.items()
+            if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _contender(backend: Backend, x: torch.Tensor) -> bool:

@@ -28,8 +28,9 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int
     return statistics.median(samples)
 
 
-# ~10 ms of GPU sleep at ~2 GHz: keeps the stream busy while ``rep`` calls are issued (see ``host_ms``).
-_BUSY_CYCLES = 20_000_000
+# ~1 ms of GPU sleep at ~2 GHz, queued before each sample of ``host_ms``: that sample's call never waits
+# for the GPU unless it synchronises.
+_BUSY_CYCLES = 2_000_000
 
 
 def host_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 3, rep: int = 20) -> float:
@@ -38,8 +39,8 @@ def host_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int
     An eager model pays ``max(GPU time, host time)`` per layer in steady state: when a layer's host
     work outlasts its kernels, the GPU idles between launches. ``time_ms`` on CUDA cannot see this
     (``do_bench`` hides launch cost behind its cache flush), so the planner takes both. CUDA: a long
-    ``torch.cuda._sleep`` is queued first, so no call waits for the GPU and each sample is pure host
-    work; a call that synchronises waits for the sleep and is rightly found slow. CPU: host time is the
+    ``torch.cuda._sleep`` is queued before each sample, so no call waits for the GPU and each sample is
+    pure host work; a call that synchronises waits for the sleep (~1 ms) and is rightly found slow. CPU: host time is the
     latency, ``time_ms``.
     """
     device = torch.device(device)
@@ -50,8 +51,8 @@ def host_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int
     torch.cuda.synchronize(device)
     samples = []
     with torch.cuda.device(device):
-        torch.cuda._sleep(_BUSY_CYCLES)
         for _ in range(rep):
+            torch.cuda._sleep(_BUSY_CYCLES)  # the stream is busy for ~1 ms: issuing cannot block on the GPU
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
@@ -67,6 +68,11 @@ def capture_cuda_graph(fn: Callable[[], object], device: torch.device | str, *, 
     outside the capture) and must read its inputs from fixed tensors, as any graphed code must.
     """
     device = torch.device(device)
+    with torch.cuda.device(device):
+        return _capture(fn, device, warmup)
+
+
+def _capture(fn: Callable[[], object], device: torch.device, warmup: int) -> tuple["torch.cuda.CUDAGraph", object]:
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):

@@ -65,20 +65,32 @@ def test_nm_matmul_matches_float64(seeded, poisoned, n, m, dtype, M, N, K, has_b
 
 
 @pytest.fixture
-def by_column(monkeypatch):
-    """Run the interpreter with the column-wise tile expansion (the GPU autotuner tries both)."""
-    monkeypatch.setattr(mod, "INTERPRET_BY_COLUMN", True)
-    mod._nm_matmul_kernel.cache.clear()  # tuned choices are cached per key
+def gather(monkeypatch):
+    """Run the interpreter with the gather path (M <= 4 on a GPU: no dense tile, x gathered per kept value)."""
+    monkeypatch.setattr(mod, "INTERPRET_GATHER", True)
     yield
-    mod._nm_matmul_kernel.cache.clear()
 
 
-@pytest.mark.parametrize("n,m,dtype,M,N,K,has_bias,keep_frac", CASES[1::2])
-def test_column_expansion_matches_float64(seeded, poisoned, by_column, n, m, dtype, M, N, K, has_bias, keep_frac):
+# every pattern (2:4, 1:4, 2:8, 4:8, incl. 3-bit fields that straddle bytes), split K, odd shapes, strided x
+@pytest.mark.parametrize("n,m,dtype,M,N,K,has_bias,keep_frac", CASES)
+def test_gather_path_matches_float64(seeded, poisoned, gather, n, m, dtype, M, N, K, has_bias, keep_frac):
     w, mask, p = make_case(seeded, N, K, n, m, dtype, keep_frac)
-    x = nonzero_randn(M, K, dtype=dtype, generator=seeded)
+    x = nonzero_randn(K, M, dtype=dtype, generator=seeded).t()  # strided: the gather reads through both strides
     bias = nonzero_randn(N, dtype=dtype, generator=seeded) if has_bias else None
-    assert_close_to_ref(nm_matmul(x, p.values, p.positions, n, m, bias), ref64(x, w, mask, bias), K)
+    for split_k in (0, 3):
+        y = nm_matmul(x, p.values, p.positions, n, m, bias, split_k=split_k)
+        assert_close_to_ref(y, ref64(x, w, mask, bias), K)
+
+
+@pytest.mark.parametrize("n,m,dtype,M,N,K", [(2, 4, F16, 1, 32, 64), (4, 8, BF16, 3, 16, 96), (1, 4, F32, 2, 48, 128),
+                                              (3, 8, F16, 1, 16, 64), (3, 4, F16, 2, 16, 64)])
+def test_gather_path_full_blocks_unmasked(seeded, poisoned, gather, n, m, dtype, M, N, K):
+    """N a multiple of BLOCK_N and K of BLOCK_K (the interpreter's 16 x 32): the EVEN variant, no bounds masks."""
+    w, mask, p = make_case(seeded, N, K, n, m, dtype, 0.9)
+    x = nonzero_randn(M, K, dtype=dtype, generator=seeded)
+    bias = nonzero_randn(N, dtype=dtype, generator=seeded)
+    for split_k in (0, 2):
+        assert_close_to_ref(nm_matmul(x, p.values, p.positions, n, m, bias, split_k=split_k), ref64(x, w, mask, bias), K)
 
 
 @pytest.mark.parametrize("n,m,dtype,M,has_bias", [(2, 4, F16, 17, True), (4, 8, BF16, 20, False),

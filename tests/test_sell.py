@@ -92,6 +92,7 @@ def test_kernel_reads_columns_past_32767(seeded):
 
 def test_pack_and_check_reject_bad_input(seeded):
     w, mask = _case(seeded, 8, 16, 0.5)
+    mask[:, 0] = True  # every row keeps at least one entry
     with pytest.raises(ValueError, match="bool mask"):
         pack_sell(w, mask.int())
     with pytest.raises(ValueError, match="power of two"):
@@ -104,9 +105,17 @@ def test_pack_and_check_reject_bad_input(seeded):
               SellLayout(lay.values, lay.cols, lay.row_len, lay.base, lay.width + 1, lay.n, lay.k, 4),
               SellLayout(lay.values, lay.cols.int(), lay.row_len, lay.base, lay.width, lay.n, lay.k, 4),
               SellLayout(lay.values[:-1], lay.cols[:-1], lay.row_len, lay.base, lay.width, lay.n, lay.k, 4)]
+    cols = lay.cols.clone()
+    cols[int(lay.base[0]) + 0] = 40  # row 0's first entry (every row of this mask keeps one) past k = 16
+    broken += [SellLayout(lay.values, cols, lay.row_len, lay.base, lay.width, lay.n, lay.k, 4),
+               SellLayout(lay.values, lay.cols, lay.row_len, lay.base, lay.width, lay.n, 70000, 4),
+               SellLayout(lay.values, lay.cols, lay.row_len, lay.base, lay.width, lay.n, lay.k, 3)]
     for bad in broken:
         with pytest.raises(ValueError, match="SELL"):
             check_layout(bad)
+    with pytest.raises(ValueError, match="inconsistent"):
+        torch.ops.sparsecore.sell_matmul(torch.randn(2, 17), lay.values, lay.cols, lay.row_len, lay.base, lay.width,
+                                         None, 4, 16)
 
 
 # ---- kernel ------------------------------------------------------------------------------------------
@@ -187,7 +196,7 @@ def test_custom_op_and_compile(seeded):
     lay = pack_sell(w, mask)
     x = nonzero_randn(3, 40, dtype=torch.float16, generator=seeded)
     b = nonzero_randn(24, dtype=torch.float16, generator=seeded)
-    args = (x, lay.values, lay.cols, lay.row_len, lay.base, lay.width, b, lay.slice_rows)
+    args = (x, lay.values, lay.cols, lay.row_len, lay.base, lay.width, b, lay.slice_rows, lay.k)
     torch.library.opcheck(torch.ops.sparsecore.sell_matmul.default, args, test_utils=("test_schema", "test_faketensor"))
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     fn = torch.compile(lambda x: torch.relu(sell_matmul(x, lay, b)), backend=counter, fullgraph=True)

@@ -102,7 +102,8 @@ def pack_sell(weight: torch.Tensor, mask: torch.Tensor, slice_rows: int = 16) ->
     cols = torch.zeros(total, dtype=torch.int16, device=dev)
     r, col = mask.nonzero(as_tuple=True)                                          # row-major: columns ascend per row
     if r.numel():
-        rank = torch.cumsum(mask.to(torch.int64), dim=1)[r, col] - 1             # j of each kept entry in its row
+        row_start = torch.cumsum(row_len, 0) - row_len                            # index of each row's first entry
+        rank = torch.arange(r.numel(), device=dev) - row_start[r]                 # j of each kept entry in its row
         s = r // c
         pos = base[s] + (r % c) * width[s] + rank
         values[pos] = weight[r, col]
