@@ -8,9 +8,12 @@ Why this layout (bytes per dense element, fp16, ``s`` = sparsity):
 * CSR with int32 column indices: ``6 (1 - s)`` -> 3 B at 50% (worse than dense), 0.6 B at 90%.
 * CSR with int16 in-tile columns: ``4 (1 - s)`` -> 2 B at 50% (no gain), 0.4 B at 90%.
 
-The bitmap wins at every sparsity below 97% and is the only one that beats dense at 50%. It also
-streams well: a kernel program reads one contiguous bitmap block and one contiguous run of values per
-tile and finds each value's slot with a prefix sum of the tile's bits on chip.
+The bitmap wins on bytes at every sparsity below 97% and is the only one that beats dense at 50%: a
+kernel program reads one contiguous bitmap block and one contiguous run of values per tile and finds each
+value's slot with a prefix sum of the tile's bits on chip. That costs work per *dense* element (~45 PTX
+instructions in ``kernels/spmm.py``'s decode loop, counted offline for sm_90), so at decode sizes it is
+bound by instruction issue, not bytes; the TRITON_SELL backend (``sparsecore.formats.sell``) trades some
+bytes for work per kept value there. Files always store this format.
 
 Tiling. The ``[N, K]`` matrix view (``masks.as_matrix``: Conv2d K is ordered (kh, kw, C_in)) is padded
 with pruned entries to ``[TN * tile_n, TK * tile_k]``, ``TN = ceil(N / tile_n)``,

@@ -1,0 +1,183 @@
+"""Offline kernel check, no GPU needed: ``python -m bench.ptx_counts [--arch 90] [--out-dir DIR]``.
+
+Compiles the decode configurations of the sparse kernels for an NVIDIA target with Triton's own ptxas
+and reports, per configuration: registers, spill bytes, and the number of PTX instructions in the main
+loop per weight element it processes (per *kept* value for ``sell_matmul``). At decode sizes a kernel
+must stream its compressed weight at memory speed, and an H100 issues about 30 T thread-instructions/s
+against ~3 TB/s of DRAM: a 2:4 fp16 weight (0.56 B per element) leaves ~5 instructions per element
+before issue, not DRAM, is the limit. The counts are a proxy (PTX, not SASS; no latency, no caches), a
+way to compare variants before a GPU session measures them, not a performance claim.
+
+Writes ``bench/results/ptx_counts_sm<arch>_triton<version>.{csv,md}``.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .common import RESULTS, bench_parser
+
+_ALIGNED = "tt.divisibility"
+
+
+def compile_kernel(fn, signature: dict[str, str], constexprs: dict, aligned: list[str], arch: int,
+                   num_warps: int, num_stages: int) -> dict:
+    """Compile ``fn`` (a JITFunction) for ``sm_<arch>``; returns registers, spills and the main loop's counts."""
+    if not isinstance(fn, triton.runtime.JITFunction):  # imported under TRITON_INTERPRET=1: recompile its source
+        fn = triton.runtime.JITFunction(fn.fn)
+    names = fn.arg_names
+    sig = {n: ("constexpr" if n in constexprs else signature[n]) for n in names}
+    attrs = {(names.index(n),): [[_ALIGNED, 16]] for n in aligned}
+    log = io.StringIO()
+    # ptxas -v prints registers and spills, and only when it runs: compile into a fresh cache every time.
+    env = {"TRITON_DUMP_PTXAS_LOG": "1", "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="ptx_counts_")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                                      target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": num_warps, "num_stages": num_stages})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(env["TRITON_CACHE_DIR"], ignore_errors=True)
+    text = log.getvalue()
+    regs = re.findall(r"Used (\d+) registers", text)
+    spill = re.findall(r"(\d+) bytes spill stores", text)
+    ptx = compiled.asm["ptx"]
+    loop = max(_loop_bodies(ptx), key=len, default=[])
+    kinds = Counter(_opcode(line) for line in loop)
+    return {"regs": int(regs[-1]) if regs else "", "spill_bytes": int(spill[-1]) if spill else "",
+            "loop_instr": len(loop), "tensor_core": bool(re.search(r"\b(w?gmma|mma)\.", ptx)),
+            "top_ops": " ".join(f"{k}:{v}" for k, v in kinds.most_common(6))}
+
+
+def _opcode(line: str) -> str:
+    parts = line.split()
+    op = parts[1] if parts[0].startswith("@") and len(parts) > 1 else parts[0]
+    return op.split(".")[0]
+
+
+def _loop_bodies(ptx: str) -> list[list[str]]:
+    """Instruction lines between a label and a later branch back to it."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    labels = {line.split(":")[0]: i for i, line in enumerate(lines) if re.match(r"^\$L__\w+:", line)}
+    bodies = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^(@%p\d+\s+)?bra(\.uni)?\s+(\$L__\w+);", line)
+        if m and labels.get(m.group(3), i) < i:
+            bodies.append([x for x in lines[labels[m.group(3)]:i]
+                           if x and not x.startswith(("$", "//", "{", "}", "."))])
+    return bodies
+
+
+def nm_rows(arch: int) -> list[dict]:
+    import sparsecore.kernels.nm_matmul as mod
+    fn = mod._nm_matmul_kernel.fn.fn  # autotuner -> heuristics -> JITFunction
+    rows = []
+    for cfg in mod._configs():
+        kw = cfg.kwargs
+        if kw["BLOCK_M"] > 16:
+            continue  # prefill tiles: compute bound, cuSPARSELt's territory
+        m_rows = kw["BLOCK_M"] if kw["GATHER"] else 16
+        sig = {n: "i32" for n in fn.arg_names} | {"x_ptr": "*fp16", "v_ptr": "*fp16", "p_ptr": "*u8", "b_ptr": "*fp16",
+                                                  "y_ptr": "*fp16"}
+        const = dict(stride_xk=1, stride_ys=0, SPLIT_K=1, NS=2, NS_P2=2, MS=4, BITS=2, HAS_BIAS=True, PARTIAL=False,
+                     DOT_PRECISION="tf32", DOT_UPCAST=False, EVEN=True, **kw)
+        if kw["BLOCK_M"] == 1:
+            const["M"] = 1
+        res = compile_kernel(fn, sig, const, ["x_ptr", "v_ptr", "p_ptr", "b_ptr", "y_ptr", "N", "K", "K_PER_SPLIT",
+                                              "stride_xm", "stride_vn", "stride_pn", "stride_ym"], arch,
+                             cfg.num_warps, cfg.num_stages)
+        per_thread = kw["BLOCK_N"] * kw["BLOCK_K"] / (32 * cfg.num_warps)
+        rows.append({"kernel": "nm_matmul 2:4 fp16", "path": "gather" if kw["GATHER"] else "tensor cores",
+                     "config": f"BM={kw['BLOCK_M']} BN={kw['BLOCK_N']} BK={kw['BLOCK_K']} w={cfg.num_warps}",
+                     "rows_M": m_rows, "unit": "dense weight element",
+                     "instr_per_unit": round(res["loop_instr"] / per_thread, 1), **res})
+    return rows
+
+
+def sell_rows(arch: int) -> list[dict]:
+    import sparsecore.kernels.sell_matmul as mod
+    fn = mod._sell_matmul_kernel.fn
+    rows = []
+    for cfg in mod._configs():
+        kw = cfg.kwargs
+        if kw["BLOCK_M"] != 1 or 16 * kw["BLOCK_J"] > 32 * cfg.num_warps * mod._MAX_PER_THREAD:
+            continue
+        sig = {n: "i32" for n in fn.arg_names} | {"x_ptr": "*fp16", "v_ptr": "*fp16", "c_ptr": "*i16",
+                                                  "len_ptr": "*i32", "base_ptr": "*i64", "width_ptr": "*i32",
+                                                  "b_ptr": "*fp16", "y_ptr": "*fp16"}
+        const = dict(M=1, M_BUCKET=1, stride_xk=1, C=16, ALIGN_=16, HAS_BIAS=True, **kw)
+        res = compile_kernel(fn, sig, const, ["x_ptr", "v_ptr", "c_ptr", "len_ptr", "base_ptr", "width_ptr", "b_ptr",
+                                              "y_ptr", "N", "K", "stride_xm", "stride_ym"], arch,
+                             cfg.num_warps, cfg.num_stages)
+        per_thread = 16 * kw["BLOCK_J"] / (32 * cfg.num_warps)
+        rows.append({"kernel": "sell_matmul fp16", "path": "per kept value",
+                     "config": f"BM=1 C=16 BJ={kw['BLOCK_J']} w={cfg.num_warps}", "rows_M": 1,
+                     "unit": "kept value", "instr_per_unit": round(res["loop_instr"] / per_thread, 1), **res})
+    return rows
+
+
+def spmm_rows(arch: int) -> list[dict]:
+    import sparsecore.kernels.spmm as mod
+    fn = mod._spmm_kernel
+    rows = []
+    for tile_n, tile_k, warps in ((16, 256, 4), (16, 256, 8), (32, 128, 4)):
+        sig = {n: "i32" for n in fn.arg_names} | {"x_ptr": "*fp16", "bitmap_ptr": "*i32", "values_ptr": "*fp16",
+                                                  "offsets_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
+                                                  "ws_ptr": "*fp32"}
+        const = dict(M=1, m_bucket=1, stride_xk=1, HAS_BIAS=True, TILE_N=tile_n, TILE_K=tile_k, BLOCK_M=1, SPLIT_K=1,
+                     DOT_PRECISION=None, DOT_UPCAST=False)
+        res = compile_kernel(fn, sig, const, ["x_ptr", "bitmap_ptr", "values_ptr", "offsets_ptr", "bias_ptr", "out_ptr",
+                                              "ws_ptr", "N", "K", "n_k_tiles", "stride_xm", "stride_om"], arch, warps, 2)
+        per_thread = tile_n * tile_k / (32 * warps)
+        rows.append({"kernel": "spmm (bitmap) fp16", "path": "bitmap prefix sum",
+                     "config": f"BM=1 tile {tile_n}x{tile_k} w={warps}", "rows_M": 1, "unit": "dense weight element",
+                     "instr_per_unit": round(res["loop_instr"] / per_thread, 1), **res})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = bench_parser("bench.ptx_counts", __doc__.splitlines()[0], "no effect (the run takes ~1 minute)")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("unset TRITON_INTERPRET: this compiles the kernels, it does not interpret them")
+    rows = nm_rows(args.arch) + sell_rows(args.arch) + spmm_rows(args.arch)
+    for r in rows:
+        print(f"{r['kernel']:20s} {r['path']:18s} {r['config']:28s} M={r['rows_M']:<3d} {r['instr_per_unit']:6.1f} "
+              f"instr/{r['unit']:22s} regs {r['regs']} spill {r['spill_bytes']} B  [{r['top_ops']}]")
+    out = Path(args.out_dir) if args.out_dir else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"ptx_counts_sm{args.arch}_triton{triton.__version__}"
+    cols = list(rows[0])
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    stem.with_suffix(".md").write_text(f"Offline PTX counts (no GPU): `python -m bench.ptx_counts --arch {args.arch}`, "
+                                       f"triton {triton.__version__}\n\n" + "\n".join(lines) + "\n")
+    print(f"wrote {stem.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
