@@ -4,7 +4,9 @@ Inputs (see ``sparsecore.formats.nm`` for the byte layout):
 * ``x``: ``[M, K]`` fp16/bf16/fp32, any strides (the kernel reads through both strides, so a transposed
   or sliced activation costs no copy; a unit K stride coalesces best);
 * ``values``: ``[N, S]`` contiguous, ``S = K * n / m``, same dtype as ``x``;
-* ``positions``: uint8 ``[N, ceil(S * log2(m) / 8)]`` contiguous, per-row little-endian bit streams;
+* ``positions``: uint8 ``[N, ceil(S * log2(m) / 8)]`` contiguous, per-row little-endian bit streams, in
+  the format's canonical form (a group's n positions strictly increasing, as ``NMWeight`` guarantees and
+  ``check_packed`` verifies; the m = 4 tile expansion relies on it);
 * ``bias``: ``[N]`` contiguous or ``None``.
 Output ``y``: new contiguous ``[M, N]`` in ``x``'s dtype.
 
@@ -419,6 +421,20 @@ def check_packed(values: torch.Tensor, positions: torch.Tensor, n: int, m: int) 
         raise ValueError(f"n must be an int in (0, {m}) dividing values' {values.shape[1]} slots, got {n!r}")
     k_dim = values.shape[1] // n * m
     _check(values.new_empty((0, k_dim)), values, positions, n, m, None)
+    n_out, slots = values.shape
+    if n_out and slots and n > 1:  # canonical form: each group's positions strictly increasing
+        bits, shifts = _BITS[m], torch.arange(8, dtype=torch.uint8, device=positions.device)
+        chunk = max(1, (1 << 22) // positions.shape[1])  # rows per step: a few tens of MB of temporaries
+        for r0 in range(0, n_out, chunk):
+            stream = (positions[r0: r0 + chunk, :, None] >> shifts) & 1                     # (R, bytes, 8)
+            fields = stream.reshape(stream.shape[0], -1)[:, : slots * bits].reshape(-1, slots, bits)
+            pos = (fields.to(torch.int32) << torch.arange(bits, device=positions.device, dtype=torch.int32)).sum(-1)
+            pos = pos.reshape(-1, slots // n, n)
+            bad = (pos[..., 1:] <= pos[..., :-1]).any(-1)
+            if bool(bad.any()):
+                r, g = (int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"positions of row {r0 + r}, group {g} are not strictly increasing: "
+                                 f"{pos[r, g].tolist()} (not the NMWeight canonical form)")
 
 
 def _run(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,

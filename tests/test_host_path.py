@@ -114,6 +114,10 @@ def test_check_packed_rejects_corrupt_tensors(seeded):
         nm_check_packed(p.values, p.positions[:, :-1].contiguous(), 2, 4)
     with pytest.raises(ValueError, match="n must"):
         nm_check_packed(p.values, p.positions, 3, 4)
+    swapped = p.positions.clone()
+    swapped[0, 0] = ((swapped[0, 0] & 0x3) << 2) | ((swapped[0, 0] >> 2) & 0x3) | (swapped[0, 0] & 0xF0)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        nm_check_packed(p.values, swapped, 2, 4)  # row 0, group 0: its two positions swapped
     _, _, u = _un(seeded)
     with pytest.raises(TypeError, match="tile_offsets"):
         spmm_check_packed(u.bitmap, u.values, u.tile_offsets.long(), u.n, 40)
