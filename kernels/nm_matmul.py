@@ -203,16 +203,17 @@ def _gather_rows(x_ptr, v_ptr, p_ptr, offs_m, m_ok, offs_n, n_ok, k_start, k_end
                 pos = (word >> (bit % 8)) & (MS - 1)
             col = (s[None, :] // NS) * MS + pos                                  # (BN, BS) column in K
             if BLOCK_M == 1:  # grid rows = M: the row always exists
-                xg = tl.load(x_rows + col[None, :, :] * stride_xk)
+                xg = tl.load(x_rows + col[None, :, :].to(tl.int64) * stride_xk)
             else:
-                xg = tl.load(x_rows + col[None, :, :] * stride_xk, mask=m_ok[:, None, None], other=0.0)
+                xg = tl.load(x_rows + col[None, :, :].to(tl.int64) * stride_xk, mask=m_ok[:, None, None],
+                             other=0.0)
         else:
             ok = n_ok[:, None] & (s < s_end)[None, :]                           # (BN, BS)
             vals = tl.load(v_rows + s[None, :], mask=ok, other=0.0)             # (BN, BS)
             pos = _decode_positions(p_rows, s[None, :], ok, row_bytes, BITS, MS)  # (BN, BS) in-group position
             col = (s[None, :] // NS) * MS + pos                                  # (BN, BS) column in K
-            xg = tl.load(x_rows + col[None, :, :] * stride_xk, mask=m_ok[:, None, None] & ok[None, :, :],
-                         other=0.0)
+            xg = tl.load(x_rows + col[None, :, :].to(tl.int64) * stride_xk,
+                         mask=m_ok[:, None, None] & ok[None, :, :], other=0.0)
         acc += xg.to(tl.float32) * vals[None, :, :].to(tl.float32)              # (BM, BN, BS)
     return tl.sum(acc, axis=2)
 
@@ -265,7 +266,7 @@ def _nm_matmul_kernel(
     out_ok = m_ok[:, None] & n_ok[None, :]
     y_offs = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     if PARTIAL:
-        tl.store(y_ptr + pid_k * stride_ys + y_offs, acc, mask=out_ok)
+        tl.store(y_ptr + pid_k.to(tl.int64) * stride_ys + y_offs, acc, mask=out_ok)
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -384,6 +385,9 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n:
     """``y [M, N] = x [M, K] @ W^T + bias`` with ``W`` given as N:M ``values [N, S]`` and ``positions``.
 
     ``split_k``: 0 chooses automatically (see ``choose_split_k``); >= 1 forces that many K slices.
+    Pruned weights are absent, not zeros that multiply: the gather path (M <= 4) never reads ``x`` at a
+    column whose weights are all pruned, so a non-finite ``x`` there may or may not reach ``y`` (the
+    tensor-core path and ``nm_matmul_ref`` give NaN), depending on the autotuned path.
     Runs as the opaque custom op ``torch.ops.sparsecore.nm_matmul`` under torch.compile or autograd; eager
     inference calls the launcher directly.
 

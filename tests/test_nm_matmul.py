@@ -71,8 +71,9 @@ def gather(monkeypatch):
     yield
 
 
-# every pattern (2:4, 1:4, 2:8, 4:8, incl. 3-bit fields that straddle bytes), split K, odd shapes, strided x
-@pytest.mark.parametrize("n,m,dtype,M,N,K,has_bias,keep_frac", CASES)
+# every pattern (2:4, 1:4, 2:8, 4:8, incl. 3-bit fields that straddle bytes), split K, odd shapes, strided x;
+# M <= 4 only: larger M takes the tensor-core path (as on a GPU)
+@pytest.mark.parametrize("n,m,dtype,M,N,K,has_bias,keep_frac", [c for c in CASES if c[3] <= 4])
 def test_gather_path_matches_float64(seeded, poisoned, gather, n, m, dtype, M, N, K, has_bias, keep_frac):
     w, mask, p = make_case(seeded, N, K, n, m, dtype, keep_frac)
     x = nonzero_randn(K, M, dtype=dtype, generator=seeded).t()  # strided: the gather reads through both strides
@@ -82,15 +83,24 @@ def test_gather_path_matches_float64(seeded, poisoned, gather, n, m, dtype, M, N
         assert_close_to_ref(y, ref64(x, w, mask, bias), K)
 
 
-@pytest.mark.parametrize("n,m,dtype,M,N,K", [(2, 4, F16, 1, 32, 64), (4, 8, BF16, 3, 16, 96), (1, 4, F32, 2, 48, 128),
-                                              (3, 8, F16, 1, 16, 64), (3, 4, F16, 2, 16, 64)])
+@pytest.mark.parametrize("n,m,dtype,M,N,K", [(2, 4, F16, 1, 32, 128), (1, 4, F32, 2, 48, 128), (4, 8, BF16, 3, 16, 128),
+                                              (2, 8, F16, 1, 16, 128), (1, 8, F32, 4, 16, 128)])
 def test_gather_path_full_blocks_unmasked(seeded, poisoned, gather, n, m, dtype, M, N, K):
-    """N a multiple of BLOCK_N and K of BLOCK_K (the interpreter's 16 x 32): the EVEN variant, no bounds masks."""
+    """N a multiple of BLOCK_N and every K slice of BLOCK_K (the interpreter's 16 x 32; K = 128 in 1 or 2
+    slices of 64): the EVEN variant, no bounds masks, for every power-of-two n."""
     w, mask, p = make_case(seeded, N, K, n, m, dtype, 0.9)
     x = nonzero_randn(M, K, dtype=dtype, generator=seeded)
     bias = nonzero_randn(N, dtype=dtype, generator=seeded)
-    for split_k in (0, 2):
+    for split_k in (1, 2):
         assert_close_to_ref(nm_matmul(x, p.values, p.positions, n, m, bias, split_k=split_k), ref64(x, w, mask, bias), K)
+
+
+@pytest.mark.parametrize("n,m", [(3, 8), (3, 4), (5, 8)])
+def test_non_power_of_two_n_takes_the_general_expansion(seeded, poisoned, gather, n, m):
+    """No gather for n = 3, 5 (slot blocks must be powers of two): the tensor-core path with ``_expand_slots``."""
+    w, mask, p = make_case(seeded, 16, 64, n, m, F16, 0.9)
+    x = nonzero_randn(2, 64, dtype=F16, generator=seeded)
+    assert_close_to_ref(nm_matmul(x, p.values, p.positions, n, m), ref64(x, w, mask, None), 64)
 
 
 @pytest.mark.parametrize("n,m,dtype,M,has_bias", [(2, 4, F16, 17, True), (4, 8, BF16, 20, False),
