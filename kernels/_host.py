@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-__all__ = ["cdiv", "next_pow2", "num_sms"]
+__all__ = ["cdiv", "next_pow2", "num_sms", "needs_op"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -34,3 +34,14 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+def needs_op(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a launcher must go through its torch.library custom op rather than launch directly.
+
+    Under torch.compile the op is what the graph records; with autograd on, the op refuses backward loudly
+    instead of detaching silently. Eager inference skips the dispatcher, whose Python overhead rivals a
+    whole decode GEMV.
+    """
+    return torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._host import cdiv
+from ._host import cdiv, needs_op
 
 __all__ = ["channel_conv", "channel_conv_ref", "fill_indices", "conv_out_size"]
 
@@ -244,8 +244,7 @@ def channel_conv(x: torch.Tensor, values: torch.Tensor, in_idx: torch.Tensor, ou
             raise ValueError(f"out must be {x.dtype} {tuple(expect.shape)} on {x.device}, "
                              f"got {out.dtype} {tuple(out.shape)} on {out.device}")
         return _launch(x, values, in_idx, out_idx, fill_idx, bias, out, stride, padding, dilation)
-    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if grad or torch.compiler.is_compiling():  # the op refuses backward loudly instead of detaching silently
+    if needs_op(x, bias):
         return _channel_conv_op(x, values, in_idx, out_idx, fill_idx, bias, c_out_full, list(stride),
                                 list(padding), list(dilation))
     # Eager inference: skip the custom-op dispatcher (tens of microseconds of Python per call).

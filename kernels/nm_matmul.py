@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2, num_sms
+from ._host import cdiv, needs_op, next_pow2, num_sms
 
 __all__ = ["nm_matmul", "nm_matmul_prechecked", "check_packed", "nm_matmul_ref", "choose_split_k"]
 
@@ -443,10 +443,8 @@ def check_packed(values: torch.Tensor, positions: torch.Tensor, n: int, m: int) 
 
 def _run(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
          bias: Optional[torch.Tensor], split_k: int) -> torch.Tensor:
-    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if grad or torch.compiler.is_compiling():  # the op refuses backward loudly instead of detaching silently
+    if needs_op(x, bias):
         return torch.ops.sparsecore.nm_matmul(x, values, positions, n, m, bias, split_k)
-    # Eager inference: skip the custom-op dispatcher, whose Python overhead rivals a whole decode GEMV.
     return _launch(x, values, positions, n, m, bias, split_k)
 
 

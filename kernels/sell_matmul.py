@@ -25,7 +25,7 @@ import triton.language as tl
 
 from sparsecore.formats.sell import ALIGN, MAX_K, SellLayout
 
-from ._host import cdiv, next_pow2
+from ._host import cdiv, needs_op, next_pow2
 
 __all__ = ["sell_matmul", "sell_matmul_ref", "check_layout"]
 
@@ -150,8 +150,7 @@ def sell_matmul(x: torch.Tensor, layout: SellLayout, bias: Optional[torch.Tensor
     if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
         raise ValueError(f"sell_matmul: Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), x is on {x.device}")
     args = (x, layout.values, layout.cols, layout.row_len, layout.base, layout.width, bias, layout.slice_rows)
-    if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
+    if needs_op(x, bias):
         return torch.ops.sparsecore.sell_matmul(*args, layout.k)
     return _launch(*args)
 

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from sparsecore.formats.unstructured import MAX_TILE_ELEMS, TILE_K_CHOICES, TILE_N_CHOICES, decode_matrix
 
-from ._host import cdiv, next_pow2
+from ._host import cdiv, needs_op, next_pow2
 
 __all__ = ["spmm", "spmm_prechecked", "check_packed", "spmm_ref"]
 
@@ -235,10 +235,8 @@ def spmm(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offse
         raise ValueError(f"spmm: split_k must be a positive int or None, got {split_k!r}")
     if k is not None and isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] != k:
         raise ValueError(f"spmm: x must be [M, {k}] (the weight's K), got {tuple(x.shape)}")
-    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if torch.compiler.is_compiling() or grad:  # the op refuses backward loudly instead of detaching silently
+    if needs_op(x, bias):  # the op runs the full check itself
         return torch.ops.sparsecore.spmm(x, bitmap, values, tile_offsets, n, bias, split_k or 0)
-    # Eager: skip the custom-op dispatcher, whose Python overhead is comparable to a whole decode GEMV.
     _check(x, bitmap, values, tile_offsets, n, bias)
     return _launch(x, bitmap, values, tile_offsets, n, bias, split_k or 0)
 
@@ -265,8 +263,7 @@ def spmm_prechecked(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor,
         if x.dim() == 2 and x.shape[1] != k:
             raise ValueError(f"spmm: x must be [M, {k}] (the weight's K), got {tuple(x.shape)}")
         _check(x, bitmap, values, tile_offsets, n, bias)
-    if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
+    if needs_op(x, bias):
         return torch.ops.sparsecore.spmm(x, bitmap, values, tile_offsets, n, bias, 0)
     return _launch(x, bitmap, values, tile_offsets, n, bias, 0)
 
