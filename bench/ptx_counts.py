@@ -2,11 +2,13 @@
 
 Compiles the decode configurations of the sparse kernels for an NVIDIA target with Triton's own ptxas
 and reports, per configuration: registers, spill bytes, and the number of PTX instructions in the main
-loop per weight element it processes (per *kept* value for ``sell_matmul``). At decode sizes a kernel
-must stream its compressed weight at memory speed, and an H100 issues about 30 T thread-instructions/s
-against ~3 TB/s of DRAM: a 2:4 fp16 weight (0.56 B per element) leaves ~5 instructions per element
-before issue, not DRAM, is the limit. The counts are a proxy (PTX, not SASS; no latency, no caches), a
-way to compare variants before a GPU session measures them, not a performance claim.
+loop per weight element it processes (per *kept* value for ``sell_matmul``), all of them and the integer
+ones (integer/logic/compare/select). At decode sizes a kernel must stream its compressed weight at memory
+speed. An H100 SXM (132 SMs, ~1.98 GHz) issues ~33 T thread-instructions/s, of which only ~17 T can be
+integer (64 INT32 lanes per SM against 128 FP32), against ~3 TB/s of DRAM: a 2:4 fp16 weight (1.125 B per
+element) leaves ~12 instructions and ~6 integer ones per element before issue, not DRAM, is the limit.
+The counts are a proxy (PTX, not SASS; no latency, no caches, no special-function rates), a way to compare
+variants before a GPU session measures them, not a performance claim.
 
 Writes ``bench/results/ptx_counts_sm<arch>_triton<version>.{csv,md}``.
 """
@@ -63,8 +65,27 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict, aligned: lis
     loop = max(_loop_bodies(ptx), key=len, default=[])
     kinds = Counter(_opcode(line) for line in loop)
     return {"regs": int(regs[-1]) if regs else "", "spill_bytes": int(spill[-1]) if spill else "",
-            "loop_instr": len(loop), "tensor_core": bool(re.search(r"\b(w?gmma|mma)\.", ptx)),
+            "loop_instr": len(loop), "loop_int": sum(map(_is_integer_op, loop)), "tensor_core": bool(re.search(r"\b(w?gmma|mma)\.", ptx)),
             "top_ops": " ".join(f"{k}:{v}" for k, v in kinds.most_common(6))}
+
+
+_INT_OPS = {"add", "sub", "mul", "mad", "and", "or", "xor", "not", "shl", "shr", "setp", "selp", "min", "max", "popc",
+            "bfe", "bfi", "prmt", "lop3", "neg", "abs"}
+
+
+def _is_integer_op(line: str) -> bool:
+    """An integer/logic/compare/select instruction: on H100 these share 64 lanes per SM per clock (FP32 has 128)."""
+    parts = line.split()
+    full = parts[1] if parts[0].startswith("@") and len(parts) > 1 else parts[0]
+    op, *suffixes = full.split(".")
+    return op in _INT_OPS and not any(t in ("f16", "f16x2", "bf16", "bf16x2", "f32", "f64") for t in suffixes)
+
+
+def _row(kernel: str, path: str, config: str, rows_m: int, unit: str, per_thread: float, res: dict) -> dict:
+    """One table row; ``per_thread``: units (weight elements or kept values) one thread handles per iteration."""
+    return {"kernel": kernel, "path": path, "config": config, "rows_M": rows_m, "unit": unit,
+            "instr_per_unit": round(res["loop_instr"] / per_thread, 1),
+            "int_per_unit": round(res["loop_int"] / per_thread, 1), **res}
 
 
 def _opcode(line: str) -> str:
@@ -105,10 +126,9 @@ def nm_rows(arch: int) -> list[dict]:
                                               "stride_xm", "stride_vn", "stride_pn", "stride_ym"], arch,
                              cfg.num_warps, cfg.num_stages)
         per_thread = kw["BLOCK_N"] * kw["BLOCK_K"] / (32 * cfg.num_warps)
-        rows.append({"kernel": "nm_matmul 2:4 fp16", "path": "gather" if kw["GATHER"] else "tensor cores",
-                     "config": f"BM={kw['BLOCK_M']} BN={kw['BLOCK_N']} BK={kw['BLOCK_K']} w={cfg.num_warps}",
-                     "rows_M": m_rows, "unit": "dense weight element",
-                     "instr_per_unit": round(res["loop_instr"] / per_thread, 1), **res})
+        rows.append(_row("nm_matmul 2:4 fp16", "gather" if kw["GATHER"] else "tensor cores",
+                         f"BM={kw['BLOCK_M']} BN={kw['BLOCK_N']} BK={kw['BLOCK_K']} w={cfg.num_warps}", m_rows,
+                         "dense weight element", per_thread, res))
     return rows
 
 
@@ -128,28 +148,32 @@ def sell_rows(arch: int) -> list[dict]:
                                               "y_ptr", "N", "K", "stride_xm", "stride_ym"], arch,
                              cfg.num_warps, cfg.num_stages)
         per_thread = 16 * kw["BLOCK_J"] / (32 * cfg.num_warps)
-        rows.append({"kernel": "sell_matmul fp16", "path": "per kept value",
-                     "config": f"BM=1 C=16 BJ={kw['BLOCK_J']} w={cfg.num_warps}", "rows_M": 1,
-                     "unit": "kept value", "instr_per_unit": round(res["loop_instr"] / per_thread, 1), **res})
+        rows.append(_row("sell_matmul fp16", "per kept value", f"BM=1 C=16 BJ={kw['BLOCK_J']} w={cfg.num_warps}", 1,
+                         "kept value", per_thread, res))
     return rows
 
 
 def spmm_rows(arch: int) -> list[dict]:
     import sparsecore.kernels.spmm as mod
     fn = mod._spmm_kernel
+    if not isinstance(fn, triton.runtime.JITFunction):  # imported under TRITON_INTERPRET=1
+        fn = triton.runtime.JITFunction(fn.fn)
     rows = []
-    for tile_n, tile_k, warps in ((16, 256, 4), (16, 256, 8), (32, 128, 4)):
+    for block_m, tile_n, tile_k, warps in ((1, 16, 256, 4), (1, 16, 256, 8), (1, 32, 128, 4), (4, 16, 256, 8),
+                                           (16, 16, 256, 4), (16, 32, 128, 4), (64, 32, 128, 4)):
         sig = {n: "i32" for n in fn.arg_names} | {"x_ptr": "*fp16", "bitmap_ptr": "*i32", "values_ptr": "*fp16",
                                                   "offsets_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
                                                   "ws_ptr": "*fp32"}
-        const = dict(M=1, m_bucket=1, stride_xk=1, HAS_BIAS=True, TILE_N=tile_n, TILE_K=tile_k, BLOCK_M=1, SPLIT_K=1,
-                     DOT_PRECISION=None, DOT_UPCAST=False)
+        const = dict(stride_xk=1, HAS_BIAS=True, TILE_N=tile_n, TILE_K=tile_k, BLOCK_M=block_m, SPLIT_K=1,
+                     DOT_PRECISION=None, DOT_UPCAST=False, HW_POPC=True)
+        if block_m == 1:
+            const.update(M=1, m_bucket=1)
         res = compile_kernel(fn, sig, const, ["x_ptr", "bitmap_ptr", "values_ptr", "offsets_ptr", "bias_ptr", "out_ptr",
                                               "ws_ptr", "N", "K", "n_k_tiles", "stride_xm", "stride_om"], arch, warps, 2)
         per_thread = tile_n * tile_k / (32 * warps)
-        rows.append({"kernel": "spmm (bitmap) fp16", "path": "bitmap prefix sum",
-                     "config": f"BM=1 tile {tile_n}x{tile_k} w={warps}", "rows_M": 1, "unit": "dense weight element",
-                     "instr_per_unit": round(res["loop_instr"] / per_thread, 1), **res})
+        rows.append(_row("spmm (bitmap) fp16", "tensor cores" if block_m >= 16 else "popcount decode",
+                         f"BM={block_m} tile {tile_n}x{tile_k} w={warps}", block_m, "dense weight element",
+                         per_thread, res))
     return rows
 
 
@@ -162,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = nm_rows(args.arch) + sell_rows(args.arch) + spmm_rows(args.arch)
     for r in rows:
         print(f"{r['kernel']:20s} {r['path']:18s} {r['config']:28s} M={r['rows_M']:<3d} {r['instr_per_unit']:6.1f} "
-              f"instr/{r['unit']:22s} regs {r['regs']} spill {r['spill_bytes']} B  [{r['top_ops']}]")
+              f"instr ({r['int_per_unit']:5.1f} int)/{r['unit']:22s} regs {r['regs']} spill {r['spill_bytes']} B  [{r['top_ops']}]")
     out = Path(args.out_dir) if args.out_dir else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"ptx_counts_sm{args.arch}_triton{triton.__version__}"

@@ -6,11 +6,18 @@ for the byte layout): ``bitmap`` int32 ``[TN, TK, tile_n, tile_k // 32]``, ``val
 
 Work split. Program ``(i, s, b)`` owns output columns ``i*tile_n ..`` (one tile row of W), the ``s``-th
 of ``SPLIT_K`` contiguous chunks of that tile row's K tiles, and rows ``b*BLOCK_M ..`` of x. For every
-tile it streams the tile's bitmap words and its contiguous run of values once, expands them on chip
-(an exclusive prefix sum of the bits gives each kept entry's slot in the run), and multiplies by the
-x tile in fp32. Decode (M <= 4) reduces in registers; from M = 5 up ``tl.dot`` runs on a 16/32/64
-row block. ``SPLIT_K > 1`` gives enough programs at M = 1 (N = 4096 has only 256 tile rows for 132
-SMs) and accumulates fp32 partials with atomics into a zeroed workspace that is cast once at the end.
+tile it reads the tile's bitmap words once and gathers each entry's value from the tile's contiguous run:
+an entry's slot is the tile's offset, plus a scan of the word popcounts (once per 32 entries), plus the
+popcount of the kept bits before it in its word (one ``popc`` per entry; the SWAR formula under the
+interpreter). Decode (M <= 4) accumulates element-wise products in registers and reduces once at the end;
+from M = 5 up ``tl.dot`` runs on a 16/32/64 row block. ``SPLIT_K > 1`` gives enough programs at M = 1
+(N = 4096 has only 256 tile rows for 132 SMs) and accumulates fp32 partials with atomics into a zeroed
+workspace that is cast once at the end.
+
+Cost (``python -m bench.ptx_counts``, sm_90, triton 3.6): 15 PTX instructions per dense weight element at
+M = 1, 9 of them integer (was 44-66 with a prefix sum over every entry). The work is per *dense* entry, so
+it does not shrink with sparsity: the TRITON_SELL backend (work per kept value) is the faster decode from
+about 70% sparsity on; this kernel is the one whose bytes beat dense at 50-60%.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from sparsecore.formats.unstructured import MAX_TILE_ELEMS, TILE_K_CHOICES, TILE_N_CHOICES, decode_matrix
 
@@ -31,12 +39,26 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _popcount(v, HW_POPC: tl.constexpr):
+    """Set bits of each uint32, as int32: the hardware instruction on a GPU (one popc.b32 on NVIDIA), the SWAR
+    formula under the interpreter (which has no libdevice). LLVM turns the formula into popc only sometimes
+    (triton 3.9 mostly, 3.6 rarely), so the GPU does not rely on it."""
+    if HW_POPC:
+        return libdevice.popc(v.to(tl.int32, bitcast=True))
+    else:
+        v = v - ((v >> 1) & 0x55555555)
+        v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+        v = (v + (v >> 4)) & 0x0F0F0F0F
+        return ((v * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
 def _spmm_kernel(
     x_ptr, bitmap_ptr, values_ptr, offsets_ptr, bias_ptr, out_ptr, ws_ptr,
-    M, N, K, n_k_tiles, m_bucket,
+    M, N, K, n_k_tiles, m_bucket, last_value,
     stride_xm, stride_xk, stride_om,
     HAS_BIAS: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, HW_POPC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -45,42 +67,54 @@ def _spmm_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                     # (BM,)
     rn = tl.arange(0, TILE_N)                                        # (TN,)
-    rk = tl.arange(0, TILE_K)                                        # (TK,)
-    rw = tl.arange(0, WORDS)
+    rw = tl.arange(0, WORDS)                                         # (W,)
+    rj = tl.arange(0, 32)                                            # bit j of a word = column w*32 + j
+    bit = tl.full((32,), 1, tl.uint32) << rj.to(tl.uint32)
+    below = bit - 1                                                  # the bits before bit j
     word_offs = rn[:, None] * WORDS + rw[None, :]                    # (TN, W) inside one tile's bitmap
-    bit_shift = tl.arange(0, 32)
+    col3 = rw[:, None] * 32 + rj[None, :]                            # (W, 32) column inside the tile
 
     per_split = tl.cdiv(n_k_tiles, SPLIT_K)
     t_begin = pid_k * per_split
     t_end = tl.minimum(t_begin + per_split, n_k_tiles)
-    acc = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
+    if BLOCK_M >= 16:
+        acc = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
+    else:
+        acc4 = tl.zeros((BLOCK_M, TILE_N, WORDS, 32), dtype=tl.float32)
     for t in range(t_begin, t_end):
         tile = pid_n * n_k_tiles + t
-        # Each word is read once, then fanned out to its 32 bits on chip.
-        words = tl.load(bitmap_ptr + tile.to(tl.int64) * (TILE_N * WORDS) + word_offs)       # (TN, W)
-        bits = (words[:, :, None] >> bit_shift[None, None, :]) & 1                        # (TN, W, 32)
-        bits = tl.reshape(bits, (TILE_N, TILE_K))                                          # (TN, TK)
-        # Slot of each kept entry in the tile's run of values: values before it in its row, plus
-        # values in the rows above it.
-        in_row = tl.cumsum(bits, axis=1) - bits
-        row_count = tl.sum(bits, axis=1)
-        row_start = tl.cumsum(row_count, axis=0) - row_count
-        base = tl.load(offsets_ptr + tile)
-        slot = base.to(tl.int64) + (row_start[:, None] + in_row)
-        w = tl.load(values_ptr + slot, mask=bits != 0, other=0.0)                          # (TN, TK)
+        words = tl.load(bitmap_ptr + tile.to(tl.int64) * (TILE_N * WORDS) + word_offs).to(tl.uint32, bitcast=True)
+        # Slot of entry (r, w, j) in the tile's run of values: the tile's offset, plus the kept entries of
+        # the words before (r, w) (row-major), plus the kept bits before j in its own word. One popcount per
+        # entry and one scan per word; no scan per entry.
+        count = _popcount(words, HW_POPC)                                                          # (TN, W)
+        flat = tl.reshape(count, (TILE_N * WORDS,))
+        word_base = tl.reshape(tl.cumsum(flat, axis=0) - flat, (TILE_N, WORDS)) + tl.load(offsets_ptr + tile)
+        w3 = words[:, :, None]
+        slot = word_base[:, :, None] + _popcount(w3 & below[None, None, :], HW_POPC)               # (TN, W, 32)
+        # A pruned entry's slot is its next kept neighbour's (or one past the end): load unmasked from a
+        # clamped slot, then select, which compiles leaner than a masked gather.
+        v = tl.load(values_ptr + tl.minimum(slot, last_value))
+        v = tl.where((w3 & bit[None, None, :]) != 0, v, 0.0)
 
-        kk = t * TILE_K + rk
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)                 # (BM, TK)
+        kk = t * TILE_K + col3                                                            # (W, 32)
         if BLOCK_M >= 16:
+            kk2 = tl.reshape(kk, (TILE_K,))
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk2[None, :] * stride_xk,
+                        mask=(rm[:, None] < M) & (kk2[None, :] < K), other=0.0)           # (BM, TK)
+            w = tl.reshape(v, (TILE_N, TILE_K))
             if DOT_UPCAST:
                 acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=DOT_PRECISION)
             else:
                 acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
         else:
-            # Decode: a dot would pad M to 16; a register reduction is cheaper at M <= 4.
-            prod = x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)            # (BM, TN, TK)
-            acc += tl.sum(prod, axis=2)
+            # Decode: element-wise products accumulate in registers, reduced once after the loop (a dot
+            # would pad M to 16; a reduction per tile would cost shuffles every iteration).
+            x = tl.load(x_ptr + rm[:, None, None] * stride_xm + kk[None, :, :] * stride_xk,
+                        mask=(rm[:, None, None] < M) & (kk[None, :, :] < K), other=0.0)   # (BM, W, 32)
+            acc4 += x[:, None, :, :].to(tl.float32) * v[None, :, :, :].to(tl.float32)
+    if BLOCK_M < 16:
+        acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
 
     cols = pid_n * TILE_N + rn
     if HAS_BIAS:
@@ -100,13 +134,20 @@ def _zero_workspace(nargs: dict) -> None:
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     # More splits than K tiles only adds empty programs and atomics.
-    n_k_tiles = named_args["n_k_tiles"]
-    kept = [c for c in configs if c.kwargs["SPLIT_K"] <= max(1, n_k_tiles)]
-    return kept or configs[:1]
+    args = {**named_args, **kwargs}
+    kept = [c for c in configs if c.kwargs["SPLIT_K"] <= max(1, args["n_k_tiles"])] or configs[:1]
+    if args["BLOCK_M"] < 16:
+        # The decode path holds BLOCK_M x tile fp32 accumulators across the threads: more than 64 per thread
+        # costs occupancy (over 200 registers) or spills, so keep the configs with the fewest per thread.
+        acc = args["BLOCK_M"] * args["TILE_N"] * args["TILE_K"]
+        per_thread = {c: acc // (32 * c.num_warps) for c in kept}
+        least = max(64, min(per_thread.values()))
+        kept = [c for c in kept if per_thread[c] <= least]
+    return kept
 
 
-def _configs() -> list[triton.Config]:
-    if _INTERPRET:  # the interpreter is slow and cannot time anything: one config
+def _configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
+    if interpret:  # the interpreter is slow and cannot time anything: one config
         return [triton.Config({"SPLIT_K": 1}, num_warps=4, num_stages=1, pre_hook=_zero_workspace)]
     return [triton.Config({"SPLIT_K": s}, num_warps=w, num_stages=st, pre_hook=_zero_workspace)
             for s in (1, 2, 4, 8) for w in (4, 8) for st in (2, 3)]
@@ -186,9 +227,10 @@ def _launch(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_of
     # tiles go through an exact fp32 dot instead. GPUs always take the native bf16 dot.
     upcast = _INTERPRET and x.dtype == torch.bfloat16
     args = (x, bitmap, values, tile_offsets, bias if bias is not None else out, out, ws,
-            m, n, k, n_k_tiles, _autotune_bucket(m, block_m), x.stride(0), x.stride(1), out.stride(0))
+            m, n, k, n_k_tiles, _autotune_bucket(m, block_m), values.numel() - 1, x.stride(0), x.stride(1),
+            out.stride(0))
     meta = dict(HAS_BIAS=bias is not None, TILE_N=tile_n, TILE_K=32 * words, BLOCK_M=block_m,
-                DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else None, DOT_UPCAST=upcast)
+                DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else None, DOT_UPCAST=upcast, HW_POPC=not _INTERPRET)
     tile_rows, m_blocks = bitmap.shape[0], cdiv(m, block_m)
     grid = lambda cfg: (tile_rows, cfg["SPLIT_K"], m_blocks)  # noqa: E731
     if split_k > 0:

@@ -72,10 +72,28 @@ def test_autotuned_split_k_config_zeroes_and_casts_workspace(seeded, monkeypatch
     assert spmm_mod._spmm_autotuned.best_config is config
 
 
+@pytest.mark.parametrize("m", [1, 3, 17])  # decode (1 and 4-row blocks) and a 32-row tl.dot block
 @pytest.mark.parametrize("tiles", [(16, 256), (32, 64)])
-def test_other_tiles_and_dot_block(seeded, tiles):
-    p, x, b, ref = _problem(17, 40, 90, 0.6, torch.float16, seeded, tile_n=tiles[0], tile_k=tiles[1])
-    assert_close_to_ref(_run(p, x, b), ref, 90)  # M = 17: a 32-row tl.dot block
+@pytest.mark.parametrize("sparsity", [0.0, 0.6])
+def test_multi_word_tiles(seeded, tiles, m, sparsity):
+    """Tiles of several bitmap words per row: each word's first slot comes from the words before it (scan
+    over the tile's words) and sparsity 0 sets bit 31, the int32 sign bit, in every word."""
+    p, x, b, ref = _problem(m, 40, 90, sparsity, torch.float16, seeded, tile_n=tiles[0], tile_k=tiles[1])
+    assert_close_to_ref(_run(p, x, b), ref, 90)
+
+
+def test_decode_configs_bound_accumulators_per_thread():
+    """The autotuner never tries a decode config holding more than 64 fp32 accumulators per thread (when a
+    config within 64 exists), and keeps every config for the tensor-core path."""
+    configs = spmm_mod._configs(interpret=False)
+    for block_m, tile_n, tile_k, warps in [(1, 16, 256, {4, 8}), (2, 16, 256, {4, 8}), (4, 16, 256, {8}),
+                                           (4, 32, 256, {8})]:
+        kept = spmm_mod._prune(configs, {"n_k_tiles": 16}, BLOCK_M=block_m, TILE_N=tile_n, TILE_K=tile_k)
+        assert {c.num_warps for c in kept} == warps, (block_m, tile_n, tile_k)
+        assert {c.kwargs["SPLIT_K"] for c in kept} == {1, 2, 4, 8}
+    assert len(spmm_mod._prune(configs, {"n_k_tiles": 16}, BLOCK_M=16, TILE_N=16, TILE_K=256)) == len(configs)
+    kept = spmm_mod._prune(configs, {"n_k_tiles": 2}, BLOCK_M=16, TILE_N=16, TILE_K=256)
+    assert {c.kwargs["SPLIT_K"] for c in kept} == {1, 2}
 
 
 def test_empty_rows_zero_tiles_and_strided_x(seeded):

@@ -10,10 +10,11 @@ Why this layout (bytes per dense element, fp16, ``s`` = sparsity):
 
 The bitmap wins on bytes at every sparsity below 97% and is the only one that beats dense at 50%: a
 kernel program reads one contiguous bitmap block and one contiguous run of values per tile and finds each
-value's slot with a prefix sum of the tile's bits on chip. That costs work per *dense* element (~45 PTX
-instructions in ``kernels/spmm.py``'s decode loop, counted offline for sm_90), so at decode sizes it is
-bound by instruction issue, not bytes; the TRITON_SELL backend (``sparsecore.formats.sell``) trades some
-bytes for work per kept value there. Files always store this format.
+value's slot on chip (a popcount of the bits before it in its 32-bit word, plus a scan over the tile's
+words). That costs work per *dense* element (~15 PTX instructions, 9 of them integer, in
+``kernels/spmm.py``'s decode loop, counted offline for sm_90), so from about 70% sparsity the
+TRITON_SELL backend (``sparsecore.formats.sell``), which trades some bytes for work per kept value, is
+the faster decode. Files always store this format.
 
 Tiling. The ``[N, K]`` matrix view (``masks.as_matrix``: Conv2d K is ordered (kh, kw, C_in)) is padded
 with pruned entries to ``[TN * tile_n, TK * tile_k]``, ``TN = ceil(N / tile_n)``,
