@@ -11,8 +11,9 @@ Inputs (see ``sparsecore.formats.nm`` for the byte layout):
 Output ``y``: new contiguous ``[M, N]`` in ``x``'s dtype.
 
 Design. Decode is memory bound on paper (the compressed weight is read once), but only if the kernel
-spends few instructions per weight element: an H100 issues ~30 T thread-instructions/s against ~3 TB/s,
-so streaming a 2:4 fp16 weight (0.56 B per element) leaves ~5 instructions per element. Two paths:
+spends few instructions per weight element: an H100 issues ~33 T thread-instructions/s, only ~17 T of
+them integer (64 INT32 lanes per SM), against ~3 TB/s, so streaming a 2:4 fp16 weight (1.125 B per
+element) leaves ~12 instructions, ~6 of them integer, per element. Two paths:
 
 * gather (M <= 4, n a power of two): each program owns ``BLOCK_N`` weight rows, reads contiguous blocks of
   their values and position bytes, and multiplies each kept value by ``x[:, its column]`` (x is a few KB,
@@ -22,8 +23,9 @@ so streaming a 2:4 fp16 weight (0.56 B per element) leaves ~5 instructions per e
   and builds the tile's 4 columns with one compare-and-select per slot, interleaved in-thread; other
   patterns use the general ``_expand_slots``.
 
-Counted offline from the sm_90 PTX of the main loop: ~10 instructions per weight element for the gather at
-M = 1, ~13-15 for the m = 4 tensor-core path (the first expansion took 41-47). When even 16-row blocks of N
+Counted offline from the sm_90 PTX of the main loop (triton 3.6): ~10 instructions (5 integer) per weight
+element for the gather at M = 1, 8-10 (5.3-6.6 integer) for the m = 4 tensor-core path on full tiles (the
+first expansion took 41-47). When even 16-row blocks of N
 cannot fill the GPU (N < ~16 * #SMs), K is split over ``SPLIT_K`` programs writing fp32 partials that are
 summed in a fixed order afterwards (deterministic; no atomics). Configs are autotuned per (M bucket, N, K,
 n, m, SPLIT_K, dtype); under ``TRITON_INTERPRET=1`` one small config runs (``INTERPRET_GATHER`` picks the path).
@@ -57,7 +59,7 @@ def _configs() -> list[triton.Config]:
     """Candidate tiles. Chosen offline (no GPU needed) by compiling for sm_90 with ptxas and counting the
     main loop's PTX instructions per weight element, since at decode sizes instruction issue, not DRAM,
     is what a careless expansion runs out of: the gather path takes ~10 per element at M = 1, the m = 4
-    tensor-core path ~13-15 for up to 16 rows (a broadcast-multiply-and-reduce on CUDA cores took 47-134,
+    tensor-core path 8-10 for up to 16 rows (a broadcast-multiply-and-reduce on CUDA cores took 47-134,
     and was dropped). fp16/bf16 tiles do not spill; fp32 ``tl.dot`` in "ieee" precision does (FMA dot
     layout): fp32 is supported for correctness, not tuned."""
     cfgs = []
@@ -136,22 +138,33 @@ def _expand_slots(v_ptr, p_ptr, offs_n, n_ok, k0, g_end, stride_vn, stride_pn, r
 
 @triton.jit
 def _expand_m4(v_ptr, p_ptr, offs_n, n_ok, k0, g_end, stride_vn, stride_pn, NS: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Dense (BN, BK) tile for m = 4 and n in (1, 2): per group one byte read and its 2-bit fields split off,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    """Dense (BN, BK) tile for m = 4 and n in (1, 2): each group's 2-bit fields split off its position byte,
     then per dense element one compare-and-select per slot (counted offline for sm_90: ~4x fewer
-    instructions than ``_expand_slots``, whose 4-D compare and reduction dominate a decode loop)."""
+    instructions than ``_expand_slots``, whose 4-D compare and reduction dominate a decode loop).
+    ``EVEN`` (full tile, ``k0`` a multiple of ``BLOCK_K``): no masks, and the tile's position bytes are one
+    contiguous load per row whose nibbles are split in-thread."""
     BLOCK_G: tl.constexpr = BLOCK_K // 4
     g = k0 // 4 + tl.arange(0, BLOCK_G)                                      # (BG,)
-    ok = n_ok[:, None] & (g < g_end)[None, :]                                # (BN, BG)
     rows = offs_n[:, None].to(tl.int64)
-    bit = g * (2 * NS)                                                       # first field of each group
-    fields = tl.load(p_ptr + rows * stride_pn + (bit // 8)[None, :], mask=ok, other=0).to(tl.int32)
-    fields = fields >> (bit % 8)[None, :]                                    # (BN, BG): p0 | p1 << 2
+    p_rows = p_ptr + rows * stride_pn
+    v_rows = v_ptr + rows * stride_vn
+    s = NS * (k0 // 4) + tl.arange(0, NS * BLOCK_G)                         # (NS BG,) the tile's slots
+    if EVEN:
+        # One byte holds 4 fields: 2 groups for 2:4, 4 for 1:4. k0 % 32 == 0, so the tile starts a byte.
+        byte = tl.load(p_rows + (NS * k0 // 16 + tl.arange(0, NS * BLOCK_G // 4))[None, :])
+        fields = tl.interleave(byte & 15, byte >> 4).to(tl.int32)           # (BN, 2:4 -> BG | 1:4 -> BG/2)
+        if NS == 1:
+            fields = tl.interleave(fields & 3, fields >> 2)                  # (BN, BG): one 2-bit field each
+        v = tl.load(v_rows + s[None, :])                                     # (BN, NS BG)
+    else:
+        ok = n_ok[:, None] & (g < g_end)[None, :]                            # (BN, BG)
+        bit = g * (2 * NS)                                                   # first field of each group
+        fields = tl.load(p_rows + (bit // 8)[None, :], mask=ok, other=0).to(tl.int32)
+        fields = fields >> (bit % 8)[None, :]                                # (BN, BG): p0 | p1 << 2
+        v = tl.load(v_rows + s[None, :], mask=n_ok[:, None] & (s < NS * g_end)[None, :], other=0.0)
     p0 = fields & 3
     if NS == 2:
-        v = tl.load(v_ptr + rows * stride_vn + (2 * (k0 // 4) + tl.arange(0, 2 * BLOCK_G))[None, :],
-                    mask=(n_ok[:, None] & (2 * (k0 // 4) + tl.arange(0, 2 * BLOCK_G) < 2 * g_end)[None, :]),
-                    other=0.0)                                               # (BN, 2 BG): both slots of each group
         v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_G, 2)))             # (BN, BG) each
         p1 = (fields >> 2) & 3
         zero = tl.zeros_like(v0)
@@ -160,7 +173,6 @@ def _expand_m4(v_ptr, p_ptr, offs_n, n_ok, k0, g_end, stride_vn, stride_pn, NS: 
         c2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))              # (p0 < p1, so column 0 can only be
         c3 = tl.where(p1 == 3, v1, zero)                                     # p0's and column 3 only p1's)
     else:
-        v = tl.load(v_ptr + rows * stride_vn + g[None, :], mask=ok, other=0.0)  # (BN, BG)
         zero = tl.zeros_like(v)
         c0, c1, c2, c3 = (tl.where(p0 == 0, v, zero), tl.where(p0 == 1, v, zero), tl.where(p0 == 2, v, zero),
                           tl.where(p0 == 3, v, zero))
@@ -251,12 +263,12 @@ def _nm_matmul_kernel(
         for k0 in range(k_start, k_end, BLOCK_K):
             if MS == 4 and NS <= 2:
                 w = _expand_m4(v_ptr, p_ptr, offs_n, n_ok, k0, k_end // 4, stride_vn, stride_pn, NS,
-                               BLOCK_N, BLOCK_K)                                  # (BN, BK)
+                               BLOCK_N, BLOCK_K, EVEN)                            # (BN, BK)
             else:
                 w = _expand_slots(v_ptr, p_ptr, offs_n, n_ok, k0, k_end // MS, stride_vn, stride_pn, row_bytes,
                                   NS, NS_P2, MS, BITS, BLOCK_N, BLOCK_K)         # (BN, BK)
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x_ok = m_ok[:, None] & (offs_k[None, :] < k_end)
+            x_ok = m_ok[:, None] if EVEN else m_ok[:, None] & (offs_k[None, :] < k_end)
             x = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk, mask=x_ok, other=0.0)  # (BM, BK)
             if DOT_UPCAST:  # interpreter only: its bf16 tl.dot returns garbage (triton 3.9); fp32 is exact here
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")

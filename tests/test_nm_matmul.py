@@ -113,6 +113,19 @@ def test_tensor_core_path(seeded, poisoned, n, m, dtype, M, has_bias):
     assert_close_to_ref(nm_matmul(x, p.values, p.positions, n, m, bias), ref64(x, w, mask, bias), 72)
 
 
+@pytest.mark.parametrize("n,dtype", [(2, F16), (1, BF16), (2, F32)])
+@pytest.mark.parametrize("M", [2, 17])
+def test_tensor_core_path_full_blocks_unmasked(seeded, poisoned, n, dtype, M):
+    """m = 4 with N a multiple of BLOCK_N and every K slice of BLOCK_K (the interpreter's 16 x 32): the EVEN
+    expansion, which loads each row's position bytes for the tile at once and splits their nibbles."""
+    w, mask, p = make_case(seeded, 32, 128, n, 4, dtype, 0.9)
+    x = nonzero_randn(M, 128, dtype=dtype, generator=seeded)
+    bias = nonzero_randn(32, dtype=dtype, generator=seeded)
+    for split_k in (1, 2):
+        assert_close_to_ref(nm_matmul(x, p.values, p.positions, n, 4, bias, split_k=split_k),
+                            ref64(x, w, mask, bias), 128)
+
+
 @pytest.mark.parametrize("split_k,has_bias", [(2, True), (3, False), (40, True)])
 def test_split_k_partials(seeded, poisoned, split_k, has_bias):
     """Forced K slices (40 > groups: clamped to one slice per group range) sum to the same result."""
