@@ -7,17 +7,17 @@ for the byte layout): ``bitmap`` int32 ``[TN, TK, tile_n, tile_k // 32]``, ``val
 Work split. Program ``(i, s, b)`` owns output columns ``i*tile_n ..`` (one tile row of W), the ``s``-th
 of ``SPLIT_K`` contiguous chunks of that tile row's K tiles, and rows ``b*BLOCK_M ..`` of x. For every
 tile it reads the tile's bitmap words once and gathers each entry's value from the tile's contiguous run:
-an entry's slot is the tile's offset, plus a scan of the word popcounts (once per 32 entries), plus the
-popcount of the kept bits before it in its word (one ``popc`` per entry; the SWAR formula under the
-interpreter). Decode (M <= 4) accumulates element-wise products in registers and reduces once at the end;
-from M = 5 up ``tl.dot`` runs on a 16/32/64 row block. ``SPLIT_K > 1`` gives enough programs at M = 1
-(N = 4096 has only 256 tile rows for 132 SMs) and accumulates fp32 partials with atomics into a zeroed
-workspace that is cast once at the end.
+shifting bit j of its word to the top, the sign says whether the entry is kept and the popcount gives its
+slot (plus the tile's offset and a scan of the tile's word popcounts, once per 32 entries); one ``popc``
+per entry, the SWAR formula under the interpreter. Decode (M <= 4) accumulates element-wise products in
+registers and reduces once at the end; from M = 5 up ``tl.dot`` runs on a 16/32/64 row block.
+``SPLIT_K > 1`` gives enough programs at M = 1 (N = 4096 has only 256 tile rows for 132 SMs) and
+accumulates fp32 partials with atomics into a zeroed workspace that is cast once at the end.
 
-Cost (``python -m bench.ptx_counts``, sm_90, triton 3.6): 15 PTX instructions per dense weight element at
-M = 1, 9 of them integer (was 44-66 with a prefix sum over every entry). The work is per *dense* entry, so
-it does not shrink with sparsity: the TRITON_SELL backend (work per kept value) is the faster decode from
-about 70% sparsity on; this kernel is the one whose bytes beat dense at 50-60%.
+Cost (``python -m bench.ptx_counts``, sm_90, triton 3.6): 12 PTX instructions per dense weight element at
+M = 1, 6 of them integer (was 44-66 with a prefix sum over every entry); 14 (8) for the 32-row tensor-core
+tile. The work is per *dense* entry, so it does not shrink with sparsity: from about 80% sparsity the
+TRITON_SELL backend (work per kept value) is the faster decode; below that this kernel's bytes win.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _popcount(v, HW_POPC: tl.constexpr):
 @triton.jit
 def _spmm_kernel(
     x_ptr, bitmap_ptr, values_ptr, offsets_ptr, bias_ptr, out_ptr, ws_ptr,
-    M, N, K, n_k_tiles, m_bucket, last_value,
+    M, N, K, n_k_tiles, m_bucket,
     stride_xm, stride_xk, stride_om,
     HAS_BIAS: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, BLOCK_M: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, HW_POPC: tl.constexpr,
@@ -69,8 +69,6 @@ def _spmm_kernel(
     rn = tl.arange(0, TILE_N)                                        # (TN,)
     rw = tl.arange(0, WORDS)                                         # (W,)
     rj = tl.arange(0, 32)                                            # bit j of a word = column w*32 + j
-    bit = tl.full((32,), 1, tl.uint32) << rj.to(tl.uint32)
-    below = bit - 1                                                  # the bits before bit j
     word_offs = rn[:, None] * WORDS + rw[None, :]                    # (TN, W) inside one tile's bitmap
     col3 = rw[:, None] * 32 + rj[None, :]                            # (W, 32) column inside the tile
 
@@ -90,12 +88,11 @@ def _spmm_kernel(
         count = _popcount(words, HW_POPC)                                                          # (TN, W)
         flat = tl.reshape(count, (TILE_N * WORDS,))
         word_base = tl.reshape(tl.cumsum(flat, axis=0) - flat, (TILE_N, WORDS)) + tl.load(offsets_ptr + tile)
-        w3 = words[:, :, None]
-        slot = word_base[:, :, None] + _popcount(w3 & below[None, None, :], HW_POPC)               # (TN, W, 32)
-        # A pruned entry's slot is its next kept neighbour's (or one past the end): load unmasked from a
-        # clamped slot, then select, which compiles leaner than a masked gather.
-        v = tl.load(values_ptr + tl.minimum(slot, last_value))
-        v = tl.where((w3 & bit[None, None, :]) != 0, v, 0.0)
+        # Shift bit j of each word to the top: its sign says whether entry j is kept, and its popcount
+        # counts the kept entries up to and including j (so the slot is one less, plus the word's base).
+        top = words[:, :, None] << (31 - rj.to(tl.uint32))[None, None, :]                  # (TN, W, 32)
+        slot = (word_base - 1)[:, :, None] + _popcount(top, HW_POPC)
+        v = tl.load(values_ptr + slot, mask=top.to(tl.int32, bitcast=True) < 0, other=0.0)
 
         kk = t * TILE_K + col3                                                            # (W, 32)
         if BLOCK_M >= 16:
@@ -227,8 +224,7 @@ def _launch(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_of
     # tiles go through an exact fp32 dot instead. GPUs always take the native bf16 dot.
     upcast = _INTERPRET and x.dtype == torch.bfloat16
     args = (x, bitmap, values, tile_offsets, bias if bias is not None else out, out, ws,
-            m, n, k, n_k_tiles, _autotune_bucket(m, block_m), values.numel() - 1, x.stride(0), x.stride(1),
-            out.stride(0))
+            m, n, k, n_k_tiles, _autotune_bucket(m, block_m), x.stride(0), x.stride(1), out.stride(0))
     meta = dict(HAS_BIAS=bias is not None, TILE_N=tile_n, TILE_K=32 * words, BLOCK_M=block_m,
                 DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else None, DOT_UPCAST=upcast, HW_POPC=not _INTERPRET)
     tile_rows, m_blocks = bitmap.shape[0], cdiv(m, block_m)
