@@ -16,7 +16,7 @@ accumulates fp32 partials with atomics into a zeroed workspace that is cast once
 
 Cost (``python -m bench.ptx_counts``, sm_90, triton 3.6): 12 PTX instructions per dense weight element at
 M = 1, 6 of them integer (was 44-66 with a prefix sum over every entry); 14 (8) for the 32-row tensor-core
-tile. The work is per *dense* entry, so it does not shrink with sparsity: from about 80% sparsity the
+tile. The work is per *dense* entry, so it does not shrink with sparsity: from about 75% sparsity the
 TRITON_SELL backend (work per kept value) is the faster decode; below that this kernel's bytes win.
 """
 from __future__ import annotations
