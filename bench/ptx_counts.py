@@ -135,20 +135,28 @@ def nm_rows(arch: int) -> list[dict]:
 def sell_rows(arch: int) -> list[dict]:
     import sparsecore.kernels.sell_matmul as mod
     fn = mod._sell_matmul_kernel.fn
+    if not isinstance(fn, triton.runtime.JITFunction):  # imported under TRITON_INTERPRET=1
+        fn = triton.runtime.JITFunction(fn.fn)
     rows = []
     for cfg in mod._configs():
         kw = cfg.kwargs
-        if kw["BLOCK_M"] != 1 or 16 * kw["BLOCK_J"] > 32 * cfg.num_warps * mod._MAX_PER_THREAD:
+        # the configs the autotuner may try for M = 1, 4 and 16 (see mod._prune)
+        if kw["BLOCK_M"] not in (1, 4, 16) or kw["BLOCK_M"] * 16 * kw["BLOCK_J"] > min(
+                mod._MAX_TILE, 32 * cfg.num_warps * mod._MAX_PER_THREAD):
             continue
         sig = {n: "i32" for n in fn.arg_names} | {"x_ptr": "*fp16", "v_ptr": "*fp16", "c_ptr": "*i16",
                                                   "len_ptr": "*i32", "base_ptr": "*i64", "width_ptr": "*i32",
                                                   "b_ptr": "*fp16", "y_ptr": "*fp16"}
-        const = dict(M=1, M_BUCKET=1, stride_xk=1, C=16, ALIGN_=16, HAS_BIAS=True, **kw)
+        # M = 1 reads x as given (unit K stride); M > 1 reads the launcher's x^T (unit M stride)
+        const = dict(M=1, M_BUCKET=1, stride_xk=1) if kw["BLOCK_M"] == 1 else dict(stride_xm=1)
+        const.update(C=16, ALIGN_=16, HAS_BIAS=True, **kw)
+        strided = "stride_xm" if kw["BLOCK_M"] == 1 else "stride_xk"
         res = compile_kernel(fn, sig, const, ["x_ptr", "v_ptr", "c_ptr", "len_ptr", "base_ptr", "width_ptr", "b_ptr",
-                                              "y_ptr", "N", "K", "stride_xm", "stride_ym"], arch,
+                                              "y_ptr", "N", "K", strided, "stride_ym"], arch,
                              cfg.num_warps, cfg.num_stages)
         per_thread = 16 * kw["BLOCK_J"] / (32 * cfg.num_warps)
-        rows.append(_row("sell_matmul fp16", "per kept value", f"BM=1 C=16 BJ={kw['BLOCK_J']} w={cfg.num_warps}", 1,
+        rows.append(_row("sell_matmul fp16", "per kept value",
+                         f"BM={kw['BLOCK_M']} C=16 BJ={kw['BLOCK_J']} w={cfg.num_warps}", kw["BLOCK_M"],
                          "kept value", per_thread, res))
     return rows
 
