@@ -182,10 +182,10 @@ def _launch(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_len: 
         cols = torch.zeros(ALIGN, dtype=torch.int16, device=x.device)
     n_slices = base.shape[0]
     if m > 1:
-        # x^T with its rows padded to a whole block (every config of this M bucket has BLOCK_M <= block_m):
-        # a kept value's BLOCK_M x values are then contiguous, one vector load, and no row needs a mask.
-        block_m = min(next_pow2(m), 16)
-        xt = _empty((k, cdiv(m, block_m) * block_m), x.dtype, x.device)
+        # x^T with its rows padded to a multiple of 16, which every BLOCK_M (a power of two <= 16) divides, so
+        # no row needs a mask; a kept value's BLOCK_M x values are contiguous, and a row stride divisible by
+        # 16 lets Triton prove the alignment that makes them one vector load.
+        xt = _empty((k, cdiv(m, 16) * 16), x.dtype, x.device)
         xt[:, :m].copy_(x.t())
         x = xt.t()
 

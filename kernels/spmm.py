@@ -66,6 +66,7 @@ def _spmm_kernel(
     WORDS: tl.constexpr = TILE_K // 32
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                     # (BM,)
+    rm64 = rm.to(tl.int64)                                           # M * N or M * K may pass 2^31
     rn = tl.arange(0, TILE_N)                                        # (TN,)
     rw = tl.arange(0, WORDS)                                         # (W,)
     rj = tl.arange(0, 32)                                            # bit j of a word = column w*32 + j
@@ -97,7 +98,7 @@ def _spmm_kernel(
         kk = t * TILE_K + col3                                                            # (W, 32)
         if BLOCK_M >= 16:
             kk2 = tl.reshape(kk, (TILE_K,))
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk2[None, :] * stride_xk,
+            x = tl.load(x_ptr + rm64[:, None] * stride_xm + kk2[None, :] * stride_xk,
                         mask=(rm[:, None] < M) & (kk2[None, :] < K), other=0.0)           # (BM, TK)
             w = tl.reshape(v, (TILE_N, TILE_K))
             if DOT_UPCAST:
@@ -107,7 +108,7 @@ def _spmm_kernel(
         else:
             # Decode: element-wise products accumulate in registers, reduced once after the loop (a dot
             # would pad M to 16; a reduction per tile would cost shuffles every iteration).
-            x = tl.load(x_ptr + rm[:, None, None] * stride_xm + kk[None, :, :] * stride_xk,
+            x = tl.load(x_ptr + rm64[:, None, None] * stride_xm + kk[None, :, :] * stride_xk,
                         mask=(rm[:, None, None] < M) & (kk[None, :, :] < K), other=0.0)   # (BM, W, 32)
             acc4 += x[:, None, :, :].to(tl.float32) * v[None, :, :, :].to(tl.float32)
     if BLOCK_M < 16:
@@ -119,9 +120,9 @@ def _spmm_kernel(
         acc += tl.where(pid_k == 0, b, 0.0)[None, :]                 # added by one split only
     out_mask = (rm[:, None] < M) & (cols[None, :] < N)
     if SPLIT_K == 1:
-        tl.store(out_ptr + rm[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptr + rm64[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        tl.atomic_add(ws_ptr + rm[:, None] * N + cols[None, :], acc, mask=out_mask)
+        tl.atomic_add(ws_ptr + rm64[:, None] * N + cols[None, :], acc, mask=out_mask)
 
 
 def _zero_workspace(nargs: dict) -> None:
@@ -150,7 +151,7 @@ def _configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
             for s in (1, 2, 4, 8) for w in (4, 8) for st in (2, 3)]
 
 
-_spmm_autotuned = triton.autotune(configs=_configs(), key=["m_bucket", "N", "K", "HAS_BIAS", "BLOCK_M"],
+_spmm_autotuned = triton.autotune(configs=_configs(), key=["m_bucket", "N", "K", "HAS_BIAS", "BLOCK_M", "TILE_N", "TILE_K"],
                                   prune_configs_by={"early_config_prune": _prune})(_spmm_kernel)
 
 
@@ -226,13 +227,16 @@ def _launch(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_of
     args = (x, bitmap, values, tile_offsets, bias if bias is not None else out, out, ws,
             m, n, k, n_k_tiles, _autotune_bucket(m, block_m), x.stride(0), x.stride(1), out.stride(0))
     meta = dict(HAS_BIAS=bias is not None, TILE_N=tile_n, TILE_K=32 * words, BLOCK_M=block_m,
-                DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else None, DOT_UPCAST=upcast, HW_POPC=not _INTERPRET)
+                DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else None, DOT_UPCAST=upcast,
+                HW_POPC=not _INTERPRET)
     tile_rows, m_blocks = bitmap.shape[0], cdiv(m, block_m)
     grid = lambda cfg: (tile_rows, cfg["SPLIT_K"], m_blocks)  # noqa: E731
     if split_k > 0:
         if split_k > 1:
             ws.zero_()
-        _spmm_kernel[grid](*args, SPLIT_K=split_k, **meta)
+        # the warps _prune would leave: 8 where 4 would hold over 64 decode accumulators per thread
+        warps = 8 if block_m < 16 and block_m * tile_n * 32 * words > 64 * 32 * 4 else 4
+        _spmm_kernel[grid](*args, SPLIT_K=split_k, num_warps=warps, **meta)
         used = split_k
     else:
         _spmm_autotuned[grid](*args, **meta)

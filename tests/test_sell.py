@@ -146,6 +146,17 @@ def test_sell_matmul_matches_float64(seeded, poisoned, m, n, k, sparsity, dtype,
 
 
 @ON_DEVICE
+@pytest.mark.parametrize("slice_rows", [32, 64])
+def test_wide_slices_take_the_one_row_config_on_padded_x(seeded, poisoned, slice_rows):
+    """Wide slices on the launcher's padded x^T at M = 5: 32 rows still fit an 8-row block, 64 do not and fall
+    back to BLOCK_M = 1 (every BLOCK_M divides the padding, so neither reads past it)."""
+    w, mask = _case(seeded, 70, 40, 0.8, torch.float16)
+    x = nonzero_randn(5, 40, dtype=torch.float16, generator=seeded)
+    lay = pack_sell(w.to(DEVICE), mask.to(DEVICE), slice_rows=slice_rows)
+    assert_close_to_ref(sell_matmul(x.to(DEVICE), lay).cpu(), _ref64(x, w, mask), 40)
+
+
+@ON_DEVICE
 def test_strided_x_and_empty_rows(seeded, poisoned):
     w, mask = _case(seeded, 21, 50, 0.8, torch.float16)
     mask[3] = False

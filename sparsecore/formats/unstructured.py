@@ -12,9 +12,9 @@ The bitmap wins on bytes at every sparsity below 97% and is the only one that be
 kernel program reads one contiguous bitmap block and one contiguous run of values per tile and finds each
 value's slot on chip (a popcount of the bits before it in its 32-bit word, plus a scan over the tile's
 words). That costs work per *dense* element (~12 PTX instructions, 6 of them integer, in
-``kernels/spmm.py``'s decode loop, counted offline for sm_90), so from about 75% sparsity the
-TRITON_SELL backend (``sparsecore.formats.sell``), which trades some bytes for work per kept value, is
-the faster decode. Files always store this format.
+``kernels/spmm.py``'s decode loop, counted offline for sm_90 with triton 3.6; 17-18 with 3.9), so
+from about 75% sparsity the TRITON_SELL backend (``sparsecore.formats.sell``), which trades some bytes
+for work per kept value, is the faster decode. Files always store this format.
 
 Tiling. The ``[N, K]`` matrix view (``masks.as_matrix``: Conv2d K is ordered (kh, kw, C_in)) is padded
 with pruned entries to ``[TN * tile_n, TK * tile_k]``, ``TN = ceil(N / tile_n)``,
