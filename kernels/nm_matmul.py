@@ -137,32 +137,29 @@ def _expand_slots(v_ptr, p_ptr, offs_n, n_ok, k0, g_end, stride_vn, stride_pn, r
 
 
 @triton.jit
-def _expand_m4(v_ptr, p_ptr, offs_n, n_ok, k0, g_end, stride_vn, stride_pn, NS: tl.constexpr,
+def _expand_m4(v_ptr, p_ptr, offs_n, n_ok, k0, g_end, stride_vn, stride_pn, row_bytes, NS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
-    """Dense (BN, BK) tile for m = 4 and n in (1, 2): each group's 2-bit fields split off its position byte,
-    then per dense element one compare-and-select per slot (counted offline for sm_90: ~4x fewer
-    instructions than ``_expand_slots``, whose 4-D compare and reduction dominate a decode loop).
-    ``EVEN`` (full tile, ``k0`` a multiple of ``BLOCK_K``): no masks, and the tile's position bytes are one
-    contiguous load per row whose nibbles are split in-thread."""
+    """Dense (BN, BK) tile for m = 4 and n in (1, 2): each row's position bytes for the tile in one contiguous
+    load, split in-thread into 2-bit fields, then per dense element one compare-and-select per slot
+    (counted offline for sm_90: ~4x fewer instructions than ``_expand_slots``, whose 4-D compare and
+    reduction dominate a decode loop). ``k0`` must be a multiple of 32, so the tile starts on a byte (one
+    byte holds 4 fields: 2 groups of 2:4, 4 of 1:4); ``EVEN`` (full tile) drops the masks. A gather of one
+    byte per group instead fails to compile (triton 3.6, sm_90) for 64/128-row blocks."""
     BLOCK_G: tl.constexpr = BLOCK_K // 4
-    g = k0 // 4 + tl.arange(0, BLOCK_G)                                      # (BG,)
     rows = offs_n[:, None].to(tl.int64)
     p_rows = p_ptr + rows * stride_pn
     v_rows = v_ptr + rows * stride_vn
     s = NS * (k0 // 4) + tl.arange(0, NS * BLOCK_G)                         # (NS BG,) the tile's slots
+    b = NS * k0 // 16 + tl.arange(0, NS * BLOCK_G // 4)                     # (NS BG / 4,) its position bytes
     if EVEN:
-        # One byte holds 4 fields: 2 groups for 2:4, 4 for 1:4. k0 % 32 == 0, so the tile starts a byte.
-        byte = tl.load(p_rows + (NS * k0 // 16 + tl.arange(0, NS * BLOCK_G // 4))[None, :])
-        fields = tl.interleave(byte & 15, byte >> 4).to(tl.int32)           # (BN, 2:4 -> BG | 1:4 -> BG/2)
-        if NS == 1:
-            fields = tl.interleave(fields & 3, fields >> 2)                  # (BN, BG): one 2-bit field each
+        byte = tl.load(p_rows + b[None, :])
         v = tl.load(v_rows + s[None, :])                                     # (BN, NS BG)
-    else:
-        ok = n_ok[:, None] & (g < g_end)[None, :]                            # (BN, BG)
-        bit = g * (2 * NS)                                                   # first field of each group
-        fields = tl.load(p_rows + (bit // 8)[None, :], mask=ok, other=0).to(tl.int32)
-        fields = fields >> (bit % 8)[None, :]                                # (BN, BG): p0 | p1 << 2
+    else:  # bytes past the row read 0; their slots (past g_end) are masked to 0 like their x
+        byte = tl.load(p_rows + b[None, :], mask=n_ok[:, None] & (b < row_bytes)[None, :], other=0)
         v = tl.load(v_rows + s[None, :], mask=n_ok[:, None] & (s < NS * g_end)[None, :], other=0.0)
+    fields = tl.interleave(byte & 15, byte >> 4).to(tl.int32)               # (BN, 2:4 -> BG | 1:4 -> BG/2)
+    if NS == 1:
+        fields = tl.interleave(fields & 3, fields >> 2)                      # (BN, BG): one 2-bit field each
     p0 = fields & 3
     if NS == 2:
         v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_G, 2)))             # (BN, BG) each
@@ -262,7 +259,7 @@ def _nm_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             if MS == 4 and NS <= 2:
-                w = _expand_m4(v_ptr, p_ptr, offs_n, n_ok, k0, k_end // 4, stride_vn, stride_pn, NS,
+                w = _expand_m4(v_ptr, p_ptr, offs_n, n_ok, k0, k_end // 4, stride_vn, stride_pn, row_bytes, NS,
                                BLOCK_N, BLOCK_K, EVEN)                            # (BN, BK)
             else:
                 w = _expand_slots(v_ptr, p_ptr, offs_n, n_ok, k0, k_end // MS, stride_vn, stride_pn, row_bytes,
@@ -350,8 +347,9 @@ def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: i
         return y.zero_() if bias is None else y.copy_(bias.expand_as(y))
     if split_k <= 0:
         split_k = choose_split_k(m_rows, n_out, k_dim, m, num_sms(x.device))
-    k_per_split = cdiv(k_dim // m, split_k) * m
-    split_k = cdiv(k_dim, k_per_split)  # no empty slices
+    # slices start on multiples of 32 (the m = 4 expansion reads whole position bytes), none empty
+    k_per_split = cdiv(cdiv(k_dim, split_k), 32) * 32
+    split_k = cdiv(k_dim, k_per_split)
     partial = split_k > 1
     out = _empty((split_k, m_rows, n_out), torch.float32, x.device) if partial else y
 
