@@ -1,0 +1,111 @@
+"""Compile check for sm_90 (H100/H200), no GPU needed: ``python -m bench.compile_check``.
+
+Compiles one representative config per kernel path with Triton's own ptxas, plus the prefill configs that
+once failed to compile (``TritonGPUOptimizeDotOperands``; triton 3.6, the GPU image's) on odd shapes (strides not
+divisible by 16), an error Triton's autotuner does not catch (it would have crashed a GPU call). Checks each
+for spills and for tensor-core instructions where the path should have them; prints one JSON line per case
+and exits 1 if any fails. ``tests/test_sm90_compile.py`` runs it in a subprocess (the test process interprets Triton).
+``python -m bench.ptx_counts`` covers every decode config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from .ptx_counts import compile_kernel
+
+
+def _nm(bm, bn, bk, warps, stages, even, dtype="*fp16", n=2):
+    import sparsecore.kernels.nm_matmul as mod
+    fn = mod._nm_matmul_kernel.fn.fn  # autotuner -> heuristics -> function
+    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": dtype, "v_ptr": dtype, "p_ptr": "*u8", "b_ptr": dtype,
+                                              "y_ptr": dtype}
+    const = dict(NS=n, NS_P2=n, MS=4, BITS=2, HAS_BIAS=True, PARTIAL=False, DOT_PRECISION="tf32", DOT_UPCAST=False,
+                 EVEN=even, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GATHER=False, stride_xk=1)
+    aligned = ["x_ptr", "v_ptr", "p_ptr", "b_ptr", "y_ptr"]
+    if even:  # whole tiles: sizes and strides divisible by 16, as Triton specialises them at launch
+        aligned += ["N", "K", "K_PER_SPLIT", "stride_xm", "stride_vn", "stride_pn", "stride_ym"]
+    return fn, sig, const, aligned, warps, stages
+
+
+def _spmm(bm, tile_n, tile_k, warps):
+    import sparsecore.kernels.spmm as mod
+    fn = mod._spmm_kernel
+    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": "*fp16", "bitmap_ptr": "*i32", "values_ptr": "*fp16",
+                                              "offsets_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
+                                              "ws_ptr": "*fp32"}
+    const = dict(HAS_BIAS=True, TILE_N=tile_n, TILE_K=tile_k, BLOCK_M=bm, SPLIT_K=1, DOT_PRECISION=None,
+                 DOT_UPCAST=False, HW_POPC=True, stride_xk=1)
+    aligned = ["x_ptr", "bitmap_ptr", "values_ptr", "offsets_ptr", "bias_ptr", "out_ptr", "ws_ptr", "N", "K",
+               "stride_xm", "stride_om"]
+    return fn, sig, const, aligned, warps, 2
+
+
+def _sell(bm, bj, warps):
+    import sparsecore.kernels.sell_matmul as mod
+    fn = mod._sell_matmul_kernel.fn
+    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": "*fp16", "v_ptr": "*fp16", "c_ptr": "*i16", "len_ptr": "*i32",
+                                              "base_ptr": "*i64", "width_ptr": "*i32", "b_ptr": "*fp16",
+                                              "y_ptr": "*fp16"}
+    const = dict(C=16, ALIGN_=16, HAS_BIAS=True, BLOCK_M=bm, BLOCK_J=bj, stride_xm=1)  # x^T: see the launcher
+    aligned = ["x_ptr", "v_ptr", "c_ptr", "len_ptr", "base_ptr", "width_ptr", "b_ptr", "y_ptr", "stride_xk"]
+    return fn, sig, const, aligned, warps, 2
+
+
+def _conv(bm, bn, bk, warps, stages):
+    import sparsecore.kernels.channel_conv as mod
+    fn = mod._channel_conv_kernel.fn
+    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": "*fp16", "w_ptr": "*fp16", "bias_ptr": "*fp16",
+                                              "y_ptr": "*fp16", "in_idx_ptr": "*i32", "out_idx_ptr": "*i32",
+                                              "fill_idx_ptr": "*i32"}
+    const = dict(KH=3, KW=3, HAS_BIAS=True, DOT_FP32=False, IS_NHWC=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                 stride_xc=1, stride_wn=1)  # channels-last x, the backend's [kh, kw, n_in, n_out] weight
+    aligned = ["x_ptr", "w_ptr", "bias_ptr", "y_ptr", "in_idx_ptr", "out_idx_ptr", "fill_idx_ptr", "stride_xb",
+               "stride_xh", "stride_xw", "stride_wc", "stride_wr", "stride_ws", "stride_yb", "stride_yh", "stride_yw"]
+    return fn, sig, const, aligned, warps, stages
+
+
+CASES = {  # name: (build, tensor cores expected)
+    "nm 2:4 prefill 64x64x64, partial tiles": (lambda: _nm(64, 64, 64, 8, 3, even=False), True),
+    "nm 2:4 prefill 128x64x64 bf16, partial tiles": (lambda: _nm(128, 64, 64, 8, 3, False, "*bf16"), True),
+    "nm 1:4 decode 16x32x128, whole tiles": (lambda: _nm(16, 32, 128, 4, 3, even=True, n=1), True),
+    "spmm decode M=1, 16x256 tiles": (lambda: _spmm(1, 16, 256, 4), False),
+    "spmm tensor cores M=32, 32x128 tiles": (lambda: _spmm(32, 32, 128, 4), True),
+    "sell M=16 on x^T": (lambda: _sell(16, 32, 8), False),
+    "channel_conv 3x3 64x64x32": (lambda: _conv(64, 64, 32, 4, 4), True),
+}
+
+
+
+
+def check(name: str) -> dict:
+    """Compile case ``name``; returns its result with ``ok`` and, when not ok, ``why``."""
+    build, tensor_cores = CASES[name]
+    try:
+        fn, sig, const, aligned, warps, stages = build()
+        res = compile_kernel(fn, sig, const, aligned, 90, warps, stages)
+    except Exception as e:  # noqa: BLE001 -- a compiler failure is the finding
+        return {"case": name, "ok": False, "why": f"{type(e).__name__}: {str(e).splitlines()[-1][:300]}"}
+    why = []
+    if res["spill_bytes"] not in (0, ""):
+        why.append(f"{res['spill_bytes']} B spilled")
+    if res["tensor_core"] != tensor_cores:
+        why.append(f"tensor cores {res['tensor_core']}, expected {tensor_cores}")
+    return {"case": name, "ok": not why, "why": "; ".join(why), "regs": res["regs"],
+            "loop_instr": res["loop_instr"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: this compiles the kernels, it does not interpret them", file=sys.stderr)
+        return 2
+    names = (argv if argv is not None else sys.argv[1:]) or list(CASES)
+    results = [check(n) for n in names]
+    for r in results:
+        print(json.dumps(r))
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
