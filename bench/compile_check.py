@@ -1,11 +1,11 @@
 """Compile check for sm_90 (H100/H200), no GPU needed: ``python -m bench.compile_check``.
 
 Compiles one representative config per kernel path with Triton's own ptxas, plus the prefill configs that
-once failed to compile (``TritonGPUOptimizeDotOperands``; triton 3.6, the GPU image's) on odd shapes (strides not
-divisible by 16), an error Triton's autotuner does not catch (it would have crashed a GPU call). Checks each
-for spills and for tensor-core instructions where the path should have them; prints one JSON line per case
-and exits 1 if any fails. ``tests/test_sm90_compile.py`` runs it in a subprocess (the test process interprets Triton).
-``python -m bench.ptx_counts`` covers every decode config.
+once failed to compile (``TritonGPUOptimizeDotOperands``; triton 3.6, the GPU image's) on odd shapes
+(strides not divisible by 16), an error Triton's autotuner does not catch (it would have crashed a GPU
+call). Checks each for spills and for tensor-core instructions where the path should have them; prints one
+JSON line per case and exits 1 if any fails. ``tests/test_sm90_compile.py`` runs it in a subprocess (the
+test process interprets Triton). ``python -m bench.ptx_counts`` covers every decode config.
 """
 from __future__ import annotations
 
