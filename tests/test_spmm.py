@@ -41,9 +41,9 @@ def _run(p, x, b, **kw):
     return spmm(x, p.bitmap, p.values, p.tile_offsets, p.n, b, **kw)
 
 
-# M = 1, 3: register-reduction path; M = 5: tl.dot on a 16-row block. N, K cut tiles (16 x 32) unevenly.
-@pytest.mark.parametrize("m, n, k, bias", [(1, 7, 70, True), (3, 33, 19, False), (5, 33, 70, True),
-                                           (1, 33, 70, False)])
+# M = 1, 2: register-reduction path; M = 3, 5: tl.dot on a 16-row block. N, K cut tiles (16 x 32) unevenly.
+@pytest.mark.parametrize("m, n, k, bias", [(1, 7, 70, True), (2, 33, 19, False), (3, 33, 70, True),
+                                           (5, 33, 70, True), (1, 33, 70, False)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_spmm_matches_float64(seeded, dtype, sparsity, m, n, k, bias):
@@ -72,7 +72,7 @@ def test_autotuned_split_k_config_zeroes_and_casts_workspace(seeded, monkeypatch
     assert spmm_mod._spmm_autotuned.best_config is config
 
 
-@pytest.mark.parametrize("m", [1, 3, 17])  # decode (1 and 4-row blocks) and a 32-row tl.dot block
+@pytest.mark.parametrize("m", [1, 2, 17])  # decode (1 and 2-row blocks) and a 32-row tl.dot block
 @pytest.mark.parametrize("tiles", [(16, 256), (32, 64), (64, 128)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
 def test_multi_word_tiles(seeded, tiles, m, sparsity):
