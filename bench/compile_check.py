@@ -36,7 +36,7 @@ def _spmm(bm, tile_n, tile_k, warps):
                                               "offsets_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
                                               "ws_ptr": "*fp32"}
     const = dict(HAS_BIAS=True, TILE_N=tile_n, TILE_K=tile_k, BLOCK_M=bm, SPLIT_K=1, DOT_PRECISION=None,
-                 DOT_UPCAST=False, HW_POPC=True, stride_xk=1)
+                 DOT_UPCAST=False, HW_POPC=True, EVEN_K=True, stride_xk=1)
     aligned = ["x_ptr", "bitmap_ptr", "values_ptr", "offsets_ptr", "bias_ptr", "out_ptr", "ws_ptr", "N", "K",
                "stride_xm", "stride_om"]
     return fn, sig, const, aligned, warps, 2

@@ -173,7 +173,7 @@ def spmm_rows(arch: int) -> list[dict]:
                                                   "offsets_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
                                                   "ws_ptr": "*fp32"}
         const = dict(stride_xk=1, HAS_BIAS=True, TILE_N=tile_n, TILE_K=tile_k, BLOCK_M=block_m, SPLIT_K=1,
-                     DOT_PRECISION=None, DOT_UPCAST=False, HW_POPC=True)
+                     DOT_PRECISION=None, DOT_UPCAST=False, HW_POPC=True, EVEN_K=True)
         if block_m == 1:
             const.update(M=1, m_bucket=1)
         res = compile_kernel(fn, sig, const, ["x_ptr", "bitmap_ptr", "values_ptr", "offsets_ptr", "bias_ptr", "out_ptr",

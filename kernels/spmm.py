@@ -15,9 +15,10 @@ registers and reduces once at the end; from M = 3 up ``tl.dot`` runs on a 16/32/
 accumulates fp32 partials with atomics into a zeroed workspace that is cast once at the end.
 
 Cost (``python -m bench.ptx_counts``, sm_90, triton 3.6): 12 PTX instructions per dense weight element at
-M = 1, 6 of them integer (was 44-66 with a prefix sum over every entry); 14 (8) for the 32-row tensor-core
-tile. The work is per *dense* entry, so it does not shrink with sparsity: from about 75% sparsity the
-TRITON_SELL backend (work per kept value) is the faster decode; below that this kernel's bytes win.
+M = 1, 6 of them integer (was 44-66 with a prefix sum over every entry); 12 (6.5) for the 16-row
+tensor-core block on whole K tiles. The work is per *dense* entry, so it does not shrink with sparsity:
+from about 75% sparsity the TRITON_SELL backend (work per kept value) is the faster decode; below that
+this kernel's bytes win.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def _spmm_kernel(
     stride_xm, stride_xk, stride_om,
     HAS_BIAS: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, BLOCK_M: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, HW_POPC: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -98,8 +100,11 @@ def _spmm_kernel(
         kk = t * TILE_K + col3                                                            # (W, 32)
         if BLOCK_M >= 16:
             kk2 = tl.reshape(kk, (TILE_K,))
-            x = tl.load(x_ptr + rm64[:, None] * stride_xm + kk2[None, :] * stride_xk,
-                        mask=(rm[:, None] < M) & (kk2[None, :] < K), other=0.0)           # (BM, TK)
+            x_ok = rm[:, None] < M
+            if not EVEN_K:
+                x_ok = x_ok & (kk2[None, :] < K)
+            x = tl.load(x_ptr + rm64[:, None] * stride_xm + kk2[None, :] * stride_xk, mask=x_ok,
+                        other=0.0)                                                        # (BM, TK)
             w = tl.reshape(v, (TILE_N, TILE_K))
             if DOT_UPCAST:
                 acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=DOT_PRECISION)
@@ -108,8 +113,11 @@ def _spmm_kernel(
         else:
             # Decode: element-wise products accumulate in registers, reduced once after the loop (a dot
             # would pad M to 16; a reduction per tile would cost shuffles every iteration).
-            x = tl.load(x_ptr + rm64[:, None, None] * stride_xm + kk[None, :, :] * stride_xk,
-                        mask=(rm[:, None, None] < M) & (kk[None, :, :] < K), other=0.0)   # (BM, W, 32)
+            x_ok = rm[:, None, None] < M
+            if not EVEN_K:
+                x_ok = x_ok & (kk[None, :, :] < K)
+            x = tl.load(x_ptr + rm64[:, None, None] * stride_xm + kk[None, :, :] * stride_xk, mask=x_ok,
+                        other=0.0)                                                        # (BM, W, 32)
             acc4 += x[:, None, :, :].to(tl.float32) * v[None, :, :, :].to(tl.float32)
     if BLOCK_M < 16:
         acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
@@ -157,7 +165,7 @@ _spmm_autotuned = triton.autotune(configs=_configs(), key=["m_bucket", "N", "K",
 
 def _block_m(m: int) -> int:
     """Rows per program: 1-2 decode in registers; from 3 rows a 16-row tensor-core block is cheaper (sm_90
-    PTX, default 32 x 128 tiles: 14 instructions, 8 integer, per element against 23 and 12 for a 4-row
+    PTX, default 32 x 128 tiles: 12 instructions, 6.5 integer, per element against 23 and 12 for a 4-row
     register decode, which needs 8 warps to hold its accumulators)."""
     if m <= 2:
         return m
@@ -231,7 +239,7 @@ def _launch(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_of
             m, n, k, n_k_tiles, _autotune_bucket(m, block_m), x.stride(0), x.stride(1), out.stride(0))
     meta = dict(HAS_BIAS=bias is not None, TILE_N=tile_n, TILE_K=32 * words, BLOCK_M=block_m,
                 DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else None, DOT_UPCAST=upcast,
-                HW_POPC=not _INTERPRET)
+                HW_POPC=not _INTERPRET, EVEN_K=k % (32 * words) == 0)  # whole K tiles: no K mask on x
     tile_rows, m_blocks = bitmap.shape[0], cdiv(m, block_m)
     grid = lambda cfg: (tile_rows, cfg["SPLIT_K"], m_blocks)  # noqa: E731
     if split_k > 0:

@@ -145,8 +145,8 @@ class UnstructuredWeight(PackedWeight):
         """Pack ``weight`` ``[out, in]`` or ``[C_out, C_in, kh, kw]`` under a bool ``mask`` of its shape.
 
         ``tile_n`` x ``tile_k`` is the tile the kernel streams. The default 32 x 128 costs the fewest sm_90
-        instructions per element over M = 1-16 (``bench.ptx_counts``: 12.2 at M = 1 and 13.8 at M = 16,
-        against 12.4 and 17.8 for 16 x 256).
+        instructions per element over M = 1-16 (``bench.ptx_counts``, triton 3.6: 12.1 at M = 1 and 12.3 at
+        M = 16, against 12.4 and 14.9 for 16 x 256).
 
         >>> w = torch.randn(8, 40); p = UnstructuredWeight.from_dense(w, w.abs() > 1)
         >>> torch.equal(p.to_dense(), torch.where(w.abs() > 1, w, 0))
