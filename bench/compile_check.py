@@ -16,12 +16,12 @@ import sys
 from .ptx_counts import compile_kernel
 
 
-def _nm(bm, bn, bk, warps, stages, even, dtype="*fp16", n=2):
+def _nm(bm, bn, bk, warps, stages, even, dtype="*fp16", n=2, m=4):
     import sparsecore.kernels.nm_matmul as mod
     fn = mod._nm_matmul_kernel.fn.fn  # autotuner -> heuristics -> function
     sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": dtype, "v_ptr": dtype, "p_ptr": "*u8", "b_ptr": dtype,
                                               "y_ptr": dtype}
-    const = dict(NS=n, NS_P2=n, MS=4, BITS=2, HAS_BIAS=True, PARTIAL=False, DOT_PRECISION="tf32", DOT_UPCAST=False,
+    const = dict(NS=n, NS_P2=1 << (n - 1).bit_length(), MS=m, BITS={4: 2, 8: 3}[m], HAS_BIAS=True, PARTIAL=False, DOT_PRECISION="tf32", DOT_UPCAST=False,
                  EVEN=even, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GATHER=False, stride_xk=1)
     aligned = ["x_ptr", "v_ptr", "p_ptr", "b_ptr", "y_ptr"]
     if even:  # whole tiles: sizes and strides divisible by 16, as Triton specialises them at launch
@@ -70,6 +70,7 @@ CASES = {  # name: (build, tensor cores expected)
     "nm 2:4 prefill 64x64x64, partial tiles": (lambda: _nm(64, 64, 64, 8, 3, even=False), True),
     "nm 2:4 prefill 128x64x64 bf16, partial tiles": (lambda: _nm(128, 64, 64, 8, 3, False, "*bf16"), True),
     "nm 1:4 decode 16x32x128, whole tiles": (lambda: _nm(16, 32, 128, 4, 3, even=True, n=1), True),
+    "nm 4:8 decode 16x16x128, partial tiles": (lambda: _nm(16, 16, 128, 4, 3, even=False, n=4, m=8), True),
     "spmm decode M=1, 32x128 tiles": (lambda: _spmm(1, 32, 128, 4), False),
     "spmm tensor cores M=32, 32x128 tiles": (lambda: _spmm(32, 32, 128, 4), True),
     "sell M=16 on x^T": (lambda: _sell(16, 32, 8), False),

@@ -168,7 +168,7 @@ def spmm_rows(arch: int) -> list[dict]:
         fn = triton.runtime.JITFunction(fn.fn)
     rows = []
     for block_m, tile_n, tile_k, warps in ((1, 32, 128, 4), (1, 32, 128, 8), (1, 16, 256, 4), (2, 32, 128, 4),
-                                           (16, 32, 128, 4), (16, 16, 256, 4), (64, 32, 128, 4)):
+                                           (4, 32, 128, 8), (16, 32, 128, 4), (16, 16, 256, 4), (64, 32, 128, 4)):
         sig = {n: "i32" for n in fn.arg_names} | {"x_ptr": "*fp16", "bitmap_ptr": "*i32", "values_ptr": "*fp16",
                                                   "offsets_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
                                                   "ws_ptr": "*fp32"}

@@ -19,8 +19,9 @@ element) leaves ~12 instructions, ~6 of them integer, per element. Two paths:
   their values and position bytes, and multiplies each kept value by ``x[:, its column]`` (x is a few KB,
   cache resident), accumulating element-wise and reducing once at the end (``_gather_rows``);
 * tensor cores (any M; 16-row blocks for decode): a dense ``[BLOCK_N, BLOCK_K]`` tile is expanded in
-  registers and fed to ``tl.dot``. For m = 4 (2:4, 1:4) ``_expand_m4`` reads one position byte per group
-  and builds the tile's 4 columns with one compare-and-select per slot, interleaved in-thread; other
+  registers and fed to ``tl.dot``. For m = 4 (2:4, 1:4) ``_expand_m4`` reads each row's position bytes for
+  the tile in one contiguous load (K slices start on multiples of 32, so a tile starts on a byte), splits
+  the 2-bit fields in-thread and builds the tile's 4 columns with one compare-and-select per slot; other
   patterns use the general ``_expand_slots``.
 
 Counted offline from the sm_90 PTX of the main loop (triton 3.6): ~10 instructions (5 integer) per weight

@@ -128,7 +128,8 @@ def test_tensor_core_path_full_blocks_unmasked(seeded, poisoned, n, dtype, M):
 
 @pytest.mark.parametrize("split_k,has_bias", [(2, True), (3, False), (40, True)])
 def test_split_k_partials(seeded, poisoned, split_k, has_bias):
-    """Forced K slices (40 > groups: clamped to one slice per group range) sum to the same result."""
+    """Forced K slices (slices are rounded up to multiples of 32: K = 72 gives 2 or 3 of them, and 40 asks
+    for more than there can be) sum to the same result."""
     w, mask, p = make_case(seeded, 7, 72, 2, 4, F16)
     x = nonzero_randn(2, 72, dtype=F16, generator=seeded)
     bias = nonzero_randn(7, dtype=F16, generator=seeded) if has_bias else None

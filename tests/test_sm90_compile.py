@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,7 @@ except ImportError:  # a Triton build without the NVIDIA backend
 def results() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "bench.compile_check"], capture_output=True, text=True, env=env,
-                          timeout=600)
+                          timeout=600, cwd=Path(__file__).resolve().parents[1])  # `bench` lives at the repo root
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"compile_check printed nothing (rc {proc.returncode}): {proc.stderr[-2000:]}"
     return {r["case"]: r for r in lines}
