@@ -13,47 +13,10 @@ import json
 import os
 import sys
 
-from .ptx_counts import compile_kernel
+from .ptx_counts import compile_kernel, nm_spec, sell_spec, spmm_spec
 
 
-def _nm(bm, bn, bk, warps, stages, even, dtype="*fp16", n=2, m=4):
-    import sparsecore.kernels.nm_matmul as mod
-    fn = mod._nm_matmul_kernel.fn.fn  # autotuner -> heuristics -> function
-    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": dtype, "v_ptr": dtype, "p_ptr": "*u8", "b_ptr": dtype,
-                                              "y_ptr": dtype}
-    const = dict(NS=n, NS_P2=1 << (n - 1).bit_length(), MS=m, BITS={4: 2, 8: 3}[m], HAS_BIAS=True, PARTIAL=False, DOT_PRECISION="tf32", DOT_UPCAST=False,
-                 EVEN=even, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GATHER=False, stride_xk=1)
-    aligned = ["x_ptr", "v_ptr", "p_ptr", "b_ptr", "y_ptr"]
-    if even:  # whole tiles: sizes and strides divisible by 16, as Triton specialises them at launch
-        aligned += ["N", "K", "K_PER_SPLIT", "stride_xm", "stride_vn", "stride_pn", "stride_ym"]
-    return fn, sig, const, aligned, warps, stages
-
-
-def _spmm(bm, tile_n, tile_k, warps):
-    import sparsecore.kernels.spmm as mod
-    fn = mod._spmm_kernel
-    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": "*fp16", "bitmap_ptr": "*i32", "values_ptr": "*fp16",
-                                              "offsets_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
-                                              "ws_ptr": "*fp32"}
-    const = dict(HAS_BIAS=True, TILE_N=tile_n, TILE_K=tile_k, BLOCK_M=bm, SPLIT_K=1, DOT_PRECISION=None,
-                 DOT_UPCAST=False, HW_POPC=True, EVEN_K=True, stride_xk=1)
-    aligned = ["x_ptr", "bitmap_ptr", "values_ptr", "offsets_ptr", "bias_ptr", "out_ptr", "ws_ptr", "N", "K",
-               "stride_xm", "stride_om"]
-    return fn, sig, const, aligned, warps, 2
-
-
-def _sell(bm, bj, warps):
-    import sparsecore.kernels.sell_matmul as mod
-    fn = mod._sell_matmul_kernel.fn
-    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": "*fp16", "v_ptr": "*fp16", "c_ptr": "*i16", "len_ptr": "*i32",
-                                              "base_ptr": "*i64", "width_ptr": "*i32", "b_ptr": "*fp16",
-                                              "y_ptr": "*fp16"}
-    const = dict(C=16, ALIGN_=16, HAS_BIAS=True, BLOCK_M=bm, BLOCK_J=bj, stride_xm=1)  # x^T: see the launcher
-    aligned = ["x_ptr", "v_ptr", "c_ptr", "len_ptr", "base_ptr", "width_ptr", "b_ptr", "y_ptr", "stride_xk"]
-    return fn, sig, const, aligned, warps, 2
-
-
-def _conv(bm, bn, bk, warps, stages):
+def _conv(bm, bn, bk):
     import sparsecore.kernels.channel_conv as mod
     fn = mod._channel_conv_kernel.fn
     sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": "*fp16", "w_ptr": "*fp16", "bias_ptr": "*fp16",
@@ -63,29 +26,30 @@ def _conv(bm, bn, bk, warps, stages):
                  stride_xc=1, stride_wn=1)  # channels-last x, the backend's [kh, kw, n_in, n_out] weight
     aligned = ["x_ptr", "w_ptr", "bias_ptr", "y_ptr", "in_idx_ptr", "out_idx_ptr", "fill_idx_ptr", "stride_xb",
                "stride_xh", "stride_xw", "stride_wc", "stride_wr", "stride_ws", "stride_yb", "stride_yh", "stride_yw"]
-    return fn, sig, const, aligned, warps, stages
+    return fn, sig, const, aligned
 
 
-CASES = {  # name: (build, tensor cores expected)
-    "nm 2:4 prefill 64x64x64, partial tiles": (lambda: _nm(64, 64, 64, 8, 3, even=False), True),
-    "nm 2:4 prefill 128x64x64 bf16, partial tiles": (lambda: _nm(128, 64, 64, 8, 3, False, "*bf16"), True),
-    "nm 1:4 decode 16x32x128, whole tiles": (lambda: _nm(16, 32, 128, 4, 3, even=True, n=1), True),
-    "nm 4:8 decode 16x16x128, partial tiles": (lambda: _nm(16, 16, 128, 4, 3, even=False, n=4, m=8), True),
-    "spmm decode M=1, 32x128 tiles": (lambda: _spmm(1, 32, 128, 4), False),
-    "spmm tensor cores M=32, 32x128 tiles": (lambda: _spmm(32, 32, 128, 4), True),
-    "sell M=16 on x^T": (lambda: _sell(16, 32, 8), False),
-    "channel_conv 3x3 64x64x32": (lambda: _conv(64, 64, 32, 4, 4), True),
+def _nm(bm, bn, bk, even, dtype="*fp16", n=2, m=4):
+    return nm_spec(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GATHER=False), n=n, m=m, even=even, dtype=dtype)
+
+
+CASES = {  # name: (launch spec, warps, stages, tensor cores expected)
+    "nm 2:4 prefill 64x64x64, partial tiles": (lambda: _nm(64, 64, 64, even=False), 8, 3, True),
+    "nm 2:4 prefill 128x64x64 bf16, partial tiles": (lambda: _nm(128, 64, 64, False, "*bf16"), 8, 3, True),
+    "nm 1:4 decode 16x32x128, whole tiles": (lambda: _nm(16, 32, 128, even=True, n=1), 4, 3, True),
+    "nm 4:8 decode 16x16x128, partial tiles": (lambda: _nm(16, 16, 128, even=False, n=4, m=8), 4, 3, True),
+    "spmm decode M=1, 32x128 tiles": (lambda: spmm_spec(1, 32, 128), 4, 2, False),
+    "spmm tensor cores M=32, 32x128 tiles": (lambda: spmm_spec(32, 32, 128), 4, 2, True),
+    "sell M=16 on x^T": (lambda: sell_spec(dict(BLOCK_M=16, BLOCK_J=32)), 8, 2, False),
+    "channel_conv 3x3 64x64x32": (lambda: _conv(64, 64, 32), 4, 4, True),
 }
-
-
 
 
 def check(name: str) -> dict:
     """Compile case ``name``; returns its result with ``ok`` and, when not ok, ``why``."""
-    build, tensor_cores = CASES[name]
+    spec, warps, stages, tensor_cores = CASES[name]
     try:
-        fn, sig, const, aligned, warps, stages = build()
-        res = compile_kernel(fn, sig, const, aligned, 90, warps, stages)
+        res = compile_kernel(*spec(), 90, warps, stages)
     except Exception as e:  # noqa: BLE001 -- a compiler failure is the finding
         return {"case": name, "ok": False, "why": f"{type(e).__name__}: {str(e).splitlines()[-1][:300]}"}
     why = []

@@ -107,36 +107,76 @@ def _loop_bodies(ptx: str) -> list[list[str]]:
     return bodies
 
 
+# Launch specs: (kernel, signature, constexprs, args Triton may assume divisible by 16) of one config, as the
+# launchers call it. Shared with bench.compile_check, so a change to a kernel's arguments is made once.
+
+def nm_spec(kw: dict, *, n: int = 2, m: int = 4, even: bool = True, dtype: str = "*fp16") -> tuple:
+    """``nm_matmul`` config ``kw`` (BLOCK_M/N/K, GATHER) for n:m; ``even``: whole tiles (no masks)."""
+    import sparsecore.kernels.nm_matmul as mod
+    fn = mod._nm_matmul_kernel.fn.fn  # autotuner -> heuristics -> kernel
+    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": dtype, "v_ptr": dtype, "p_ptr": "*u8", "b_ptr": dtype,
+                                              "y_ptr": dtype}
+    const = dict(stride_xk=1, stride_ys=0, SPLIT_K=1, NS=n, NS_P2=1 << (n - 1).bit_length(), MS=m,
+                 BITS={4: 2, 8: 3}[m], HAS_BIAS=True, PARTIAL=False, DOT_PRECISION="tf32", DOT_UPCAST=False,
+                 EVEN=even, **kw)
+    aligned = ["x_ptr", "v_ptr", "p_ptr", "b_ptr", "y_ptr"]
+    if even:  # whole tiles: sizes and strides divisible by 16, as Triton specialises them at launch
+        aligned += ["N", "K", "K_PER_SPLIT", "stride_xm", "stride_vn", "stride_pn", "stride_ym"]
+    return fn, sig, const, aligned
+
+
+def sell_spec(kw: dict) -> tuple:
+    """``sell_matmul`` config ``kw`` (BLOCK_M, BLOCK_J), 16-row slices: M = 1 reads x as given (unit K
+    stride), M > 1 the launcher's x^T padded to 16 rows (unit M stride)."""
+    import sparsecore.kernels.sell_matmul as mod
+    fn = mod._sell_matmul_kernel.fn
+    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": "*fp16", "v_ptr": "*fp16", "c_ptr": "*i16", "len_ptr": "*i32",
+                                              "base_ptr": "*i64", "width_ptr": "*i32", "b_ptr": "*fp16",
+                                              "y_ptr": "*fp16"}
+    one_row = kw["BLOCK_M"] == 1
+    const = dict(M=1, M_BUCKET=1, stride_xk=1) if one_row else dict(stride_xm=1)
+    const.update(C=16, ALIGN_=16, HAS_BIAS=True, **kw)
+    aligned = ["x_ptr", "v_ptr", "c_ptr", "len_ptr", "base_ptr", "width_ptr", "b_ptr", "y_ptr", "N", "K",
+               "stride_xm" if one_row else "stride_xk", "stride_ym"]
+    return fn, sig, const, aligned
+
+
+def spmm_spec(block_m: int, tile_n: int, tile_k: int) -> tuple:
+    """``spmm`` on whole K tiles of ``tile_n x tile_k``, ``block_m`` rows per program (M = 1 when 1)."""
+    import sparsecore.kernels.spmm as mod
+    fn = mod._spmm_kernel
+    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": "*fp16", "bitmap_ptr": "*i32", "values_ptr": "*fp16",
+                                              "offsets_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
+                                              "ws_ptr": "*fp32"}
+    const = dict(stride_xk=1, HAS_BIAS=True, TILE_N=tile_n, TILE_K=tile_k, BLOCK_M=block_m, SPLIT_K=1,
+                 DOT_PRECISION=None, DOT_UPCAST=False, HW_POPC=True, EVEN_K=True)
+    if block_m == 1:
+        const.update(M=1, m_bucket=1)
+    aligned = ["x_ptr", "bitmap_ptr", "values_ptr", "offsets_ptr", "bias_ptr", "out_ptr", "ws_ptr", "N", "K",
+               "n_k_tiles", "stride_xm", "stride_om"]
+    return fn, sig, const, aligned
+
+
 def nm_rows(arch: int) -> list[dict]:
     import sparsecore.kernels.nm_matmul as mod
-    fn = mod._nm_matmul_kernel.fn.fn  # autotuner -> heuristics -> JITFunction
     rows = []
     for cfg in mod._configs():
         kw = cfg.kwargs
         if kw["BLOCK_M"] > 16:
             continue  # prefill tiles: compute bound, cuSPARSELt's territory
-        m_rows = kw["BLOCK_M"] if kw["GATHER"] else 16
-        sig = {n: "i32" for n in fn.arg_names} | {"x_ptr": "*fp16", "v_ptr": "*fp16", "p_ptr": "*u8", "b_ptr": "*fp16",
-                                                  "y_ptr": "*fp16"}
-        const = dict(stride_xk=1, stride_ys=0, SPLIT_K=1, NS=2, NS_P2=2, MS=4, BITS=2, HAS_BIAS=True, PARTIAL=False,
-                     DOT_PRECISION="tf32", DOT_UPCAST=False, EVEN=True, **kw)
+        fn, sig, const, aligned = nm_spec(kw)
         if kw["BLOCK_M"] == 1:
             const["M"] = 1
-        res = compile_kernel(fn, sig, const, ["x_ptr", "v_ptr", "p_ptr", "b_ptr", "y_ptr", "N", "K", "K_PER_SPLIT",
-                                              "stride_xm", "stride_vn", "stride_pn", "stride_ym"], arch,
-                             cfg.num_warps, cfg.num_stages)
+        res = compile_kernel(fn, sig, const, aligned, arch, cfg.num_warps, cfg.num_stages)
         per_thread = kw["BLOCK_N"] * kw["BLOCK_K"] / (32 * cfg.num_warps)
         rows.append(_row("nm_matmul 2:4 fp16", "gather" if kw["GATHER"] else "tensor cores",
-                         f"BM={kw['BLOCK_M']} BN={kw['BLOCK_N']} BK={kw['BLOCK_K']} w={cfg.num_warps}", m_rows,
-                         "dense weight element", per_thread, res))
+                         f"BM={kw['BLOCK_M']} BN={kw['BLOCK_N']} BK={kw['BLOCK_K']} w={cfg.num_warps}",
+                         kw["BLOCK_M"] if kw["GATHER"] else 16, "dense weight element", per_thread, res))
     return rows
 
 
 def sell_rows(arch: int) -> list[dict]:
     import sparsecore.kernels.sell_matmul as mod
-    fn = mod._sell_matmul_kernel.fn
-    if not isinstance(fn, triton.runtime.JITFunction):  # imported under TRITON_INTERPRET=1
-        fn = triton.runtime.JITFunction(fn.fn)
     rows = []
     for cfg in mod._configs():
         kw = cfg.kwargs
@@ -144,16 +184,7 @@ def sell_rows(arch: int) -> list[dict]:
         if kw["BLOCK_M"] not in (1, 4, 16) or kw["BLOCK_M"] * 16 * kw["BLOCK_J"] > min(
                 mod._MAX_TILE, 32 * cfg.num_warps * mod._MAX_PER_THREAD):
             continue
-        sig = {n: "i32" for n in fn.arg_names} | {"x_ptr": "*fp16", "v_ptr": "*fp16", "c_ptr": "*i16",
-                                                  "len_ptr": "*i32", "base_ptr": "*i64", "width_ptr": "*i32",
-                                                  "b_ptr": "*fp16", "y_ptr": "*fp16"}
-        # M = 1 reads x as given (unit K stride); M > 1 reads the launcher's x^T (unit M stride)
-        const = dict(M=1, M_BUCKET=1, stride_xk=1) if kw["BLOCK_M"] == 1 else dict(stride_xm=1)
-        const.update(C=16, ALIGN_=16, HAS_BIAS=True, **kw)
-        strided = "stride_xm" if kw["BLOCK_M"] == 1 else "stride_xk"
-        res = compile_kernel(fn, sig, const, ["x_ptr", "v_ptr", "c_ptr", "len_ptr", "base_ptr", "width_ptr", "b_ptr",
-                                              "y_ptr", "N", "K", strided, "stride_ym"], arch,
-                             cfg.num_warps, cfg.num_stages)
+        res = compile_kernel(*sell_spec(kw), arch, cfg.num_warps, cfg.num_stages)
         per_thread = 16 * kw["BLOCK_J"] / (32 * cfg.num_warps)
         rows.append(_row("sell_matmul fp16", "per kept value",
                          f"BM={kw['BLOCK_M']} C=16 BJ={kw['BLOCK_J']} w={cfg.num_warps}", kw["BLOCK_M"],
@@ -162,22 +193,10 @@ def sell_rows(arch: int) -> list[dict]:
 
 
 def spmm_rows(arch: int) -> list[dict]:
-    import sparsecore.kernels.spmm as mod
-    fn = mod._spmm_kernel
-    if not isinstance(fn, triton.runtime.JITFunction):  # imported under TRITON_INTERPRET=1
-        fn = triton.runtime.JITFunction(fn.fn)
     rows = []
     for block_m, tile_n, tile_k, warps in ((1, 32, 128, 4), (1, 32, 128, 8), (1, 16, 256, 4), (2, 32, 128, 4),
                                            (4, 32, 128, 8), (16, 32, 128, 4), (16, 16, 256, 4), (64, 32, 128, 4)):
-        sig = {n: "i32" for n in fn.arg_names} | {"x_ptr": "*fp16", "bitmap_ptr": "*i32", "values_ptr": "*fp16",
-                                                  "offsets_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
-                                                  "ws_ptr": "*fp32"}
-        const = dict(stride_xk=1, HAS_BIAS=True, TILE_N=tile_n, TILE_K=tile_k, BLOCK_M=block_m, SPLIT_K=1,
-                     DOT_PRECISION=None, DOT_UPCAST=False, HW_POPC=True, EVEN_K=True)
-        if block_m == 1:
-            const.update(M=1, m_bucket=1)
-        res = compile_kernel(fn, sig, const, ["x_ptr", "bitmap_ptr", "values_ptr", "offsets_ptr", "bias_ptr", "out_ptr",
-                                              "ws_ptr", "N", "K", "n_k_tiles", "stride_xm", "stride_om"], arch, warps, 2)
+        res = compile_kernel(*spmm_spec(block_m, tile_n, tile_k), arch, warps, 2)
         per_thread = tile_n * tile_k / (32 * warps)
         rows.append(_row("spmm (bitmap) fp16", "tensor cores" if block_m >= 16 else "popcount decode",
                          f"BM={block_m} tile {tile_n}x{tile_k} w={warps}", block_m, "dense weight element",

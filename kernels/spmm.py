@@ -138,16 +138,20 @@ def _zero_workspace(nargs: dict) -> None:
         nargs["ws_ptr"].zero_()
 
 
+# Decode accumulators (BLOCK_M x tile, fp32) per thread above which a config costs occupancy or spills.
+_MAX_ACC_PER_THREAD = 64
+
+
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     # More splits than K tiles only adds empty programs and atomics.
     args = {**named_args, **kwargs}
     kept = [c for c in configs if c.kwargs["SPLIT_K"] <= max(1, args["n_k_tiles"])] or configs[:1]
     if args["BLOCK_M"] < 16:
-        # The decode path holds BLOCK_M x tile fp32 accumulators across the threads: more than 64 per thread
-        # costs occupancy (over 200 registers) or spills, so keep the configs with the fewest per thread.
+        # The decode path holds BLOCK_M x tile fp32 accumulators across the threads: more than
+        # _MAX_ACC_PER_THREAD costs occupancy (over 200 registers) or spills; keep the configs with the fewest.
         acc = args["BLOCK_M"] * args["TILE_N"] * args["TILE_K"]
         per_thread = {c: acc // (32 * c.num_warps) for c in kept}
-        least = max(64, min(per_thread.values()))
+        least = max(_MAX_ACC_PER_THREAD, min(per_thread.values()))
         kept = [c for c in kept if per_thread[c] <= least]
     return kept
 
@@ -245,8 +249,8 @@ def _launch(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_of
     if split_k > 0:
         if split_k > 1:
             ws.zero_()
-        # the warps _prune would leave: 8 where 4 would hold over 64 decode accumulators per thread
-        warps = 8 if block_m < 16 and block_m * tile_n * 32 * words > 64 * 32 * 4 else 4
+        # the warps _prune would leave: 8 where 4 would hold too many decode accumulators per thread
+        warps = 8 if block_m < 16 and block_m * tile_n * 32 * words > _MAX_ACC_PER_THREAD * 32 * 4 else 4
         _spmm_kernel[grid](*args, SPLIT_K=split_k, num_warps=warps, **meta)
         used = split_k
     else:
