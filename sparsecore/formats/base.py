@@ -17,7 +17,7 @@ from ..masks import check_mask
 if TYPE_CHECKING:
     from ..config import SparsityConfig
 
-__all__ = ["FormatError", "PackedWeight", "FORMATS", "register_format", "check_weight_and_mask", "SUPPORTED_DTYPES"]
+__all__ = ["FormatError", "PackedWeight", "FORMATS", "register_format", "unregister_format", "check_weight_and_mask", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -115,6 +115,12 @@ def register_format(cls: type[PackedWeight]) -> type[PackedWeight]:
         raise ValueError(f"format kind {cls.kind!r} registered twice")
     FORMATS[cls.kind] = cls
     return cls
+
+
+def unregister_format(cls: type[PackedWeight]) -> None:
+    """Remove a format registered with ``register_format`` (tests and plugins that install one temporarily)."""
+    if FORMATS.get(cls.kind) is cls:
+        del FORMATS[cls.kind]
 
 
 def check_weight_and_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:

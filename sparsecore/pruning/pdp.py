@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..masks import as_matrix, channel_to_weight_mask, from_matrix, keep_count
-from .base import FilterFn, Pruner, apply_masks, check_fraction, check_pattern, select_layers, select_mask
+from ..masks import as_matrix, from_matrix, keep_count
+from .base import FilterFn, Pruner, apply_masks, check_fraction, check_pattern, select_layers
+from .magnitude import magnitude_layer_mask
 from .scores import channel_norm, magnitude
 
 __all__ = ["pdp_threshold", "pdp_soft_mask", "pdp_target", "PDP"]
@@ -161,13 +162,7 @@ class PDP(Pruner):
         masks = {}
         for fqn, mod in self.layers.items():
             w = mod.parametrizations.weight.original if self._attached else mod.weight
-            if self.pattern == "nm":
-                masks[fqn] = select_mask(magnitude(w), "nm", 0, *self.nm)
-            elif self.pattern == "channel":
-                keep = select_mask(channel_norm(w), "channel", keep_count(w.shape[0], self.r_final))
-                masks[fqn] = channel_to_weight_mask(keep, w.shape)
-            else:
-                masks[fqn] = select_mask(magnitude(w), "unstructured", keep_count(w.numel(), self.r_final))
+            masks[fqn] = magnitude_layer_mask(w, self.pattern, self.r_final, *self.nm)
         return masks
 
     def finalize(self) -> dict[str, torch.Tensor]:
