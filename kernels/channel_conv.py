@@ -262,3 +262,18 @@ def channel_conv_ref(x: torch.Tensor, values: torch.Tensor, in_idx: torch.Tensor
         y += bias.view(1, -1, 1, 1)
     y.index_add_(1, out_idx.long(), part)
     return y
+
+
+def compile_spec(block_m: int, block_n: int, block_k: int) -> tuple:
+    """Launch spec of a 3x3 fp16 conv on channels-last x and the backend's ``[kh, kw, n_in, n_out]`` weight,
+    as ``_launch`` calls the kernel: ``(kernel, signature, constexprs, args divisible by 16)`` for
+    ``sparsecore.compile_check``."""
+    fn = _channel_conv_kernel.fn
+    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": "*fp16", "w_ptr": "*fp16", "bias_ptr": "*fp16",
+                                              "y_ptr": "*fp16", "in_idx_ptr": "*i32", "out_idx_ptr": "*i32",
+                                              "fill_idx_ptr": "*i32"}
+    const = dict(KH=3, KW=3, HAS_BIAS=True, DOT_FP32=False, IS_NHWC=True, BLOCK_M=block_m, BLOCK_N=block_n,
+                 BLOCK_K=block_k, stride_xc=1, stride_wn=1)
+    aligned = ["x_ptr", "w_ptr", "bias_ptr", "y_ptr", "in_idx_ptr", "out_idx_ptr", "fill_idx_ptr", "stride_xb",
+               "stride_xh", "stride_xw", "stride_wc", "stride_wr", "stride_ws", "stride_yb", "stride_yh", "stride_yw"]
+    return fn, sig, const, aligned

@@ -480,3 +480,18 @@ def nm_matmul_ref(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
     if bias is not None:
         y = y + bias.to(cdt)
     return y.to(x.dtype)
+
+
+def compile_spec(kw: dict, *, n: int = 2, m: int = 4, even: bool = True, dtype: str = "*fp16") -> tuple:
+    """Launch spec of config ``kw`` (BLOCK_M/N/K, GATHER) for ``n:m``, as ``_launch`` calls the kernel:
+    ``(kernel, signature, constexprs, args Triton may assume divisible by 16)`` for
+    ``sparsecore.compile_check``. ``even``: whole tiles (sizes and strides divisible by 16, no masks)."""
+    fn = _nm_matmul_kernel.fn.fn  # autotuner -> heuristics -> kernel
+    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": dtype, "v_ptr": dtype, "p_ptr": "*u8", "b_ptr": dtype,
+                                              "y_ptr": dtype}
+    const = dict(stride_xk=1, stride_ys=0, SPLIT_K=1, NS=n, NS_P2=next_pow2(n), MS=m, BITS=_BITS[m], HAS_BIAS=True,
+                 PARTIAL=False, DOT_PRECISION="tf32", DOT_UPCAST=False, EVEN=even, **kw)
+    aligned = ["x_ptr", "v_ptr", "p_ptr", "b_ptr", "y_ptr"]
+    if even:
+        aligned += ["N", "K", "K_PER_SPLIT", "stride_xm", "stride_vn", "stride_pn", "stride_ym"]
+    return fn, sig, const, aligned

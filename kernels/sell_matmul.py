@@ -232,3 +232,19 @@ def sell_matmul_ref(x: torch.Tensor, layout: SellLayout, bias: Optional[torch.Te
     if bias is not None:
         y = y + bias.to(cdt)
     return y.to(x.dtype)
+
+
+def compile_spec(kw: dict) -> tuple:
+    """Launch spec of config ``kw`` (BLOCK_M, BLOCK_J) on 16-row slices, as ``_launch`` calls the kernel:
+    M = 1 reads x as given (unit K stride), M > 1 the launcher's x^T padded to 16 rows (unit M stride).
+    ``(kernel, signature, constexprs, args divisible by 16)`` for ``sparsecore.compile_check``."""
+    fn = _sell_matmul_kernel.fn
+    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": "*fp16", "v_ptr": "*fp16", "c_ptr": "*i16", "len_ptr": "*i32",
+                                              "base_ptr": "*i64", "width_ptr": "*i32", "b_ptr": "*fp16",
+                                              "y_ptr": "*fp16"}
+    one_row = kw["BLOCK_M"] == 1
+    const = dict(M=1, M_BUCKET=1, stride_xk=1) if one_row else dict(stride_xm=1)
+    const.update(C=16, ALIGN_=16, HAS_BIAS=True, **kw)
+    aligned = ["x_ptr", "v_ptr", "c_ptr", "len_ptr", "base_ptr", "width_ptr", "b_ptr", "y_ptr", "N", "K",
+               "stride_xm" if one_row else "stride_xk", "stride_ym"]
+    return fn, sig, const, aligned

@@ -346,3 +346,20 @@ def _check_ref(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, n: i
     tk, tile_k = bitmap.shape[1], 32 * bitmap.shape[3]
     if -(-x.shape[1] // tile_k) != tk or -(-n // bitmap.shape[2]) != bitmap.shape[0]:
         raise ValueError(f"spmm_ref: x [M, {x.shape[1]}] and n={n} do not match bitmap {tuple(bitmap.shape)}")
+
+
+def compile_spec(block_m: int, tile_n: int, tile_k: int) -> tuple:
+    """Launch spec on whole K tiles of ``tile_n x tile_k`` with ``block_m`` rows per program (M = 1 when 1),
+    as ``_launch`` calls the kernel: ``(kernel, signature, constexprs, args divisible by 16)`` for
+    ``sparsecore.compile_check``."""
+    fn = _spmm_kernel
+    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": "*fp16", "bitmap_ptr": "*i32", "values_ptr": "*fp16",
+                                              "offsets_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
+                                              "ws_ptr": "*fp32"}
+    const = dict(stride_xk=1, HAS_BIAS=True, TILE_N=tile_n, TILE_K=tile_k, BLOCK_M=block_m, SPLIT_K=1,
+                 DOT_PRECISION=None, DOT_UPCAST=False, HW_POPC=True, EVEN_K=True)
+    if block_m == 1:
+        const.update(M=1, m_bucket=1)
+    aligned = ["x_ptr", "bitmap_ptr", "values_ptr", "offsets_ptr", "bias_ptr", "out_ptr", "ws_ptr", "N", "K",
+               "n_k_tiles", "stride_xm", "stride_om"]
+    return fn, sig, const, aligned

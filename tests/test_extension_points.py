@@ -196,6 +196,7 @@ def _modules(folder: Path, package: str) -> dict[Path, set[str]]:
 
 
 @pytest.mark.parametrize("folder, package, forbidden", [
+    ("sparsecore", "sparsecore", ("bench",)),
     ("sparsecore/formats", "sparsecore.formats", ("sparsecore.backends", "sparsecore.kernels", "sparsecore.modules",
                                                   "sparsecore.planner", "bench")),
     ("sparsecore/masks.py", "sparsecore", ("sparsecore.formats", "sparsecore.backends", "sparsecore.pruning", "bench")),
