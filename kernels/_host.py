@@ -1,17 +1,76 @@
-"""Host-side integer helpers for the launchers, kept off Triton's Python API on the hot path.
+"""Host side of the launchers: integer helpers, the interpreter switch and the one launch call.
 
-``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects in Triton >= 3.6: a
-call from Python unwraps every argument and costs ~2.7 us on the 2-core CI machine, against ~10 ns for
-the integer expression. A decode launch used seven of them, more than the whole GPU time of a
-4096 x 4096 2:4 GEMV, so the launchers use these instead (same results, see tests/test_host_path.py).
+``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects in Triton >= 3.6: a call
+from Python unwraps every argument, micro-seconds against nanoseconds for the integer expression, and a
+decode launch can cost more in those calls than its whole GPU time; the launchers use ``cdiv`` and
+``next_pow2`` here instead (same results, see tests/test_host_path.py; figures in
+``bench/results/overhead_*``).
+
+Every kernel launch goes through ``launch`` so that ``dry_launches`` can turn them into grid evaluations:
+the seam ``bench.bench_overhead`` uses to time sparsecore's own host path on a machine without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["cdiv", "next_pow2", "num_sms", "needs_op"]
+__all__ = ["cdiv", "next_pow2", "num_sms", "needs_op", "interpreting", "cpu_launch_ok", "dry_launches", "launch",
+           "launched_config"]
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1``). ``triton.jit`` reads the variable when a kernel is
+    decorated, so the kernel modules read this once at import (their configs depend on it)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class _Dry:
+    active = False
+
+
+def cpu_launch_ok() -> bool:
+    """Launchers may take CPU tensors: under the interpreter, or inside ``dry_launches``. Read per call."""
+    return _Dry.active or interpreting()
+
+
+@contextlib.contextmanager
+def dry_launches() -> Iterator[None]:
+    """Inside: launchers check their inputs and allocate as usual, evaluate the launch grid with the kernel's
+    first config, and launch nothing (outputs are left as allocated); Triton backends accept CPU tensors.
+
+    For timing sparsecore's own host path per call on a machine without a GPU (``bench.bench_overhead``);
+    the outputs are meaningless.
+    """
+    previous, _Dry.active = _Dry.active, True
+    try:
+        yield
+    finally:
+        _Dry.active = previous
+
+
+def _first_config(kernel: Any) -> dict:
+    configs = getattr(kernel, "configs", None)
+    return dict(configs[0].kwargs) if configs else {}
+
+
+def launch(kernel: Any, grid: Callable[[dict], tuple] | tuple, *args: Any, **meta: Any) -> None:
+    """``kernel[grid](*args, **meta)``, or only the grid's evaluation inside ``dry_launches``."""
+    if _Dry.active:
+        if callable(grid):
+            grid({**_first_config(kernel), **meta})
+        return
+    kernel[grid](*args, **meta)
+
+
+def launched_config(kernel: Any) -> dict:
+    """The constexpr config an autotuned ``kernel`` ran with last (its first config inside ``dry_launches``)."""
+    if _Dry.active:
+        return _first_config(kernel)
+    return kernel.best_config.kwargs
 
 
 def cdiv(a: int, b: int) -> int:

@@ -23,7 +23,6 @@ Offsets are int32 inside a sample and int64 across the batch: one sample must st
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
@@ -31,11 +30,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._host import cdiv, needs_op
+from ._host import cdiv, cpu_launch_ok, interpreting, launch, needs_op
 
 __all__ = ["channel_conv", "channel_conv_ref", "fill_indices", "conv_out_size"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # fixed at import, as triton.jit fixes it
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); small-M configs serve batch 1 at 7x7 / 14x14 maps.
@@ -181,7 +180,8 @@ def _launch(x: torch.Tensor, values: torch.Tensor, in_idx: torch.Tensor, out_idx
     def grid(meta):
         return (cdiv(m, meta["BLOCK_M"]), cdiv(n_out, meta["BLOCK_N"]) + cdiv(n_fill, meta["BLOCK_N"]))
 
-    _channel_conv_kernel[grid](
+    launch(
+        _channel_conv_kernel, grid,
         x, values, bias if bias is not None else y, y, in_idx, out_idx, fill_idx,
         m, h, w, oh, ow, n_in, n_out, n_fill,
         *x.stride(), *values.stride(), *y.stride(),
@@ -233,7 +233,7 @@ def channel_conv(x: torch.Tensor, values: torch.Tensor, in_idx: torch.Tensor, ou
     if not isinstance(c_out_full, int) or c_out_full < 1:
         raise ValueError(f"c_out_full must be a positive int, got {c_out_full!r}")
     _check(x, values, in_idx, out_idx, c_out_full, bias, fill_idx)
-    if x.device.type != "cuda" and not _INTERPRET:
+    if x.device.type != "cuda" and not cpu_launch_ok():
         raise RuntimeError("channel_conv runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); "
                            "use channel_conv_ref on CPU")
     if fill_idx is None:

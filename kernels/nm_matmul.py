@@ -33,18 +33,17 @@ n, m, SPLIT_K, dtype); under ``TRITON_INTERPRET=1`` one small config runs (``INT
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, needs_op, next_pow2, num_sms
+from ._host import cdiv, interpreting, launch, needs_op, next_pow2, num_sms
 
 __all__ = ["nm_matmul", "nm_matmul_prechecked", "check_packed", "nm_matmul_ref", "choose_split_k"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # fixed at import, as triton.jit fixes it
 _BITS = {4: 2, 8: 3}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Which path the interpreter runs (on a GPU the autotuner tries both where both apply); tests flip it.
@@ -368,9 +367,9 @@ def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: i
     if _INTERPRET:
         # Triton 3.6's autotuner benchmarks even a lone config, which needs a GPU driver: launch it directly.
         (cfg,) = _prune(_configs(), {"M_BUCKET": _autotune_bucket(m_rows), "MS": m, "NS": n})
-        _nm_matmul_kernel.fn[grid](*args, **meta, **cfg.kwargs)
+        launch(_nm_matmul_kernel.fn, grid, *args, **meta, **cfg.kwargs)
     else:
-        _nm_matmul_kernel[grid](*args, **meta)
+        launch(_nm_matmul_kernel, grid, *args, **meta)
     if partial:
         acc = out.sum(0)  # fixed-order reduction of the fp32 partials: deterministic
         if bias is not None:

@@ -18,7 +18,6 @@ absent, not zeros that multiply). Configs are autotuned per (M bucket, N, K, C);
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -27,11 +26,11 @@ import triton.language as tl
 
 from sparsecore.formats.sell import ALIGN, MAX_K, SellLayout
 
-from ._host import cdiv, needs_op, next_pow2
+from ._host import cdiv, cpu_launch_ok, interpreting, launch, needs_op, next_pow2
 
 __all__ = ["sell_matmul", "sell_matmul_ref", "check_layout"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # fixed at import, as triton.jit fixes it
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # BLOCK_M * C * BLOCK_J elements of the gathered x block live in registers: at most 64 per thread and 8192
 # in all (compiled offline for sm_90: larger blocks spill with 2 warps under triton 3.9).
@@ -151,7 +150,7 @@ def sell_matmul(x: torch.Tensor, layout: SellLayout, bias: Optional[torch.Tensor
                              or bias.stride(0) != 1):
         raise ValueError(f"bias must be a contiguous {x.dtype} [{layout.n}] tensor on {x.device}, got "
                          f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")
-    if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
+    if not (x.is_cuda or (cpu_launch_ok() and x.device.type == "cpu")):
         raise ValueError(f"sell_matmul: Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), x is on {x.device}")
     args = (x, layout.values, layout.cols, layout.row_len, layout.base, layout.width, bias, layout.slice_rows)
     if needs_op(x, bias):
@@ -196,9 +195,9 @@ def _launch(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_len: 
             m, n, k, next_pow2(m), x.stride(0), x.stride(1), y.stride(0))
     meta = dict(C=slice_rows, ALIGN_=ALIGN, HAS_BIAS=bias is not None)
     if _INTERPRET:  # Triton 3.6's autotuner benchmarks even a lone config (needs a driver): launch it directly
-        _sell_matmul_kernel.fn[grid](*args, **meta, **_interpreter_config(next_pow2(m), slice_rows))
+        launch(_sell_matmul_kernel.fn, grid, *args, **meta, **_interpreter_config(next_pow2(m), slice_rows))
     else:
-        _sell_matmul_kernel[grid](*args, **meta)
+        launch(_sell_matmul_kernel, grid, *args, **meta)
     return y
 
 

@@ -22,7 +22,6 @@ this kernel's bytes win.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -31,11 +30,11 @@ from triton.language.extra import libdevice
 
 from sparsecore.formats.unstructured import MAX_TILE_ELEMS, TILE_K_CHOICES, TILE_N_CHOICES, decode_matrix
 
-from ._host import cdiv, needs_op, next_pow2
+from ._host import cdiv, cpu_launch_ok, interpreting, launch, launched_config, needs_op, next_pow2
 
 __all__ = ["spmm", "spmm_prechecked", "check_packed", "spmm_ref"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # fixed at import, as triton.jit fixes it
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -221,7 +220,7 @@ def _check(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_off
             raise ValueError(f"spmm: {name} is on {t.device}, x on {x.device}")
         if not t.is_contiguous():
             raise ValueError(f"spmm: {name} must be contiguous (pack it once, do not pass views)")
-    if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
+    if not (x.is_cuda or (cpu_launch_ok() and x.device.type == "cpu")):
         raise ValueError(f"spmm: Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), x is on {x.device}")
 
 
@@ -251,11 +250,11 @@ def _launch(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_of
             ws.zero_()
         # the warps _prune would leave: 8 where 4 would hold too many decode accumulators per thread
         warps = 8 if block_m < 16 and block_m * tile_n * 32 * words > _MAX_ACC_PER_THREAD * 32 * 4 else 4
-        _spmm_kernel[grid](*args, SPLIT_K=split_k, num_warps=warps, **meta)
+        launch(_spmm_kernel, grid, *args, SPLIT_K=split_k, num_warps=warps, **meta)
         used = split_k
     else:
-        _spmm_autotuned[grid](*args, **meta)
-        used = _spmm_autotuned.best_config.kwargs["SPLIT_K"]
+        launch(_spmm_autotuned, grid, *args, **meta)
+        used = launched_config(_spmm_autotuned)["SPLIT_K"]
     if used > 1:
         out.copy_(ws)
     return out
