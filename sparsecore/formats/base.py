@@ -7,6 +7,7 @@ everything it is handed, so a corrupt file raises ``FormatError`` instead of run
 """
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -79,6 +80,17 @@ class PackedWeight(ABC):
         """Bytes of all stored tensors (what the kernel streams)."""
         tensors, _ = self.state()
         return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    @functools.cached_property
+    def nonzeros(self) -> int:
+        """Non-zero entries of the dense weight (``count_nonzero(to_dense())``; a kept 0.0 does not count),
+        counted once per object. Formats whose ``values`` tensor holds every dense non-zero and nothing else
+        but zeros count over it (``_nonzeros_from_values``), without a dense copy."""
+        if self._nonzeros_from_values:
+            return int(torch.count_nonzero(self.values))
+        return int(torch.count_nonzero(self.to_dense()))
+
+    _nonzeros_from_values: ClassVar[bool] = False
 
     @property
     def device(self) -> torch.device:

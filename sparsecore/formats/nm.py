@@ -93,6 +93,7 @@ class NMWeight(PackedWeight):
 
     kind = "nm"
     version = 1
+    _nonzeros_from_values = True  # values: every kept entry, plus +0.0 fillers at most
     mask_rule = "nm"
 
     @classmethod

@@ -114,6 +114,7 @@ class UnstructuredWeight(PackedWeight):
     __doc__ = __doc__  # the module docstring is the format's byte-layout specification
     kind = "unstructured"
     version = 1
+    _nonzeros_from_values = True  # values: every kept entry, plus +0.0 fillers at most
 
     def __init__(self, bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torch.Tensor,
                  shape: tuple[int, ...], tile_n: int, tile_k: int):
