@@ -1,10 +1,8 @@
-"""Host side of the launchers: integer helpers, the interpreter switch and the one launch call.
+"""Host side of the launchers: the interpreter switch, buffer allocation and the one launch call.
 
-``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects in Triton >= 3.6: a call
-from Python unwraps every argument, micro-seconds against nanoseconds for the integer expression, and a
-decode launch can cost more in those calls than its whole GPU time; the launchers use ``cdiv`` and
-``next_pow2`` here instead (same results, see tests/test_host_path.py; figures in
-``bench/results/overhead_*``).
+The launchers take ``cdiv`` and ``next_pow2`` from here (``sparsecore.intmath``), never Triton's
+``constexpr_function`` versions, whose Python calls cost more than a decode launch can afford (see
+tests/test_host_path.py; figures in ``bench/results/overhead_*``).
 
 Every kernel launch goes through ``launch`` so that ``dry_launches`` can turn them into grid evaluations:
 the seam ``bench.bench_overhead`` uses to time sparsecore's own host path on a machine without a GPU.
@@ -18,8 +16,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from sparsecore.intmath import cdiv, next_pow2
+
 __all__ = ["cdiv", "next_pow2", "num_sms", "needs_op", "interpreting", "cpu_launch_ok", "dry_launches", "launch",
-           "launched_config"]
+           "launched_config", "empty", "poisoned_buffers"]
 
 
 def interpreting() -> bool:
@@ -52,6 +52,28 @@ def dry_launches() -> Iterator[None]:
         _Dry.active = previous
 
 
+class _Poison:
+    active = False
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a launcher allocates comes from here (NaN-filled inside ``poisoned_buffers``)."""
+    if _Poison.active:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def poisoned_buffers() -> Iterator[None]:
+    """Inside: launcher buffers (outputs, split-K partials) start as NaN, so a test sees any element a kernel
+    leaves unwritten."""
+    previous, _Poison.active = _Poison.active, True
+    try:
+        yield
+    finally:
+        _Poison.active = previous
+
+
 def _first_config(kernel: Any) -> dict:
     configs = getattr(kernel, "configs", None)
     return dict(configs[0].kwargs) if configs else {}
@@ -71,16 +93,6 @@ def launched_config(kernel: Any) -> dict:
     if _Dry.active:
         return _first_config(kernel)
     return kernel.best_config.kwargs
-
-
-def cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for ints, ``b > 0``."""
-    return -(-a // b)
-
-
-def next_pow2(n: int) -> int:
-    """Smallest power of two >= ``n`` (1 for ``n <= 1``)."""
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=None)

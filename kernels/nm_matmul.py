@@ -39,12 +39,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, interpreting, launch, needs_op, next_pow2, num_sms
+from sparsecore.formats.nm import check_nm_params, position_bits, positions_row_bytes, unpack_positions
+
+from ._host import cdiv, empty, interpreting, launch, needs_op, next_pow2, num_sms
 
 __all__ = ["nm_matmul", "nm_matmul_prechecked", "check_packed", "nm_matmul_ref", "choose_split_k"]
 
 _INTERPRET = interpreting()  # fixed at import, as triton.jit fixes it
-_BITS = {4: 2, 8: 3}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Which path the interpreter runs (on a GPU the autotuner tries both where both apply); tests flip it.
 INTERPRET_GATHER = False
@@ -297,8 +298,7 @@ def choose_split_k(m_rows: int, n_out: int, k_dim: int, m: int, num_sms: int) ->
 
 def _check(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
            bias: Optional[torch.Tensor], dtypes: tuple[torch.dtype, ...] = _DTYPES) -> tuple[int, int, int]:
-    if not (isinstance(n, int) and isinstance(m, int)) or m not in _BITS or not 0 < n < m:
-        raise ValueError(f"n:m must be ints with m in (4, 8) and 0 < n < m, got n={n!r}, m={m!r}")
+    check_nm_params(n, m)
     for name, t in (("x", x), ("values", values), ("positions", positions)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -317,7 +317,7 @@ def _check(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: in
     if k_dim % m or slots != k_dim // m * n:
         raise ValueError(f"x has K={k_dim}; {n}:{m} values need K % {m} == 0 and shape [N, {k_dim // m * n}], "
                          f"got values {tuple(values.shape)}")
-    row_bytes = (slots * _BITS[m] + 7) // 8
+    row_bytes = positions_row_bytes(slots, m)
     if tuple(positions.shape) != (n_out, row_bytes):
         raise ValueError(f"positions must have shape {(n_out, row_bytes)}, got {tuple(positions.shape)}")
     if not values.is_contiguous() or not positions.is_contiguous():
@@ -332,15 +332,10 @@ def _check(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: in
     return m_rows, n_out, k_dim
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the launcher allocates comes from here (tests swap in a NaN-filled version)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
             bias: Optional[torch.Tensor], split_k: int) -> torch.Tensor:
     m_rows, n_out, k_dim = x.shape[0], values.shape[0], x.shape[1]
-    y = _empty((m_rows, n_out), x.dtype, x.device)
+    y = empty((m_rows, n_out), x.dtype, x.device)
     if m_rows == 0 or n_out == 0:
         return y
     if k_dim == 0:
@@ -351,7 +346,7 @@ def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: i
     k_per_split = cdiv(cdiv(k_dim, split_k), 32) * 32
     split_k = cdiv(k_dim, k_per_split)
     partial = split_k > 1
-    out = _empty((split_k, m_rows, n_out), torch.float32, x.device) if partial else y
+    out = empty((split_k, m_rows, n_out), torch.float32, x.device) if partial else y
 
     def grid(meta: dict) -> tuple[int, int, int]:
         return cdiv(n_out, meta["BLOCK_N"]), split_k, cdiv(m_rows, meta["BLOCK_M"])
@@ -360,7 +355,7 @@ def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: i
             m_rows, n_out, k_dim, k_per_split, _autotune_bucket(m_rows), split_k,
             x.stride(0), x.stride(1), values.stride(0), positions.stride(0),
             out.stride(0) if partial else 0, out.stride(-2))
-    meta = dict(NS=n, NS_P2=next_pow2(n), MS=m, BITS=_BITS[m],
+    meta = dict(NS=n, NS_P2=next_pow2(n), MS=m, BITS=position_bits(m),
                 HAS_BIAS=bias is not None, PARTIAL=partial,
                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                 DOT_UPCAST=_INTERPRET and x.dtype == torch.bfloat16)
@@ -428,22 +423,19 @@ def nm_matmul_prechecked(x: torch.Tensor, values: torch.Tensor, positions: torch
 
 def check_packed(values: torch.Tensor, positions: torch.Tensor, n: int, m: int) -> None:
     """Validate the packed tensors alone (what ``nm_matmul_prechecked`` relies on); raises like ``nm_matmul``."""
-    if not isinstance(values, torch.Tensor) or values.dim() != 2 or not isinstance(m, int) or m not in _BITS:
-        raise ValueError(f"values must be a 2-D tensor and m one of {sorted(_BITS)}, got "
-                         f"{type(values).__name__} {tuple(getattr(values, 'shape', ()))}, m={m!r}")
-    if not isinstance(n, int) or not 0 < n < m or values.shape[1] % n:
-        raise ValueError(f"n must be an int in (0, {m}) dividing values' {values.shape[1]} slots, got {n!r}")
+    check_nm_params(n, m)
+    if not isinstance(values, torch.Tensor) or values.dim() != 2:
+        raise ValueError(f"values must be a 2-D tensor, got {type(values).__name__} "
+                         f"{tuple(getattr(values, 'shape', ()))}")
+    if values.shape[1] % n:
+        raise ValueError(f"n={n} must divide values' {values.shape[1]} slots")
     k_dim = values.shape[1] // n * m
     _check(values.new_empty((0, k_dim)), values, positions, n, m, None)
     n_out, slots = values.shape
     if n_out and slots and n > 1:  # canonical form: each group's positions strictly increasing
-        bits, shifts = _BITS[m], torch.arange(8, dtype=torch.uint8, device=positions.device)
-        chunk = max(1, (1 << 22) // positions.shape[1])  # rows per step: a few tens of MB of temporaries
+        chunk = max(1, (1 << 22) // positions.shape[1])  # rows per step: bounds the unpacking temporaries
         for r0 in range(0, n_out, chunk):
-            stream = (positions[r0: r0 + chunk, :, None] >> shifts) & 1                     # (R, bytes, 8)
-            fields = stream.reshape(stream.shape[0], -1)[:, : slots * bits].reshape(-1, slots, bits)
-            pos = (fields.to(torch.int32) << torch.arange(bits, device=positions.device, dtype=torch.int32)).sum(-1)
-            pos = pos.reshape(-1, slots // n, n)
+            pos = unpack_positions(positions[r0: r0 + chunk], slots, m).reshape(-1, slots // n, n)
             bad = (pos[..., 1:] <= pos[..., :-1]).any(-1)
             if bool(bad.any()):
                 r, g = (int(i) for i in bad.nonzero()[0])
@@ -467,11 +459,7 @@ def nm_matmul_ref(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
     _check(x, values, positions, n, m, bias, _DTYPES + (torch.float64,))
     n_out, slots = values.shape
     groups = slots // n
-    shifts = torch.arange(8, device=positions.device)
-    stream = ((positions.to(torch.int64)[..., None] >> shifts) & 1).reshape(n_out, -1)
-    bits = _BITS[m]
-    used = stream[:, : slots * bits].reshape(n_out, slots, bits)
-    pos = (used << torch.arange(bits, device=positions.device)).sum(-1).reshape(n_out, groups, n)
+    pos = unpack_positions(positions, slots, m).reshape(n_out, groups, n)
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = torch.zeros(n_out, groups, m, dtype=cdt, device=values.device)
     w.scatter_(-1, pos, values.reshape(n_out, groups, n).to(cdt))
@@ -488,7 +476,7 @@ def compile_spec(kw: dict, *, n: int = 2, m: int = 4, even: bool = True, dtype: 
     fn = _nm_matmul_kernel.fn.fn  # autotuner -> heuristics -> kernel
     sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": dtype, "v_ptr": dtype, "p_ptr": "*u8", "b_ptr": dtype,
                                               "y_ptr": dtype}
-    const = dict(stride_xk=1, stride_ys=0, SPLIT_K=1, NS=n, NS_P2=next_pow2(n), MS=m, BITS=_BITS[m], HAS_BIAS=True,
+    const = dict(stride_xk=1, stride_ys=0, SPLIT_K=1, NS=n, NS_P2=next_pow2(n), MS=m, BITS=position_bits(m), HAS_BIAS=True,
                  PARTIAL=False, DOT_PRECISION="tf32", DOT_UPCAST=False, EVEN=even, **kw)
     aligned = ["x_ptr", "v_ptr", "p_ptr", "b_ptr", "y_ptr"]
     if even:

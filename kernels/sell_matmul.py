@@ -26,7 +26,7 @@ import triton.language as tl
 
 from sparsecore.formats.sell import ALIGN, MAX_K, SellLayout
 
-from ._host import cdiv, cpu_launch_ok, interpreting, launch, needs_op, next_pow2
+from ._host import cdiv, cpu_launch_ok, empty, interpreting, launch, needs_op, next_pow2
 
 __all__ = ["sell_matmul", "sell_matmul_ref", "check_layout"]
 
@@ -164,16 +164,11 @@ def _interpreter_config(bucket: int, slice_rows: int) -> dict:
     return dict(cfg.kwargs)
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output allocation; a module-level hook so tests can poison it with NaN."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _launch(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_len: torch.Tensor, base: torch.Tensor,
             width: torch.Tensor, bias: Optional[torch.Tensor], slice_rows: int) -> torch.Tensor:
     m, k = x.shape
     n = row_len.shape[0]
-    y = _empty((m, n), x.dtype, x.device)
+    y = empty((m, n), x.dtype, x.device)
     if m == 0 or n == 0:
         return y
     if values.numel() == 0:  # every row empty: the kernel's loops are empty, but give it valid pointers
@@ -184,7 +179,7 @@ def _launch(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_len: 
         # x^T with its rows padded to a multiple of 16, which every BLOCK_M (a power of two <= 16) divides, so
         # no row needs a mask; a kept value's BLOCK_M x values are contiguous, and a row stride divisible by
         # 16 lets Triton prove the alignment that makes them one vector load.
-        xt = _empty((k, cdiv(m, 16) * 16), x.dtype, x.device)
+        xt = empty((k, cdiv(m, 16) * 16), x.dtype, x.device)
         xt[:, :m].copy_(x.t())
         x = xt.t()
 

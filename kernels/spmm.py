@@ -30,7 +30,7 @@ from triton.language.extra import libdevice
 
 from sparsecore.formats.unstructured import MAX_TILE_ELEMS, TILE_K_CHOICES, TILE_N_CHOICES, decode_matrix
 
-from ._host import cdiv, cpu_launch_ok, interpreting, launch, launched_config, needs_op, next_pow2
+from ._host import cdiv, cpu_launch_ok, empty, interpreting, launch, launched_config, needs_op, next_pow2
 
 __all__ = ["spmm", "spmm_prechecked", "check_packed", "spmm_ref"]
 
@@ -180,11 +180,6 @@ def _autotune_bucket(m: int, block_m: int) -> int:
     return next_pow2(cdiv(m, block_m))
 
 
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output allocation; a module-level hook so tests can poison it with NaN."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _check(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torch.Tensor, n: int,
            bias: torch.Tensor | None) -> None:
     for name, t in (("x", x), ("bitmap", bitmap), ("values", values), ("tile_offsets", tile_offsets)):
@@ -228,10 +223,10 @@ def _launch(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_of
             bias: torch.Tensor | None, split_k: int) -> torch.Tensor:
     m, k = x.shape
     _, n_k_tiles, tile_n, words = bitmap.shape
-    out = _alloc((m, n), x.dtype, x.device)
+    out = empty((m, n), x.dtype, x.device)
     if m == 0 or n == 0:
         return out
-    ws = _alloc((m, n), torch.float32, x.device)
+    ws = empty((m, n), torch.float32, x.device)
     if values.numel() == 0:  # 100% sparse: every load is masked, but give the kernel a valid pointer
         values = torch.zeros(1, dtype=x.dtype, device=x.device)
     block_m = _block_m(m)

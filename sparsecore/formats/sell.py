@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..intmath import cdiv
+
 __all__ = ["SellLayout", "pack_sell", "ALIGN", "MAX_K"]
 
 ALIGN = 16          # row segments start on multiples of 16 elements (32 B for fp16)
@@ -88,7 +90,7 @@ def pack_sell(weight: torch.Tensor, mask: torch.Tensor, slice_rows: int = 16) ->
         raise ValueError(f"SELL stores 16-bit columns: K must be <= {MAX_K}, got {k}")
     dev = weight.device
     c = slice_rows
-    n_slices = -(-n // c)
+    n_slices = cdiv(n, c)
     row_len = mask.sum(dim=1, dtype=torch.int64)                                   # [N]
     lens_padded = torch.zeros(n_slices * c, dtype=torch.int64, device=dev)
     lens_padded[:n] = row_len

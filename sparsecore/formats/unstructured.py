@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from ..intmath import cdiv
 from ..masks import as_matrix, from_matrix
 from .base import (FormatError, PackedWeight, check_weight_and_mask, dtype_from_name, dtype_name, expect_tensor,
                    meta_shape, register_format, expect_state)
@@ -59,10 +60,6 @@ TILE_N_CHOICES = (16, 32, 64, 128)
 TILE_K_CHOICES = (32, 64, 128, 256, 512, 1024)
 MAX_TILE_ELEMS = 8192
 _INT32_MAX = 2**31 - 1
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check_tiles(tile_n: Any, tile_k: Any, exc: type[Exception]) -> None:
@@ -157,7 +154,7 @@ class UnstructuredWeight(PackedWeight):
         check_weight_and_mask(weight, mask)
         w, m = as_matrix(weight), as_matrix(mask)
         n, k = w.shape
-        tn, tk = _cdiv(n, tile_n), _cdiv(k, tile_k)
+        tn, tk = cdiv(n, tile_n), cdiv(k, tile_k)
         if int(m.sum()) > _INT32_MAX:
             raise ValueError(f"{int(m.sum())} kept values overflow the format's int32 tile offsets")
         pad_w = torch.zeros(tn * tile_n, tk * tile_k, dtype=w.dtype, device=w.device)
@@ -192,7 +189,7 @@ class UnstructuredWeight(PackedWeight):
         tile_n, tile_k = meta.get("tile_n"), meta.get("tile_k")
         _check_tiles(tile_n, tile_k, FormatError)
         n, k = shape[0], math.prod(shape[1:])
-        tn, tk = _cdiv(n, tile_n), _cdiv(k, tile_k)
+        tn, tk = cdiv(n, tile_n), cdiv(k, tile_k)
         bitmap = expect_tensor(tensors, "bitmap", torch.int32, (tn, tk, tile_n, tile_k // 32))
         offsets = expect_tensor(tensors, "tile_offsets", torch.int32, (tn * tk + 1,))
         values = expect_tensor(tensors, "values", dtype, (tensors["values"].numel(),))
