@@ -428,7 +428,7 @@ def check_packed(values: torch.Tensor, positions: torch.Tensor, n: int, m: int) 
         raise ValueError(f"values must be a 2-D tensor, got {type(values).__name__} "
                          f"{tuple(getattr(values, 'shape', ()))}")
     if values.shape[1] % n:
-        raise ValueError(f"n={n} must divide values' {values.shape[1]} slots")
+        raise ValueError(f"n must divide values' {values.shape[1]} slots, got n={n}")
     k_dim = values.shape[1] // n * m
     _check(values.new_empty((0, k_dim)), values, positions, n, m, None)
     n_out, slots = values.shape
