@@ -16,7 +16,7 @@ Channels-last is the fast one on GPU: the gathered K axis (channels) is contiguo
 store of a ``[BLOCK_M, BLOCK_N]`` tile writes runs of kept channels, and cuDNN's fp16 fast path
 is NHWC too, so a channels-last model never pays a layout conversion. NCHW runs correctly (loads are
 contiguous along M instead) and is the slower layout. ``values`` may have any strides: the
-``ChannelConvWeight`` layout the backend prepares is ``[kh, kw, n_in, n_out]`` in memory, which makes
+layout the TRITON_CHANNEL backend prepares (``sparsecore/backends/channel.py``) is ``[kh, kw, n_in, n_out]`` in memory, which makes
 the weight tile loads contiguous along N.
 
 Offsets are int32 inside a sample and int64 across the batch: one sample must stay under 2^31 elements.

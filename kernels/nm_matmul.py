@@ -24,9 +24,8 @@ element) leaves ~12 instructions, ~6 of them integer, per element. Two paths:
   the 2-bit fields in-thread and builds the tile's 4 columns with one compare-and-select per slot; other
   patterns use the general ``_expand_slots``.
 
-Counted offline from the sm_90 PTX of the main loop (triton 3.6): ~10 instructions (5 integer) per weight
-element for the gather at M = 1, 8-10 (5.3-6.6 integer) for the m = 4 tensor-core path on full tiles (the
-first expansion took 41-47). When even 16-row blocks of N
+Both paths stay within that budget in the sm_90 PTX of their main loops (``bench/results/ptx_counts_sm90_triton*.md``). When even 16-row
+blocks of N
 cannot fill the GPU (N < ~16 * #SMs), K is split over ``SPLIT_K`` programs writing fp32 partials that are
 summed in a fixed order afterwards (deterministic; no atomics). Configs are autotuned per (M bucket, N, K,
 n, m, SPLIT_K, dtype); under ``TRITON_INTERPRET=1`` one small config runs (``INTERPRET_GATHER`` picks the path).
@@ -58,11 +57,10 @@ def _autotune_bucket(m_rows: int) -> int:
 
 def _configs() -> list[triton.Config]:
     """Candidate tiles. Chosen offline (no GPU needed) by compiling for sm_90 with ptxas and counting the
-    main loop's PTX instructions per weight element, since at decode sizes instruction issue, not DRAM,
-    is what a careless expansion runs out of: the gather path takes ~10 per element at M = 1, the m = 4
-    tensor-core path 8-10 for up to 16 rows (a broadcast-multiply-and-reduce on CUDA cores took 47-134,
-    and was dropped). fp16/bf16 tiles do not spill; fp32 ``tl.dot`` in "ieee" precision does (FMA dot
-    layout): fp32 is supported for correctness, not tuned."""
+    main loop's PTX instructions per weight element (``bench/results/ptx_counts_sm90_triton*.md``), since at decode sizes instruction issue, not
+    DRAM, is what a careless expansion runs out of; a broadcast-multiply-and-reduce on CUDA cores costs
+    several times more than either path and is not a candidate. fp16/bf16 tiles do not spill; fp32 ``tl.dot``
+    in "ieee" precision does (FMA dot layout): fp32 is supported for correctness, not tuned."""
     cfgs = []
     # Gather tiles for M <= 4: no dense tile; each kept value meets x[:, its column].
     for bm, bn, bk, warps in ((1, 8, 256, 4), (1, 8, 512, 4), (1, 16, 256, 4), (1, 4, 512, 4), (1, 8, 1024, 8),
@@ -142,8 +140,8 @@ def _expand_m4(v_ptr, p_ptr, offs_n, n_ok, k0, g_end, stride_vn, stride_pn, row_
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
     """Dense (BN, BK) tile for m = 4 and n in (1, 2): each row's position bytes for the tile in one contiguous
     load, split in-thread into 2-bit fields, then per dense element one compare-and-select per slot
-    (counted offline for sm_90: ~4x fewer instructions than ``_expand_slots``, whose 4-D compare and
-    reduction dominate a decode loop). ``k0`` must be a multiple of 32, so the tile starts on a byte (one
+    (far fewer sm_90 instructions than ``_expand_slots``, whose 4-D compare and reduction dominate a decode
+    loop). ``k0`` must be a multiple of 32, so the tile starts on a byte (one
     byte holds 4 fields: 2 groups of 2:4, 4 of 1:4); ``EVEN`` (full tile) drops the masks. A gather of one
     byte per group instead fails to compile (triton 3.6, sm_90) for 64/128-row blocks."""
     BLOCK_G: tl.constexpr = BLOCK_K // 4

@@ -9,7 +9,7 @@ block of values and columns (row segments are 16-element aligned, so these are 1
 ``x[:, col]`` (x is a few KB per row: it stays in L1/L2) and accumulates the products element-wise,
 reduced once after the loop (no cross-lane traffic inside it). For M > 1 the launcher passes x^T padded to
 whole row blocks (one small copy), so a kept value's ``BLOCK_M`` x values are one vector load with no row
-mask: 78 PTX instructions (15 integer) per kept value at M = 16 instead of 210 (70). Work
+mask, a fraction of the instructions per kept value that masked row loads take (``bench/results/ptx_counts_sm90_triton*.md``). Work
 and bytes are proportional to the kept values, not to the dense size (see the layout's docstring for why
 the bitmap kernel cannot do that). Entries past a row's length are masked, so padding is never read and
 a non-finite ``x`` at a column whose weights were all pruned does not reach ``y`` (pruned weights are

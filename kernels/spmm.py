@@ -14,11 +14,10 @@ registers and reduces once at the end; from M = 3 up ``tl.dot`` runs on a 16/32/
 ``SPLIT_K > 1`` gives enough programs at M = 1 (N = 4096 has only 256 tile rows for 132 SMs) and
 accumulates fp32 partials with atomics into a zeroed workspace that is cast once at the end.
 
-Cost (``python -m bench.ptx_counts``, sm_90, triton 3.6): 12 PTX instructions per dense weight element at
-M = 1, 6 of them integer (was 44-66 with a prefix sum over every entry); 12 (6.5) for the 16-row
-tensor-core block on whole K tiles. The work is per *dense* entry, so it does not shrink with sparsity:
-from about 75% sparsity the TRITON_SELL backend (work per kept value) is the faster decode; below that
-this kernel's bytes win.
+Cost: a fixed number of instructions per *dense* weight element, so the work does not shrink with
+sparsity: at high sparsity the TRITON_SELL backend (work per kept value) is the faster decode; below that
+this kernel's bytes win, and the planner measures where the crossover lies. Instructions per element per
+path: ``bench/results/ptx_counts_sm90_triton*.md`` (``python -m bench.ptx_counts``).
 """
 from __future__ import annotations
 
@@ -167,9 +166,9 @@ _spmm_autotuned = triton.autotune(configs=_configs(), key=["m_bucket", "N", "K",
 
 
 def _block_m(m: int) -> int:
-    """Rows per program: 1-2 decode in registers; from 3 rows a 16-row tensor-core block is cheaper (sm_90
-    PTX, default 32 x 128 tiles: 12.3 instructions, 6.5 integer, per element against 23.1 and 11.5 for a 4-row
-    register decode, which needs 8 warps to hold its accumulators)."""
+    """Rows per program: 1-2 decode in registers; from 3 rows a 16-row tensor-core block takes fewer
+    instructions per element than a 4-row register decode, which also needs 8 warps to hold its
+    accumulators (``bench/results/ptx_counts_sm90_triton*.md``, the 4-row and 16-row spmm rows)."""
     if m <= 2:
         return m
     return 16 if m <= 16 else (32 if m <= 32 else 64)

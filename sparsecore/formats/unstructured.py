@@ -11,9 +11,8 @@ Why this layout (bytes per dense element, fp16, ``s`` = sparsity):
 The bitmap wins on bytes at every sparsity below 97% and is the only one that beats dense at 50%: a
 kernel program reads one contiguous bitmap block and one contiguous run of values per tile and finds each
 value's slot on chip (a popcount of the bits before it in its 32-bit word, plus a scan over the tile's
-words). That costs work per *dense* element (~12 PTX instructions, 6 of them integer, in
-``kernels/spmm.py``'s decode loop, counted offline for sm_90 with triton 3.6; 17-18 with 3.9), so
-from about 75% sparsity the TRITON_SELL backend (``sparsecore.formats.sell``), which trades some bytes
+words). That costs work per *dense* element (``kernels/spmm.py``'s decode loop; counts in
+``bench/results/ptx_counts_sm90_triton*.md``), so at high sparsity the TRITON_SELL backend (``sparsecore.formats.sell``), which trades some bytes
 for work per kept value, is the faster decode. Files always store this format.
 
 Tiling. The ``[N, K]`` matrix view (``masks.as_matrix``: Conv2d K is ordered (kh, kw, C_in)) is padded
@@ -143,8 +142,7 @@ class UnstructuredWeight(PackedWeight):
         """Pack ``weight`` ``[out, in]`` or ``[C_out, C_in, kh, kw]`` under a bool ``mask`` of its shape.
 
         ``tile_n`` x ``tile_k`` is the tile the kernel streams. The default 32 x 128 costs the fewest sm_90
-        instructions per element over M = 1-16 (``bench.ptx_counts``, triton 3.6: 12.1 at M = 1 and 12.3 at
-        M = 16, against 12.4 and 14.9 for 16 x 256).
+        instructions per element over M = 1-16 among the tile choices (``bench/results/ptx_counts_sm90_triton*.md``).
 
         >>> w = torch.randn(8, 40); p = UnstructuredWeight.from_dense(w, w.abs() > 1)
         >>> torch.equal(p.to_dense(), torch.where(w.abs() > 1, w, 0))
