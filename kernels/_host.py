@@ -19,7 +19,7 @@ import torch
 from sparsecore.intmath import cdiv, next_pow2
 
 __all__ = ["cdiv", "next_pow2", "num_sms", "needs_op", "interpreting", "cpu_launch_ok", "dry_launches", "launch",
-           "launched_config", "empty", "poisoned_buffers"]
+           "launched_config", "empty", "poisoned_buffers", "dry_active"]
 
 
 def interpreting() -> bool:
@@ -32,9 +32,15 @@ class _Dry:
     active = False
 
 
-def cpu_launch_ok() -> bool:
-    """Launchers may take CPU tensors: under the interpreter, or inside ``dry_launches``. Read per call."""
-    return _Dry.active or interpreting()
+def cpu_launch_ok(interpreted: bool) -> bool:
+    """A launcher may take CPU tensors: its kernel module was imported under the interpreter
+    (``interpreted``, fixed at import as ``triton.jit`` fixes it), or inside ``dry_launches``."""
+    return interpreted or _Dry.active
+
+
+def dry_active() -> bool:
+    """True inside ``dry_launches``."""
+    return _Dry.active
 
 
 @contextlib.contextmanager

@@ -233,7 +233,7 @@ def channel_conv(x: torch.Tensor, values: torch.Tensor, in_idx: torch.Tensor, ou
     if not isinstance(c_out_full, int) or c_out_full < 1:
         raise ValueError(f"c_out_full must be a positive int, got {c_out_full!r}")
     _check(x, values, in_idx, out_idx, c_out_full, bias, fill_idx)
-    if x.device.type != "cuda" and not cpu_launch_ok():
+    if x.device.type != "cuda" and not cpu_launch_ok(_INTERPRET):
         raise RuntimeError("channel_conv runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); "
                            "use channel_conv_ref on CPU")
     if fill_idx is None:

@@ -150,7 +150,7 @@ def sell_matmul(x: torch.Tensor, layout: SellLayout, bias: Optional[torch.Tensor
                              or bias.stride(0) != 1):
         raise ValueError(f"bias must be a contiguous {x.dtype} [{layout.n}] tensor on {x.device}, got "
                          f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")
-    if not (x.is_cuda or (cpu_launch_ok() and x.device.type == "cpu")):
+    if not (x.is_cuda or (cpu_launch_ok(_INTERPRET) and x.device.type == "cpu")):
         raise ValueError(f"sell_matmul: Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), x is on {x.device}")
     args = (x, layout.values, layout.cols, layout.row_len, layout.base, layout.width, bias, layout.slice_rows)
     if needs_op(x, bias):

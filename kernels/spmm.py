@@ -214,7 +214,7 @@ def _check(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_off
             raise ValueError(f"spmm: {name} is on {t.device}, x on {x.device}")
         if not t.is_contiguous():
             raise ValueError(f"spmm: {name} must be contiguous (pack it once, do not pass views)")
-    if not (x.is_cuda or (cpu_launch_ok() and x.device.type == "cpu")):
+    if not (x.is_cuda or (cpu_launch_ok(_INTERPRET) and x.device.type == "cpu")):
         raise ValueError(f"spmm: Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), x is on {x.device}")
 
 

@@ -146,7 +146,7 @@ def test_bad_inputs(seeded, monkeypatch):
         spmm(x, strided, p.values, p.tile_offsets, p.n)
     with pytest.raises(ValueError, match="split_k must be a positive int"):
         spmm(x, *args, split_k=0)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # launchers read it per call
+    monkeypatch.setattr(spmm_mod, "_INTERPRET", False)
     with pytest.raises(ValueError, match="Triton needs CUDA tensors"):
         spmm(x, *args)
 

@@ -212,11 +212,11 @@ def resolve(op: str, backend: Backend | str, packed: PackedWeight, x: torch.Tens
 
 def triton_why_not(x: torch.Tensor) -> str | None:
     """Triton kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
-    from ..kernels._host import cpu_launch_ok  # torch only: the kernel modules (and Triton) stay unimported
+    from ..kernels._host import dry_active, interpreting  # torch only: the kernel modules stay unimported
 
     if x.is_cuda:
         return None
-    if cpu_launch_ok() and x.device.type == "cpu":
+    if (interpreting() or dry_active()) and x.device.type == "cpu":
         return None
     return f"Triton needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); input is on {x.device}"
 
