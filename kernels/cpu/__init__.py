@@ -121,7 +121,10 @@ def why_unavailable() -> Optional[str]:
 
 def available_isas() -> tuple[str, ...]:
     """Instruction-set paths this CPU runs, plainest first (builds the extension)."""
-    return tuple(extension().available_isas())
+    have = _state.get("isas")
+    if have is None:
+        have = _state["isas"] = tuple(extension().available_isas())
+    return have  # type: ignore[return-value]
 
 
 def default_isa() -> str:

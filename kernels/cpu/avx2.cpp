@@ -1,5 +1,6 @@
-// AVX2 + FMA kernels (F16C for half loads, BMI for bit scans). AVX2 has no expand-load: an 8-bit mask chunk
-// indexes a 256-entry table of lane permutations that spreads 8 consecutive values over the kept lanes.
+// AVX2 + FMA kernels (F16C for half loads, BMI for bit scans). AVX2 has no compress: an 8-bit mask chunk
+// indexes a 256-entry table of lane permutations that gathers x at the kept columns into the first lanes,
+// to be multiplied with 8 consecutive stored values (x at pruned columns is never read into a product).
 // Same layouts and results as portable.cpp up to fp32 summation order.
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
 #include <immintrin.h>
@@ -11,22 +12,27 @@
 namespace sparsecore_cpu {
 namespace {
 
-struct ExpandTable {
-  alignas(32) int32_t perm[256][8];  // lane l of mask k takes stored value perm[k][l] (popcount of the bits below)
-  alignas(32) int32_t keep[256][8];  // -1 where bit l of k is set, else 0
-  constexpr ExpandTable() : perm(), keep() {
+struct CompressTable {
+  alignas(32) int32_t perm[256][8];  // lane l of mask k takes x lane perm[k][l]: the l-th set bit of k
+  alignas(32) int32_t keep[256][8];  // -1 for l < popcount(k), else 0
+  constexpr CompressTable() : perm(), keep() {
     for (int k = 0; k < 256; ++k) {
       int seen = 0;
       for (int l = 0; l < 8; ++l) {
-        const bool set = (k >> l) & 1;
-        perm[k][l] = set ? seen : 0;
-        keep[k][l] = set ? -1 : 0;
-        seen += set;
+        perm[k][l] = 0;
+        keep[k][l] = 0;
+      }
+      for (int l = 0; l < 8; ++l) {
+        if ((k >> l) & 1) {
+          perm[k][seen] = l;
+          keep[k][seen] = -1;
+          ++seen;
+        }
       }
     }
   }
 };
-constexpr ExpandTable kTable{};
+constexpr CompressTable kTable{};
 
 // 8 consecutive stored values at p (the layout pads values so that the over-read stays inside the buffer).
 template <DType D>
@@ -51,11 +57,11 @@ inline __m256 load_first(const char* p, int count) {
   return load8<D>(reinterpret_cast<const char*>(buf));
 }
 
-template <DType D>
-inline __m256 expand8(uint32_t k, const char* p) {
+// x at the columns kept by mask k, in the first popcount(k) lanes; the other lanes 0.
+inline __m256 compress8(uint32_t k, __m256 x) {
   const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTable.perm[k]));
   const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTable.keep[k])));
-  return _mm256_and_ps(_mm256_permutevar8x32_ps(load8<D>(p), perm), keep);
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(x, perm), keep);
 }
 
 inline float hsum(__m256 v) {
@@ -74,7 +80,8 @@ inline void store_block(const Output& o, const Activations& a, int64_t blk, int6
   for (int64_t l = 0; l < kLanes && blk * kLanes + l < a.m; ++l) o.y[(blk * kLanes + l) * o.ldy + r] = lanes[l] + b;
 }
 
-// ---- bitmap, m == 1: per 64-bit word, eight 8-bit table expansions; R rows share the x loads.
+// ---- bitmap, m == 1: per 64-bit word, eight 8-bit table compressions of x; R rows share the x loads. The
+// values past a chunk's popcount (the next ones, or the layout's padding) meet zero lanes and are finite.
 template <DType D, int R>
 inline void bitmap_gemv(const BitmapWeight& w, const float* x, const Output& o, int64_t r) {
   constexpr int64_t E = elem_bytes<D>();
@@ -98,8 +105,9 @@ inline void bitmap_gemv(const BitmapWeight& w, const float* x, const Output& o, 
         const uint64_t below = k ? (b & ((1ull << (8 * k)) - 1)) : 0;
         const char* q = p + _mm_popcnt_u64(below) * E;
         const uint32_t m0 = (b >> (8 * k)) & 0xff, m1 = (b >> (8 * k + 8)) & 0xff;
-        acc0[i] = _mm256_fmadd_ps(expand8<D>(m0, q), _mm256_loadu_ps(xp + 8 * k), acc0[i]);
-        acc1[i] = _mm256_fmadd_ps(expand8<D>(m1, q + _mm_popcnt_u32(m0) * E), _mm256_loadu_ps(xp + 8 * k + 8), acc1[i]);
+        acc0[i] = _mm256_fmadd_ps(load8<D>(q), compress8(m0, _mm256_loadu_ps(xp + 8 * k)), acc0[i]);
+        acc1[i] = _mm256_fmadd_ps(load8<D>(q + _mm_popcnt_u32(m0) * E), compress8(m1, _mm256_loadu_ps(xp + 8 * k + 8)),
+                                  acc1[i]);
       }
       v[i] = p + _mm_popcnt_u64(b) * E;
     }
@@ -218,7 +226,7 @@ inline void nm24_gemv_row(const NMWeight& w, const float* x, const Output& o, in
   const __m256i three = _mm256_set1_epi32(3), seven = _mm256_set1_epi32(7);
   __m256 a0 = _mm256_setzero_ps(), a1 = a0;
   const int64_t chunks = w.slots / 8, rem = w.slots % 8;
-  auto xs = [&](int64_t c, uint32_t pw) {
+  auto xs = [&](int64_t c, uint32_t pw) {  // x at the 8 slots' columns
     const __m256i idx = _mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(pw), shifts), three), base);
     const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 16 * c), idx);
     const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 16 * c + 8), idx);
@@ -239,7 +247,10 @@ inline void nm24_gemv_row(const NMWeight& w, const float* x, const Output& o, in
   if (rem) {
     uint16_t pw = 0;
     std::memcpy(&pw, pos + 2 * c, (rem * 2 + 7) / 8);
-    a1 = _mm256_fmadd_ps(load_first<D>(vals + 8 * c * E, static_cast<int>(rem)), xs(c, pw), a1);
+    // lanes past the last slot are cleared so that x at their (pruned) columns never meets a product
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)), lane));
+    a1 = _mm256_fmadd_ps(load_first<D>(vals + 8 * c * E, static_cast<int>(rem)), _mm256_and_ps(xs(c, pw), live), a1);
   }
   o.y[r] = hsum(_mm256_add_ps(a0, a1)) + bias_of(o, r);
 }
@@ -256,7 +267,10 @@ inline void nm_gather_row(const NMWeight& w, const float* x, const Output& o, in
     const int count = static_cast<int>(w.slots - s < 8 ? w.slots - s : 8);
     for (int l = count; l < 8; ++l) idx[l] = 0;
     nm_columns(w, pos, s, count, idx);
-    const __m256 xv = _mm256_i32gather_ps(x, _mm256_load_si256(reinterpret_cast<const __m256i*>(idx)), 4);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(count), lane));
+    const __m256 xv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x,
+                                               _mm256_load_si256(reinterpret_cast<const __m256i*>(idx)), live, 4);
     const __m256 v = count == 8 ? load8<D>(vals + s * E) : load_first<D>(vals + s * E, count);
     a0 = _mm256_fmadd_ps(v, xv, a0);
     std::swap(a0, a1);

@@ -190,7 +190,7 @@ inline void nm24_gemv_row(const NMWeight& w, const float* x, const Output& o, in
   const int64_t chunks = w.slots / 16, rem = w.slots % 16;
   auto step = [&](int64_t c, uint32_t pw, __mmask16 m, __m512& a) {
     const __m512i idx = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(pw), shifts), three), base);
-    const __m512 xv = _mm512_permutex2var_ps(_mm512_loadu_ps(x + 32 * c), idx, _mm512_loadu_ps(x + 32 * c + 16));
+    const __m512 xv = _mm512_maskz_permutex2var_ps(m, _mm512_loadu_ps(x + 32 * c), idx, _mm512_loadu_ps(x + 32 * c + 16));
     a = _mm512_fmadd_ps(load16<D>(m, vals + 16 * c * E), xv, a);
   };
   int64_t c = 0;
