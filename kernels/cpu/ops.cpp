@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "common.h"
@@ -89,9 +91,17 @@ at::Tensor run_rows(const at::Tensor& x, int64_t n, int64_t kp, const c10::optio
   at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
   const sc::Activations a{act.data_ptr<float>(), kp, m};
   const sc::Output o{y.data_ptr<float>(), n, b.defined() ? b.data_ptr<float>() : nullptr};
-  // Chunks of at least ~64k weight entries: below that, waking a second thread costs more than it saves.
-  const int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(1, kp));
-  if (m > 0 && n > 0) at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) { fn(a, o, r0, r1); });
+  // Rows are handed out in chunks of ~256k weight entries (a multiple of 4 rows, the widest row group of the
+  // kernels) from a shared counter, not split evenly up front: a thread that is descheduled or slower leaves
+  // its share to the others. Each row is computed the same way whichever thread takes it.
+  const int64_t chunk = std::max<int64_t>(4, (262144 / std::max<int64_t>(1, kp)) & ~int64_t{3});
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  std::atomic<int64_t> next{0};
+  if (m > 0 && n > 0) {
+    at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+      for (int64_t r0 = next.fetch_add(chunk); r0 < n; r0 = next.fetch_add(chunk)) fn(a, o, r0, std::min(n, r0 + chunk));
+    });
+  }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
