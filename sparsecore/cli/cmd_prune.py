@@ -19,17 +19,17 @@ from .stats import file_report, layer_stats
 from .table import layer_table, totals_text
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PATTERNS = ("unstructured", "nm", "channel")
 
 
 def add_arguments(pr: argparse.ArgumentParser) -> None:
     from ..backends import Backend
+    from ..config import patterns
 
     pr.add_argument("--model", required=True, metavar="MODEL",
                     help=f"a built-in model ({', '.join(zoo.BUILTIN)}), a torchvision model name "
                          f"(e.g. mobilenet_v2; 'torchvision:resnet18' for torchvision's own resnet18; needs "
                          f"torchvision) or a local transformers folder (needs transformers)")
-    pr.add_argument("--pattern", required=True, choices=PATTERNS)
+    pr.add_argument("--pattern", required=True, choices=patterns(), help="the formats registered (sparsecore.formats)")
     pr.add_argument("--sparsity", type=fraction, help="pruned fraction (unstructured, channel)")
     pr.add_argument("--n", type=int, default=2, help="N of N:M (default 2)")
     pr.add_argument("--m", type=int, default=4, help="M of N:M (default 4)")

@@ -9,7 +9,7 @@ import torch
 
 
 def kept(p) -> int:
-    """Stored (kept) weight entries of a PackedWeight, from its structure."""
+    """Stored (kept) weight entries of a PackedWeight, from its structure (other formats: non-zeros)."""
     if hasattr(p, "nnz"):
         return int(p.nnz)
     numel = math.prod(p.shape)
@@ -21,12 +21,12 @@ def kept(p) -> int:
 
 
 def pattern(p) -> str:
-    """The pattern of a PackedWeight in words: ``2:4``, ``out 8/16 in 4/8``, ``unstructured``."""
+    """The pattern of a PackedWeight in words: ``2:4``, ``out 8/16 in 4/8``; other formats: their kind."""
     if p.kind == "nm":
         return f"{p.n}:{p.m}"
     if p.kind == "channel":
         return f"out {p.n_out}/{p.shape[0]} in {p.n_in}/{p.shape[1]}"
-    return "unstructured"
+    return p.kind
 
 
 def layer_stats(fqn: str, op: str, p) -> dict[str, Any]:
