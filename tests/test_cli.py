@@ -168,6 +168,7 @@ BAD = [
     (["inspect", "{trunc}"], "truncated or corrupt"),
     (["inspect", "{bogus}"], "layer 'gate_proj': unknown packed format 'bogus'"),
     (["inspect", "{badshape}"], "layer 'gate_proj'"),
+    (["inspect", "{tmp}"], "is a directory"),
     (["prune", *DEC, "--pattern", "nm", "--checkpoint", "{ckpt}", "--out", "{out}"], "does not fit this model"),
     (["prune", *DEC, "--pattern", "nm", "--checkpoint", "{missing}", "--out", "{out}"], "does not exist"),
     (["prune", "--model", "gpt5", "--random-init", "--pattern", "nm", "--out", "{out}"], "unknown model 'gpt5'"),
@@ -183,6 +184,7 @@ BAD = [
     (["prune", *RND, "--pattern", "nm", "--batch", "0", "--out", "{out}"], "positive integer"),
     (["prune", *DEC, "--pattern", "nm", "--out", "{out}"], "--random-init"),
     (["prune", *RND, "--checkpoint", "{ckpt}", "--pattern", "nm", "--out", "{out}"], "give one of"),
+    (["prune", *RND, "--pattern", "nm", "--calibration", "{ckpt}", "--out", "{out}"], "magnitude is data-free"),
     (["prune", *RND, "--pattern", "nm", "--device", "tpu", "--out", "{out}"], "--device must be cpu"),
     pytest.param(["prune", *RND, "--pattern", "nm", "--device", "cuda", "--out", "{out}"], "no CUDA device",
                  marks=NO_CUDA),
@@ -262,3 +264,50 @@ def test_small_models_round_trip(tmp_path, capsys, model, args, skeleton):
         dense = mod.dense_weight()
         assert rows[fqn]["sparsity"] == pytest.approx(1 - int(torch.count_nonzero(dense)) / dense.numel())
         assert rows[fqn]["packed_bytes"] == mod.packed.nbytes
+
+
+@pytest.fixture
+def recording_method(monkeypatch):
+    """A one-shot method that uses activations: records its calibration and prunes by magnitude."""
+    seen = []
+
+    def masks(model, config, filter_fn, calibration):
+        seen.append(calibration)
+        return sc.magnitude_masks(model, config, filter_fn)
+
+    monkeypatch.setitem(methods.ONESHOT, "actaware", methods.Method("actaware", "test", True, masks))
+    return seen
+
+
+def test_calibration_file_reaches_the_method(tmp_path, capsys, recording_method, seeded):
+    inputs = torch.randn(5, 64, generator=seeded, dtype=torch.float64)
+    calib = tmp_path / "calib.safetensors"
+    save_file({"inputs": inputs, "weights": torch.ones(5)}, str(calib))
+    rc, _, err = _run(capsys, "prune", "--model", "mlp", "--random-init", "--pattern", "nm", "--method", "actaware",
+                      "--calibration", calib, "--out", tmp_path / "m.safetensors")
+    assert rc == 0, err
+    (args, kwargs), = recording_method
+    assert len(args) == 1 and args[0].dtype == torch.float32 and torch.equal(args[0], inputs.float())
+    assert list(kwargs) == ["weights"] and torch.equal(kwargs["weights"], torch.ones(5))
+    rc, _, err = _run(capsys, "prune", "--model", "mlp", "--random-init", "--pattern", "nm", "--method", "actaware",
+                      "--batch", "3", "--out", tmp_path / "n.safetensors")
+    assert rc == 0, err
+    (args, kwargs) = recording_method[1]  # no file: the random example batch
+    assert args[0].shape == (3, 64) and kwargs == {}
+
+
+@pytest.mark.parametrize("tensors,message", [({"x": torch.zeros(2, 64)}, "no tensor named 'inputs'"),
+                                             ({"inputs": torch.zeros(2, 64), "m": torch.zeros(3)}, "has 3 rows"),
+                                             (None, "not a readable safetensors")])
+def test_bad_calibration_file_is_reported_before_any_work(tmp_path, capsys, monkeypatch, recording_method,
+                                                           tensors, message):
+    calib = tmp_path / "calib.safetensors"
+    if tensors is None:
+        calib.write_bytes(b"junk")
+    else:
+        save_file(tensors, str(calib))
+    monkeypatch.setattr(zoo, "build", lambda *a, **k: pytest.fail("built a model before checking --calibration"))
+    rc, _, err = _run(capsys, "prune", "--model", "mlp", "--random-init", "--pattern", "nm", "--method", "actaware",
+                      "--calibration", calib, "--out", tmp_path / "m.safetensors")
+    assert rc == 2 and message in err and len(err.splitlines()) == 1
+    assert recording_method == [] and sorted(p.name for p in tmp_path.iterdir()) == ["calib.safetensors"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from . import zoo
 from .errors import CLIError
@@ -30,6 +31,8 @@ def rebuild_hint(file: str, extra: dict | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if Path(args.file).is_dir():
+        raise CLIError(f"inspect: {args.file} is a directory; give a file")
     report = file_report(args.file)
     if args.json:
         print(json.dumps(report, indent=1))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import methods, zoo
+from .calibration import load_calibration
 from .errors import CLIError, check_device, check_readable_file, check_writable, fraction, positive
 from .stats import file_report, layer_stats
 from .table import layer_table, totals_text
@@ -35,6 +36,9 @@ def add_arguments(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--m", type=int, default=4, help="M of N:M (default 4)")
     pr.add_argument("--scope", choices=("layer", "global"), default="layer")
     pr.add_argument("--method", default="magnitude", choices=list(methods.ONESHOT), help=methods.METHODS_HELP)
+    pr.add_argument("--calibration", metavar="FILE",
+                    help="methods that use activations: a safetensors file with a batch 'inputs' (token ids for "
+                         "transformers) and optional keyword tensors; default: the random example batch")
     pr.add_argument("--exclude", action="append", metavar="GLOB", help="keep layers matching this fqn glob dense")
     pr.add_argument("--backend", default="auto", choices=[b.value for b in Backend])
     pr.add_argument("--dtype", default="float32", choices=list(DTYPES))
@@ -94,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)
     method = methods.get(args.method)
     spec = _spec(args)
+    calibration = None
+    if args.calibration is not None:
+        if not method.needs_calibration:
+            raise CLIError(f"--calibration is for methods that use activations; {method.name} is data-free")
+        calibration = load_calibration(args.calibration)
 
     # -- the work ----------------------------------------------------------------------------------
     model = zoo.build(spec)
@@ -104,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
     filter_fn = (lambda mod, fqn: not any(fnmatch.fnmatchcase(fqn, pat) for pat in excludes)) if excludes else None
     # Inputs are shaped from the dense layers, before they are swapped.
     x = zoo.example_inputs(spec, model, args.batch, DTYPES[args.dtype], device, args.seq, args.image_size or 224)
-    masks = method.masks(model, config, filter_fn, x if method.needs_calibration else None)
+    if method.needs_calibration and calibration is None:
+        calibration = (x, {})
+    elif calibration is not None:
+        calibration = _to(calibration, device, DTYPES[args.dtype])
+    masks = method.masks(model, config, filter_fn, calibration)
     if not masks:
         raise CLIError(f"no layer of {args.model!r} can take pattern {args.pattern!r} (after --exclude)")
     model = sc.sparsify(model, config, masks=masks, progress=sys.stderr.isatty())
@@ -122,6 +135,14 @@ def run(args: argparse.Namespace) -> int:
     print(totals_text(file_report(out)["totals"]))
     print(f"saved {out}")
     return 0
+
+
+def _to(calibration: methods.Calibration, device: torch.device, dtype: torch.dtype) -> methods.Calibration:
+    """Calibration tensors on the model's device; floating ones in the model's dtype, integer ones as they are."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+    args, kwargs = calibration
+    return tuple(move(t) for t in args), {k: move(t) for k, t in kwargs.items()}
 
 
 def _load_checkpoint(model: nn.Module, path: str | Path) -> None:

@@ -16,8 +16,10 @@ from torch import nn
 from ..config import SparsityConfig
 from .errors import CLIError
 
-# fn(model, config, filter_fn, calibration_inputs) -> masks; calibration_inputs is None for data-free methods
-MaskFn = Callable[[nn.Module, SparsityConfig, Callable | None, tuple | None], dict[str, torch.Tensor]]
+# Calibration: positional and keyword inputs of the model, model(*args, **kwargs) (see calibration.py)
+Calibration = tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]
+# fn(model, config, filter_fn, calibration) -> masks; calibration is None for data-free methods
+MaskFn = Callable[[nn.Module, SparsityConfig, Callable | None, Calibration | None], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
