@@ -2,7 +2,7 @@
 
     python -m bench.bench_cpu [--quick | --full] [--shapes 4096x4096,...] [--sparsities 50,70,90,95,2:4]
                               [--M 1,8,16] [--dtypes float32,bfloat16] [--reps 20] [--repeats 3]
-                              [--sections kernels,csr,e2e] [--threads N] [--out-dir DIR]
+                              [--sections kernels,csr,e2e] [--threads N] [--tag NAME] [--out-dir DIR]
 
 Kernels (``cpu_kernels_*.{csv,md}``): ``y [M, N] = x [M, K] @ W^T`` with ``W`` magnitude-pruned (unstructured
 at a sparsity, or 2:4). Providers (``bench.cpu_providers``): dense ``F.linear`` in the case's dtype (the
@@ -34,7 +34,7 @@ import sparsecore as sc
 from sparsecore.pruning.magnitude import magnitude_layer_mask
 
 from .common import BEST_DENSE_MS, PROVIDER, SPARSITY_PCT, SPEEDUP, TIME_MS, bench_parser, cpu_info, env_info, \
-    write_table
+    slug, write_table
 from .cpu_providers import Provider, all_providers
 from .cpu_stats import Timing, time_repeated
 
@@ -190,6 +190,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-rep", type=int, default=20, help="the planner's timing repetitions for sc_auto")
     p.add_argument("--sections", default="kernels,csr,e2e", help="any of kernels, csr, e2e")
     p.add_argument("--threads", type=int, help="torch threads (default: every usable core)")
+    p.add_argument("--tag", default="", help="appended to the table names (keeps several runs' tables apart)")
     p.add_argument("--deepsparse-python", default="/work/venv-deepsparse/bin/python",
                    help="python of a venv with deepsparse==1.8.0 (optional peer; skipped with a row when absent)")
     return p
@@ -204,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.reps < 1 or args.repeats < 1:
         p.error("--reps and --repeats must be >= 1")
     args.cap = args.cap or None
-    args.suffix = "_quick" if args.quick else ""
+    args.suffix = ("_quick" if args.quick else "") + (f"_{slug(args.tag)}" if args.tag else "")
     cases = _parse_cases(args, p)
     os.environ.pop("TRITON_INTERPRET", None)  # Triton backends on CPU would time the interpreter: skipped
     threads = torch.get_num_threads()
