@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 
 import sparsecore as sc
-from sparsecore.backends import REGISTRY, Backend
+from sparsecore.backends import Backend
+from sparsecore.backends.registry import lookup
 
 from .common import PROVIDER, TIME_MS, cpu_info, env_info, write_table
 from .cpu_stats import time_repeated
@@ -49,7 +50,7 @@ def steps(n: int, k: int, m: int, sparsity: float = 0.9) -> dict[str, Callable[[
     packed = sc.pack(w, torch.rand(n, k, generator=g) >= sparsity, "unstructured")
     x = torch.randn(m, k, generator=g)
     mod = sc.SparseLinear(packed, None, backend=Backend.TORCH_CSR)
-    impl = REGISTRY[("linear", Backend.TORCH_CSR, "unstructured")]
+    impl = lookup("linear", Backend.TORCH_CSR.value, "unstructured")
     state = mod.prepared(impl)
     crow, col, values = state.crow, state.col, state.values
     w_csr = torch.sparse_csr_tensor(crow, col, values, (n, k), check_invariants=False)

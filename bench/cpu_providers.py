@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsecore as sc
-from sparsecore.backends import REGISTRY, Backend
+from sparsecore.backends import Backend, implementations
+from sparsecore.backends.registry import lookup
 from sparsecore.formats import PackedWeight
 
 from .bench_models import _tensor_bytes
@@ -125,24 +126,23 @@ def sparsecore_providers(packed: PackedWeight, x: torch.Tensor, *, plan_rep: int
                          ) -> tuple[list[Provider], dict[str, str]]:
     """``sc_<backend>`` for every registered CPU-capable linear backend of ``packed``'s format, then ``sc_auto``."""
     ready, skipped = [], {}
-    for (op, backend, kind), impl in REGISTRY.items():
-        if op != "linear" or kind != packed.kind or backend is Backend.REFERENCE:
+    for impl in implementations("linear", packed.kind):
+        if impl.name == Backend.REFERENCE.value:
             continue
-        name = f"sc_{backend.value}"
-        reason = impl.why_not(packed, x)
+        name = f"sc_{impl.name}"
+        reason = impl.check(packed, x)
         if reason is not None:
             skipped[name] = reason
             continue
-        mod = sc.SparseLinear(packed, None, backend=backend)
+        mod = sc.SparseLinear(packed, None, backend=impl.backend)
         with torch.no_grad():
             mod(x)  # prepares the backend's state, outside the timing
         ready.append(Provider(name, "sparsecore", _no_grad(mod, x), _tensor_bytes(mod.prepared(impl), set())))
     auto = sc.SparseLinear(packed, None, backend=Backend.AUTO)
     entries = sc.plan(nn.Sequential(auto), (x,), use_cache=False, rep=plan_rep)
-    chosen = Backend(entries[0].chosen)
-    impl = REGISTRY[("linear", chosen, packed.kind)]
+    impl = lookup("linear", entries[0].chosen, packed.kind)
     ready.append(Provider("sc_auto", "sparsecore", _no_grad(auto, x), _tensor_bytes(auto.prepared(impl), set()),
-                          f"planner chose {chosen.value}"))
+                          f"planner chose {impl.name}"))
     return ready, skipped
 
 

@@ -11,7 +11,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 from bench import bench_cpu, cpu_providers  # noqa: E402
 from bench.cpu_stats import Timing, time_repeated  # noqa: E402
-from sparsecore.backends import REGISTRY, Backend  # noqa: E402
+from sparsecore.backends import Backend, implementations  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -107,9 +107,9 @@ def test_providers_come_from_the_registry_and_agree_with_float64(sparsity, dtype
     x = torch.randn(3, 40, generator=seeded).to(dtype)
     ready, skipped = cpu_providers.all_providers(w, packed, x, plan_rep=2)
     names = [p.name for p in ready] + list(skipped)
-    linear = [b for (op, b, kind) in REGISTRY if op == "linear" and kind == packed.kind]
-    for b in linear:  # every registered linear backend of the format is timed or skipped with a reason...
-        assert (f"sc_{b.value}" in names) == (b is not Backend.REFERENCE)  # ...except the reference
+    for impl in implementations("linear", packed.kind):  # every linear backend of the format is timed or
+        # skipped with a reason, except the reference
+        assert (f"sc_{impl.name}" in names) == (impl.name != Backend.REFERENCE.value), impl.name
     assert ready[0].name == "dense" and "sc_auto" in names
     ref = x.double() @ w.double().t()
     tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype] * 40 ** 0.5
