@@ -250,10 +250,10 @@ main() {
   local tests=()
   [[ "$steps" != *",tests,"* ]] || mapfile -t tests < <(test_args)
   step overhead 90 - python3 -m bench.bench_overhead "${flag[@]}" "${out[@]}"
-  step nm 150 - python3 -m bench.bench_nm "${nm[@]}" "${out[@]}"
-  step spmm 150 - python3 -m bench.bench_spmm "${spmm[@]}" "${out[@]}"
-  step models 120 - python3 -m bench.bench_models "${models[@]}" "${out[@]}"
-  step channel 75 - python3 -m bench.bench_channel "${channel[@]}" "${out[@]}"
+  step nm 140 - python3 -m bench.bench_nm "${nm[@]}" "${out[@]}"
+  step spmm 130 - python3 -m bench.bench_spmm "${spmm[@]}" "${out[@]}"
+  step models 110 - python3 -m bench.bench_models "${models[@]}" "${out[@]}"
+  step channel 60 - python3 -m bench.bench_channel "${channel[@]}" "${out[@]}"
   step plots 30 matplotlib python3 -m bench.plots --results "$run_dir" --out "$run_dir/plots"
   step tests 600 pytest python3 -m pytest "${tests[@]}"
   echo "== done in ${SECONDS}s"
