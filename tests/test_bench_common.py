@@ -282,3 +282,14 @@ def test_commit_column_override_git_and_no_git(monkeypatch, capsys, tmp_path):
     before = common.source_digest(tmp_path)
     (tmp_path / "sparsecore" / "a.py").write_text("x = 2\n")
     assert common.source_digest(tmp_path) != before
+
+
+def test_bench_overhead_main_times_every_path(tmp_path):
+    """On CPU the launches are stubbed: every sparse path must still resolve and run (host cost only)."""
+    from bench import bench_overhead
+    assert bench_overhead.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    rows = _read(next(tmp_path.glob("overhead_*.csv")))
+    timed = {r[common.PROVIDER] for r in rows if not r.get(common.ERROR)}
+    assert {"nn.Linear", "SparseLinear[triton_nm]", "SparseLinear[triton_spmm]", "SparseLinear[triton_sell]",
+            "nm_matmul()", "spmm()", "nn.Conv2d", "SparseConv2d[triton_channel]"} <= timed
+    assert all(float(r["host_us"]) > 0 for r in rows)
