@@ -226,8 +226,9 @@ def _atomic_write(path: Path, text: str) -> None:
 def write_table(name: str, rows: Iterable[dict], device: torch.device | str, out_dir: Path | None = None) -> Path:
     """Write rows to ``<out_dir>/<name>_<device-slug>.csv`` and ``.md``; returns the markdown path.
 
-    Columns are the union over rows in first-seen order, ``error`` and the env columns last. Each file is replaced in one
-    rename, so a reader (or a run killed mid-write) sees the previous table or the new one, never half of one.
+    Columns are the union over rows in first-seen order, ``error`` and the env columns last. Each file is
+    replaced in one rename, so a reader (or a run killed mid-write) sees the previous table or the new one,
+    never half of one.
     """
     rows = list(rows)
     if not rows:

@@ -19,8 +19,9 @@
 #       skipped with a line saying so. A step is stopped with SIGINT (pytest still writes its report),
 #       then killed 10 s later.
 #
-# No GPU (torch.cuda.is_available() false): a dry run of the same steps on tiny shapes, writing and packing
-# the same files, so a CPU machine can check that nothing breaks before the GPU parts.
+# No GPU (torch.cuda.is_available() false), or RUN_GPU_DRY=1 (GPUs hidden): a dry run of the same steps on
+# tiny shapes, writing and packing the same files, so a CPU machine can check that nothing breaks before the
+# GPU parts.
 #
 # Offline: no package is downloaded. When this checkout does not import as is (the device tool copies the
 # working tree without the `sparsecore/kernels` link), it is installed with pip --no-index --no-deps
@@ -140,8 +141,9 @@ summarize() {
 pack() {
   [ -n "${OUT:-}" ] || return 0
   mkdir -p "$OUT" || return 0
-  tar czf "$OUT/results.tar.gz.part" -C "$run_dir" --exclude='*.part' . 2>/dev/null \
-    && mv -f "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
+  # tar exits 1 when a file changed while it was read (the log, still being written): the archive is whole.
+  tar czf "$OUT/results.tar.gz.part" -C "$run_dir" --exclude='*.part' --warning=no-file-changed . 2>/dev/null
+  [ $? -le 1 ] && mv -f "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
   cp "$log" "$OUT/gpu_run.log.part" && mv -f "$OUT/gpu_run.log.part" "$OUT/gpu_run.log"
   if [ -f "$run_dir/SUMMARY.md" ]; then
     cp "$run_dir/SUMMARY.md" "$OUT/SUMMARY.md.part" && mv -f "$OUT/SUMMARY.md.part" "$OUT/SUMMARY.md"
@@ -205,6 +207,10 @@ main() {
   echo "sparsecore run_gpu.sh $mode, steps ${steps:1:-1}, budget ${budget}s, run folder $run_dir"
   date -u '+%Y-%m-%d %H:%M:%S UTC'
   local found
+  if [ -n "${RUN_GPU_DRY:-}" ]; then
+    export CUDA_VISIBLE_DEVICES=""  # every step sees no GPU, exactly as on a CPU machine
+    echo "RUN_GPU_DRY is set: GPUs hidden"
+  fi
   found=$(probe)
   echo "${found}" | sed -n 's/^versions=//p'
   if echo "$found" | grep -qx 'cuda=1'; then
@@ -228,7 +234,8 @@ main() {
   else
     SPARSECORE_COMMIT=$(py -c 'from bench.common import source_digest; print(source_digest())' 2>/dev/null)
     export SPARSECORE_COMMIT="${SPARSECORE_COMMIT:-unknown-no-git}"
-    echo "commit: $SPARSECORE_COMMIT (no git here: a hash of the source files; run with SPARSECORE_COMMIT=<commit> to name it)"
+    echo "commit: $SPARSECORE_COMMIT (no git here: a hash of the source files;" \
+         "run with SPARSECORE_COMMIT=<commit> to name it)"
   fi
   local out=(--out-dir "$run_dir") flag=() nm spmm models channel
   [ "$mode" = quick ] && flag=(--quick)

@@ -1,6 +1,9 @@
 """bench/run_gpu.sh as a dry run on this CPU machine: every headline step runs on tiny shapes, and the same
-files come back in OUT as a GPU call returns (results.tar.gz, gpu_run.log, SUMMARY.md). The run takes the
-PYTHONPATH fallback (a folder of links), the path the device machine takes when pip cannot install."""
+files come back in OUT as a GPU call returns (results.tar.gz, gpu_run.log, SUMMARY.md).
+
+The headline dry run works on a copy of the sources as the device tool makes one: no ``.git`` and no
+``sparsecore/kernels`` link, so it takes the PYTHONPATH fallback (a folder of links) and records a hash of
+the sources as the commit."""
 from __future__ import annotations
 
 import csv
@@ -16,7 +19,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "run_gpu.sh"
 HEADLINE = ("nm", "spmm", "models", "channel", "tests")
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None,
@@ -26,27 +28,43 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ta
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT", "RUN_DIR")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # python3 = this python
-    return {**env, **extra}
+    return {**env, "RUN_GPU_DRY": "1", **extra}  # a dry run on a GPU machine too
 
 
-def _run(args: list[str], timeout: int, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
-                          env=_env(**extra), cwd=ROOT)
+def _run(args: list[str], timeout: int, root: Path = ROOT, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(root / "bench" / "run_gpu.sh"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=_env(**extra), cwd=root)
 
 
-def _results_listing() -> dict[str, float]:
-    return {p.name: p.stat().st_mtime for p in (ROOT / "bench" / "results").iterdir()}
+def _results_listing(root: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime for p in (root / "bench" / "results").iterdir()}
+
+
+def _device_copy(dest: Path) -> Path:
+    """The sources as the device tool sends them: files only, no .git, no untracked sparsecore/kernels link."""
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skip = {".git", "__pycache__", ".pytest_cache", ".hypothesis"}
+        if Path(folder).resolve() == (ROOT / "sparsecore").resolve():
+            skip.add("kernels")
+        return skip & set(names)
+
+    for part in ("bench", "kernels", "sparsecore", "tests"):
+        shutil.copytree(ROOT / part, dest / part, ignore=ignore, symlinks=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, dest / name)
+    return dest
 
 
 @pytest.mark.slow
 def test_headline_dry_run_returns_every_file(tmp_path):
     out, run_dir = tmp_path / "out", tmp_path / "run"
-    before = _results_listing()
-    res = _run(["headline"], 600, OUT=str(out), RUN_DIR=str(run_dir), RUN_GPU_PYTHONPATH="1",
-               SPARSECORE_COMMIT="test-commit-1")
+    root = _device_copy(tmp_path / "copy")
+    before = _results_listing(root)
+    res = _run(["headline"], 600, root, OUT=str(out), RUN_DIR=str(run_dir), GIT_CEILING_DIRECTORIES=str(tmp_path))
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
-    assert "DRY RUN" in log and "on PYTHONPATH through" in log and "commit: test-commit-1 (from SPARSECORE_COMMIT)" in log
+    assert "DRY RUN" in log and "on PYTHONPATH through" in log
+    commit = re.search(r"commit: (files-[0-9a-f]{12}) \(no git here", log).group(1)
 
     # What comes back: three files, whole (no temporary .part left), no deeper than OUT itself.
     assert sorted(p.name for p in out.iterdir()) == ["SUMMARY.md", "gpu_run.log", "results.tar.gz"]
@@ -60,7 +78,7 @@ def test_headline_dry_run_returns_every_file(tmp_path):
     prefixes = ("nm_matmul_2x4_float32_", "spmm_", "models_tiny_", "channel_conv_")
     assert sorted(n.split("cpu-")[0] for n in tables) == sorted(prefixes)
     for name, rows in tables.items():
-        assert rows and {r["commit"] for r in rows} == {"test-commit-1"}, name
+        assert rows and {r["commit"] for r in rows} == {commit}, name
         assert f"{name[:-4]}.md" in members
     # The GPU providers of the headline appear, each saying why it did not run here.
     nm = {r["provider"]: r["error"] for r in tables[next(n for n in tables if n.startswith("nm_"))]}
@@ -76,7 +94,7 @@ def test_headline_dry_run_returns_every_file(tmp_path):
         assert heading in summary, heading
     assert "GPU tests:" in summary and "| tests | ok |" in summary
     assert (out / "gpu_run.log").read_text().rstrip().endswith(summary.rstrip().splitlines()[-1])
-    assert _results_listing() == before  # a dry run never writes over the committed tables
+    assert _results_listing(root) == before  # a dry run never writes over the committed tables
 
 
 def test_budget_spent_skips_steps_says_so_and_still_packs(tmp_path):
