@@ -106,7 +106,7 @@ link_tree() {
   ln -sfn "$repo/bench" "$shadow/bench"
   py_cwd="$shadow"
   export PYTHONPATH="$shadow${PYTHONPATH:+:$PYTHONPATH}"
-  pytest_extra=(-p no:python_path)  # pytest.ini's pythonpath=["."] would put the checkout's sparsecore/ first
+  pytest_extra=(-o pythonpath=)  # the ini pythonpath=["."] would put the checkout's sparsecore/ first
 }
 
 setup_python() {  # $1: the first probe's importable flag
