@@ -60,7 +60,7 @@ def test_headline_dry_run_returns_every_file(tmp_path):
     out, run_dir = tmp_path / "out", tmp_path / "run"
     root = _device_copy(tmp_path / "copy")
     before = _results_listing(root)
-    res = _run(["headline"], 600, root, OUT=str(out), RUN_DIR=str(run_dir), GIT_CEILING_DIRECTORIES=str(tmp_path))
+    res = _run(["headline"], 480, root, OUT=str(out), RUN_DIR=str(run_dir), GIT_CEILING_DIRECTORIES=str(tmp_path))
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
     assert "DRY RUN" in log and "on PYTHONPATH through" in log
