@@ -13,7 +13,8 @@ mask: 78 PTX instructions (15 integer) per kept value at M = 16 instead of 210 (
 and bytes are proportional to the kept values, not to the dense size (see the layout's docstring for why
 the bitmap kernel cannot do that). Entries past a row's length are masked, so padding is never read and
 a non-finite ``x`` at a column whose weights were all pruned does not reach ``y`` (pruned weights are
-absent, not zeros that multiply). Configs are autotuned per (M bucket, sparsity bucket, N, K, C); one under the interpreter.
+absent, not zeros that multiply). Configs are autotuned per (M bucket, sparsity bucket, N, K, C); one under
+the interpreter.
 """
 from __future__ import annotations
 
