@@ -119,6 +119,22 @@ def device_name(device: torch.device | str) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
+def cpu_info() -> dict[str, object]:
+    """``cpu`` (model name from /proc/cpuinfo, else the platform's), ``cores`` (usable by this process), ``threads``
+    (torch's intra-op threads now): the CPU columns of a CPU table, beside ``env_info``'s."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return {"cpu": model, "cores": cores, "threads": torch.get_num_threads()}
+
+
 # Source files whose content names the code when there is no git repository (e.g. a working-tree copy).
 _SOURCE_GLOBS = ("pyproject.toml", "sparsecore/**/*.py", "kernels/**/*.py", "kernels/**/*.cpp", "kernels/**/*.h",
                  "bench/*.py", "bench/*.sh")
