@@ -193,8 +193,12 @@ def _resize_like_file(model: nn.Module, tensors: dict[str, torch.Tensor], sparse
     """Narrow the skeleton's dense Linear/Conv2d/BatchNorm layers to the file's shapes (channel slimming).
 
     A physically slimmed model keeps its module classes with fewer channels; the shapes in the file say by
-    how much. Any other shape difference is left for ``load_state_dict`` to report.
+    how much; attention modules' head counts follow their narrowed projections (``channel.update_head_counts``).
+    Any other shape difference is left for ``load_state_dict`` to report.
     """
+    from .channel.heads import update_head_counts
+
+    resized_rows: dict[str, tuple[int, int]] = {}
     for key, t in tensors.items():
         owner, _, name = key.rpartition(".")
         if owner in sparse:
@@ -213,6 +217,8 @@ def _resize_like_file(model: nn.Module, tensors: dict[str, torch.Tensor], sparse
         if name != "weight":
             continue
         if isinstance(mod, nn.Linear):
+            if t.shape[0] != mod.out_features:
+                resized_rows[owner] = (mod.out_features, t.shape[0])
             mod.out_features, mod.in_features = t.shape
         elif isinstance(mod, nn.Conv2d):
             if mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:  # depthwise stays depthwise
@@ -221,6 +227,7 @@ def _resize_like_file(model: nn.Module, tensors: dict[str, torch.Tensor], sparse
                 mod.out_channels, mod.in_channels = t.shape[0], t.shape[1] * mod.groups
         else:
             mod.num_features = t.shape[0]
+    update_head_counts(model, resized_rows)
 
 
 def load(path: str | Path, model: nn.Module, device: torch.device | str | None = None) -> nn.Module:

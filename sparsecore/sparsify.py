@@ -142,6 +142,8 @@ def _slim(model: nn.Module, config: SparsityConfig, masks: dict[str, torch.Tenso
         verify_slim(model, small, plan, example_inputs, example_kwargs)
     small.sparsecore_slimmed = True  # tells save/load that narrower layers than the skeleton's are expected
     small.sparsecore_skipped = {**skipped, **plan.skipped}
+    if not plan.residual:
+        return small, {}        # every pruned channel is gone: nothing left to pack
     return small, channel_weight_masks(small, plan.residual_masks, example_inputs, example_kwargs, tracer=plan.tracer)
 
 
