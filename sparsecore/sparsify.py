@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .config import SparsityConfig
-from .masks import check_channel, check_mask, check_nm
+from .masks import check_channel, check_mask
 from .modules import SparseConv2d, SparseLinear
 from .pruning.magnitude import FilterFn, magnitude_masks
 
@@ -25,10 +25,7 @@ def swap_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
 
 def _check_pattern(fqn: str, mask: torch.Tensor, config: SparsityConfig) -> None:
     try:
-        if config.pattern == "nm":
-            check_nm(mask, config.n, config.m)
-        elif config.pattern == "channel" and mask.dim() == 2:
-            check_channel(mask)
+        config.format.check_mask_pattern(mask, config)
     except ValueError as e:
         raise type(e)(f"layer {fqn!r}: {e}") from None
 
@@ -102,7 +99,7 @@ def _sparse_twin(fqn: str, mod: nn.Module | None, mask: torch.Tensor, config: Sp
     _check_pattern(fqn, mask, config)
     cls: Callable = SparseLinear if isinstance(mod, nn.Linear) else SparseConv2d
     try:
-        new = cls.from_dense(mod, mask, config.pattern, config.n, config.m, backend=config.backend)
+        new = cls.from_dense(mod, mask, config, backend=config.backend)
     except (ValueError, TypeError) as e:
         raise type(e)(f"layer {fqn!r}: {e}") from None
     return new.train(mod.training)
@@ -114,11 +111,10 @@ def _slim(model: nn.Module, config: SparsityConfig, masks: dict[str, torch.Tenso
     """Physically slim a channel-pruned model; return it with block masks for the layers that stay wide.
 
     Without ``masks`` (layer scope), channels are chosen group by group over the traced coupling groups. The
-    slimmed model carries ``sparsecore_skipped``: ``{fqn: reason}`` for the Linear/Conv2d layers that keep
-    their width.
+    reasons why Linear/Conv2d layers keep their width are attached (``sparsecore.channel.slim_skipped``).
     """
-    from .channel import (apply_plan, channel_weight_masks, group_channel_masks, plan_slim, trace_channels,
-                          verify_slim)
+    from .channel import (apply_plan, channel_weight_masks, group_channel_masks, mark_slimmed, plan_slim,
+                          record_skipped, trace_channels, verify_slim)
 
     if config.pattern != "channel":
         raise ValueError(f"slim=True needs the 'channel' pattern, config has {config.pattern!r}")
@@ -140,8 +136,8 @@ def _slim(model: nn.Module, config: SparsityConfig, masks: dict[str, torch.Tenso
     small = apply_plan(model, plan)
     if plan.tracer == "export":
         verify_slim(model, small, plan, example_inputs, example_kwargs)
-    small.sparsecore_slimmed = True  # tells save/load that narrower layers than the skeleton's are expected
-    small.sparsecore_skipped = {**skipped, **plan.skipped}
+    mark_slimmed(small)  # save/load then expect narrower layers than the skeleton's
+    record_skipped(small, {**skipped, **plan.skipped})
     if not plan.residual:
         return small, {}        # every pruned channel is gone: nothing left to pack
     return small, channel_weight_masks(small, plan.residual_masks, example_inputs, example_kwargs, tracer=plan.tracer)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsecore as sc
-from sparsecore.channel import trace_channels
+from sparsecore.channel import slim_skipped, trace_channels
 from sparsecore.models.transformer import DecoderBlock
 
 
@@ -59,7 +59,7 @@ def test_decoder_block_heads_and_mlp_exact(seeded):
     assert torch.equal(small.up_proj.weight, block.up_proj.weight[hidden])
     assert torch.equal(small.down_proj.weight, block.down_proj.weight[:, hidden])
     assert small.attn.heads == 3 and sc.sparse_modules(small) == {}
-    assert set(small.sparsecore_skipped) == {"attn.o_proj", "down_proj"}
+    assert set(slim_skipped(small)) == {"attn.o_proj", "down_proj"}
     ref = _zero_rows(block, {"attn.q_proj": rows, "attn.k_proj": rows, "attn.v_proj": rows,
                              "gate_proj": hidden, "up_proj": hidden})
     with torch.no_grad():

@@ -38,7 +38,7 @@ from ..masks import as_matrix, keep_topk
 from .heads import update_head_counts
 from .trace import ChannelGraph, trace_channels
 
-__all__ = ["SlimPlan", "plan_slim", "apply_plan", "slim", "masked_reference", "masked_model", "verify_slim",
+__all__ = ["record_skipped", "slim_skipped", "SlimPlan", "plan_slim", "apply_plan", "slim", "masked_reference", "masked_model", "verify_slim",
            "channel_weight_masks", "dead_channels", "skip_reasons"]
 
 _MEMBER_KINDS = ("conv", "linear", "dw", "grouped")
@@ -440,3 +440,36 @@ def channel_weight_masks(model: nn.Module, masks: dict[str, torch.Tensor], examp
         block = rows[:, None] & cols[None, :]
         out[fqn] = block.reshape(block.shape + (1,) * (w.dim() - 2)).expand(w.shape).to(w.device).contiguous()
     return out
+
+
+_SLIMMED_ATTR = "sparsecore_slimmed"
+
+
+def mark_slimmed(model: nn.Module) -> None:
+    """Record that ``model`` was physically slimmed: its layers may be narrower than a fresh skeleton's, so
+    ``sparsecore.io.load`` resizes the skeleton's layers to the file's shapes. The mark travels with the
+    model object (and ``copy.deepcopy``) and is saved in the file header."""
+    setattr(model, _SLIMMED_ATTR, True)
+
+
+def is_slimmed(model: nn.Module) -> bool:
+    """True when ``mark_slimmed`` was applied to ``model`` (by ``sparsify(..., slim=True)`` or ``load``)."""
+    return getattr(model, _SLIMMED_ATTR, False) is True
+
+
+_SKIPPED_ATTR = "sparsecore_slim_skipped"
+
+
+def record_skipped(model: nn.Module, reasons: dict[str, str]) -> None:
+    """Attach ``{fqn: reason}`` for the layers slimming could not narrow (read back with ``slim_skipped``)."""
+    setattr(model, _SKIPPED_ATTR, dict(reasons))
+
+
+def slim_skipped(model: nn.Module) -> dict[str, str]:
+    """``{fqn: reason}`` for the Linear / Conv2d layers of a slimmed model that kept their output width.
+
+    >>> small = sparsify(model, SparsityConfig("channel", 0.5), example_inputs=(x,))
+    >>> slim_skipped(small)["fc"]
+    'output channels pinned: feeds the model output'
+    """
+    return dict(getattr(model, _SKIPPED_ATTR, {}))
