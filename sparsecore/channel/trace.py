@@ -1,5 +1,9 @@
 """Channel dependency tracing: which output channels of which layers are coupled.
 
+Two tracers fill the same ``ChannelGraph``: this file's ``torch.fx`` program for conv nets (channels on dim 1),
+and ``export_trace.py`` (``torch.export`` plus label propagation) for models fx cannot trace or whose Linear
+layers run on 3-D activations (transformers: MLP hidden channels, attention heads). ``trace_channels`` picks.
+
 A model is traced once with ``torch.fx`` and shape-propagated on an example input. The trace is
 boiled down to a short *program* of channel steps (``Step``), one per graph node that carries a
 channel dimension (dim 1 of a 2-D ``[B, F]`` or 4-D ``[B, C, H, W]`` tensor):
