@@ -185,3 +185,28 @@ def test_minilm_slims_and_matches_masked_model():
     with torch.no_grad():
         torch.testing.assert_close(small(ids, **kw).last_hidden_state, ref(ids, **kw).last_hidden_state,
                                    rtol=1e-4, atol=1e-4)
+
+
+class _NormBetween(nn.Module):
+    """fc1 -> LayerNorm -> fc2 (the norm mixes fc1's channels: pinned); fc3 -> GELU -> fc4 (prunable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(8, 12), nn.LayerNorm(12), nn.Linear(12, 8)
+        self.fc3, self.fc4 = nn.Linear(8, 10), nn.Linear(10, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(self.norm(self.fc1(x)))
+        return h + self.fc4(F.gelu(self.fc3(x)))
+
+
+def test_export_tracer_pins_norm_mixed_channels_and_says_why():
+    from sparsecore.channel import plan_slim
+    model = _NormBetween().eval()
+    x = torch.randn(2, 3, 8)
+    graph = trace_channels(model, (x,), tracer="export")
+    groups = {g.fqns: g for g in graph.groups}
+    assert not bool(groups[("fc1",)].prunable.any()) and bool(groups[("fc3",)].prunable.all())
+    plan = plan_slim(model, {"fc3": torch.arange(10) % 2 == 0}, (x,), graph=graph)
+    assert "layer_norm" in plan.skipped["fc1"] and set(plan.skipped) == {"fc1", "fc2", "fc4"}
+    assert torch.equal(plan.keep_in["fc4"], torch.arange(10) % 2 == 0)

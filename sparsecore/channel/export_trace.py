@@ -120,9 +120,9 @@ class _Labeller:
             for a in t[t > 0].unique().tolist():
                 self.pin_reason.setdefault(a, reason)
 
-    def roots(self, labels: torch.Tensor) -> torch.Tensor:
-        table = torch.tensor([self.find(a) for a in range(len(self.parent))], dtype=torch.long)
-        return torch.where(labels >= 0, table[labels.clamp_min(0)], labels)
+    def root_table(self) -> torch.Tensor:
+        """``[n_atoms]`` the unit (union-find root) of every atom."""
+        return torch.tensor([self.find(a) for a in range(len(self.parent))], dtype=torch.long)
 
 
 def _label_tensors(v: Any) -> list[torch.Tensor]:
@@ -320,8 +320,8 @@ def _reduce(node, name, lab, full) -> Any:
     else:
         d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = list(range(rank)) if d is None or d == [] else [i % rank for i in (d if isinstance(d, (list, tuple)) else [d])]
-    shape = tuple(1 if i in dims else s for i, s in enumerate(x.shape))
-    lab.deferred.append((x, shape, f"mixed by {name} ({node.name}) over a dimension along which channels differ"))
+    mixed = tuple(s if i in dims else 1 for i, s in enumerate(x.shape))   # checked like a free operand of this shape
+    lab.deferred.append((x, mixed, f"mixed by {name} ({node.name}) over a dimension along which channels differ"))
     if name in _SAME_SHAPE_REDUCE or name in ("native_layer_norm", "layer_norm"):
         return [x, None, None] if name == "native_layer_norm" else x
     out_shape = _meta_shape(node)
@@ -365,17 +365,18 @@ def _sdpa(node, lab, full) -> Any:
 
 
 def _finish(lab: _Labeller, layers: dict[str, LayerInfo], outputs: Any) -> ChannelGraph:
+    table = lab.root_table()       # pins never unite, so the units are final here
     for labels, free_shape, why in lab.deferred:
         if free_shape is None:
             continue
-        units = lab.roots(labels)
+        units = torch.where(labels >= 0, table[labels.clamp_min(0)], labels)
         aligned = (1,) * (units.dim() - len(free_shape)) + tuple(free_shape)
         dims = [d for d, s in enumerate(aligned) if s > 1 and d < units.dim()]
         if _varies(units, dims):
             lab.pin(labels, why)
     lab.pin(outputs, "feeds the model output")
     n = len(lab.parent)
-    unit = torch.tensor([lab.find(a) for a in range(n)], dtype=torch.long)
+    unit = table
     pinned = torch.zeros(n, dtype=torch.bool)
     pinned[0] = True
     reasons: dict[int, str] = {}
