@@ -9,7 +9,8 @@ pruned by L2 magnitude, ``fc`` excluded:
 * ``sparsecore``     ``sparsify(model, SparsityConfig("channel", 0.5), filter_fn=..., example_inputs=(x,))``;
 * ``torch_pruning``  Torch-Pruning's ``MagnitudePruner`` (group L2 importance, ``pruning_ratio=0.5``, ``fc``
                      ignored), when the package is installed (else one line says it is skipped).
-Batches 1 and 16, the models timed interleaved in one loop (median over rounds, ``spread_pct`` = IQR / median).
+Batches 1 and 16, the models timed interleaved in one loop whose order rotates every round (median over
+rounds, ``spread_pct`` = IQR / median).
 ``GMACs`` counts executed multiply-accumulates of every Conv2d / Linear per image (forward hooks);
 ``same_shapes_as_torch_pruning``: every tensor of the two pruned models has the same shape (then both run the
 same convolutions, and their time difference is measurement noise).
@@ -59,15 +60,16 @@ def count_macs(model: nn.Module, args: tuple, kwargs: dict | None = None) -> int
     return total
 
 
-def interleaved_ms(fns: dict[str, callable], rounds: int, min_round_s: float = 0.0) -> dict[str, tuple[float, float]]:
+def interleaved_ms(fns: dict[str, callable], rounds: int) -> dict[str, tuple[float, float]]:
     """``{name: (median ms, IQR / median in %)}`` timing the callables in turn, ``rounds`` times each."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()  # warm-up (oneDNN primitive creation)
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:   # rotate the order: no provider always first
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             samples[name].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for name, s in samples.items():
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     q = args.quick
     if not args.skip_resnet:
-        rows = bench_resnet(64 if q else 224, 16 if q else 64, [1, 4] if q else [1, 16], 3 if q else 9)
+        rows = bench_resnet(64 if q else 224, 16 if q else 64, [1, 4] if q else [1, 16], 3 if q else 12)
         print(write_table(f"channel_vs_torch_pruning_t{args.threads}", rows, "cpu", args.out_dir))
         for r in rows:
             print(f"resnet50 b={r['batch']:<3d} {r['provider']:14s} {r['time_ms']:9.2f} ms (+-{r['spread_pct']:.0f}%) "
