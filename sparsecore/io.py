@@ -27,7 +27,8 @@ from torch import nn
 
 from . import __version__
 from .backends import Backend
-from .channel.slim import is_slimmed, mark_slimmed
+from .channel.heads import update_head_counts
+from .channel.slim import is_slimmed, mark_slimmed, set_channel_counts
 from .config import SparsityConfig
 from .formats import FORMATS
 from .formats.base import FormatError, PackedWeight
@@ -197,8 +198,6 @@ def _resize_like_file(model: nn.Module, tensors: dict[str, torch.Tensor], sparse
     how much; attention modules' head counts follow their narrowed projections (``channel.update_head_counts``).
     Any other shape difference is left for ``load_state_dict`` to report.
     """
-    from .channel.heads import update_head_counts
-
     resized_rows: dict[str, tuple[int, int]] = {}
     for key, t in tensors.items():
         owner, _, name = key.rpartition(".")
@@ -215,19 +214,10 @@ def _resize_like_file(model: nn.Module, tensors: dict[str, torch.Tensor], sparse
             setattr(mod, name, nn.Parameter(torch.empty_like(t), requires_grad=cur.requires_grad))
         else:
             setattr(mod, name, torch.empty_like(t))
-        if name != "weight":
-            continue
-        if isinstance(mod, nn.Linear):
-            if t.shape[0] != mod.out_features:
-                resized_rows[owner] = (mod.out_features, t.shape[0])
-            mod.out_features, mod.in_features = t.shape
-        elif isinstance(mod, nn.Conv2d):
-            if mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:  # depthwise stays depthwise
-                mod.in_channels = mod.out_channels = mod.groups = t.shape[0]
-            else:
-                mod.out_channels, mod.in_channels = t.shape[0], t.shape[1] * mod.groups
-        else:
-            mod.num_features = t.shape[0]
+        if name == "weight":
+            if isinstance(mod, nn.Linear) and t.shape[0] != mod.out_features:
+                resized_rows[owner] = (mod.out_features, int(t.shape[0]))
+            set_channel_counts(mod, tuple(t.shape))
     update_head_counts(model, resized_rows)
 
 
