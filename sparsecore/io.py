@@ -27,6 +27,7 @@ from torch import nn
 
 from . import __version__
 from .backends import Backend
+from .channel.heads import update_head_counts
 from .channel.slim import is_slimmed, mark_slimmed, set_channel_counts
 from .config import SparsityConfig
 from .formats import FORMATS
@@ -194,8 +195,10 @@ def _resize_like_file(model: nn.Module, tensors: dict[str, torch.Tensor], sparse
     """Narrow the skeleton's dense Linear/Conv2d/BatchNorm layers to the file's shapes (channel slimming).
 
     A physically slimmed model keeps its module classes with fewer channels; the shapes in the file say by
-    how much. Any other shape difference is left for ``load_state_dict`` to report.
+    how much; attention modules' head counts follow their narrowed projections (``channel.update_head_counts``).
+    Any other shape difference is left for ``load_state_dict`` to report.
     """
+    resized_rows: dict[str, tuple[int, int]] = {}
     for key, t in tensors.items():
         owner, _, name = key.rpartition(".")
         if owner in sparse:
@@ -212,7 +215,10 @@ def _resize_like_file(model: nn.Module, tensors: dict[str, torch.Tensor], sparse
         else:
             setattr(mod, name, torch.empty_like(t))
         if name == "weight":
+            if isinstance(mod, nn.Linear) and t.shape[0] != mod.out_features:
+                resized_rows[owner] = (mod.out_features, int(t.shape[0]))
             set_channel_counts(mod, tuple(t.shape))
+    update_head_counts(model, resized_rows)
 
 
 def load(path: str | Path, model: nn.Module, device: torch.device | str | None = None) -> nn.Module:

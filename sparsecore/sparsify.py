@@ -34,11 +34,13 @@ def _check_pattern(fqn: str, mask: torch.Tensor, config: SparsityConfig) -> None
 def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | None = None,
              masks: dict[str, torch.Tensor] | None = None,
              example_inputs: tuple | None = None, progress: bool = False,
-             slim: bool | None = None, round_to: int | None = None) -> nn.Module:
+             slim: bool | None = None, round_to: int | None = None, example_kwargs: dict | None = None) -> nn.Module:
     """Swap every selected ``nn.Linear``/``nn.Conv2d`` of ``model`` for its sparse twin, in place.
 
     masks: ``{fqn: bool mask shaped like the weight}`` from any pruner; when ``None``, one-shot magnitude
-        pruning under ``config`` makes them. Layers without a mask stay dense.
+        pruning under ``config`` makes them (when slimming: group by group, so that channels tied by residual
+        adds, concats, depthwise convs and attention heads are scored and pruned together; see
+        ``sparsecore.channel.group_channel_masks``). Layers without a mask stay dense.
     filter_fn: ``filter_fn(module, fqn) -> bool`` selects layers (only used when ``masks`` is ``None``).
     example_inputs: when given, the planner times the candidate backends per layer on these inputs
         (``model(*example_inputs)``) and keeps the fastest, dense included.
@@ -46,7 +48,9 @@ def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | Non
         (weights, BatchNorm, biases and the next layers' inputs shrink; see ``sparsecore.channel``), and
         pack only the layers a residual add or concat keeps at full width. Needs ``example_inputs`` to
         trace the graph; default: on whenever the pattern is "channel" and ``example_inputs`` is given.
-        ``round_to``: round kept channel counts up to a multiple (8 suits tensor cores).
+        ``round_to``: round kept channel counts up to a multiple (8 suits tensor cores). Transformers are
+        traced with ``torch.export`` (MLP hidden channels and whole attention heads shrink); keyword inputs for
+        the trace go in ``example_kwargs`` (the planner only uses ``example_inputs``).
     Returns the sparsified model: ``model`` itself, modified in place, except when slimming, which returns
     a new, smaller model (``model`` is left untouched). Always use the return value.
 
@@ -54,12 +58,12 @@ def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | Non
     """
     if not isinstance(config, SparsityConfig):
         raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
-    if masks is None:
-        masks = magnitude_masks(model, config, filter_fn)
     if slim is None:
         slim = config.pattern == "channel" and example_inputs is not None
     if slim:
-        model, masks = _slim(model, config, masks, example_inputs, round_to)
+        model, masks = _slim(model, config, masks, example_inputs, round_to, filter_fn, example_kwargs)
+    elif masks is None:
+        masks = magnitude_masks(model, config, filter_fn)
     if not masks:
         return model
     if "" in masks:  # a bare nn.Linear / nn.Conv2d: there is no parent to swap into, so return its twin
@@ -101,26 +105,42 @@ def _sparse_twin(fqn: str, mod: nn.Module | None, mask: torch.Tensor, config: Sp
     return new.train(mod.training)
 
 
-def _slim(model: nn.Module, config: SparsityConfig, masks: dict[str, torch.Tensor], example_inputs: tuple | None,
-          round_to: int | None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Physically slim a channel-pruned model; return it with block masks for the layers that stay wide."""
-    from .channel import apply_plan, channel_weight_masks, mark_slimmed, plan_slim
+def _slim(model: nn.Module, config: SparsityConfig, masks: dict[str, torch.Tensor] | None, example_inputs: tuple | None,
+          round_to: int | None, filter_fn: FilterFn | None,
+          example_kwargs: dict | None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Physically slim a channel-pruned model; return it with block masks for the layers that stay wide.
+
+    Without ``masks`` (layer scope), channels are chosen group by group over the traced coupling groups. The
+    reasons why Linear/Conv2d layers keep their width are attached (``sparsecore.channel.slim_skipped``).
+    """
+    from .channel import (apply_plan, channel_weight_masks, group_channel_masks, mark_slimmed, plan_slim,
+                          record_skipped, trace_channels, verify_slim)
 
     if config.pattern != "channel":
         raise ValueError(f"slim=True needs the 'channel' pattern, config has {config.pattern!r}")
-    if not example_inputs or len(example_inputs) != 1:
-        raise ValueError("slim=True needs example_inputs=(x,) with one input tensor to trace the model")
-    channel = {}
-    for fqn, mask in masks.items():
-        try:
-            channel[fqn] = check_channel(mask)
-        except ValueError as e:
-            raise type(e)(f"layer {fqn!r}: {e}") from None
-    x = example_inputs[0]
-    plan = plan_slim(model, channel, x, round_to=round_to)
+    if not isinstance(example_inputs, tuple) or not (example_inputs or example_kwargs):
+        raise ValueError("slim=True needs example_inputs=(x, ...), a tuple of the model's positional inputs "
+                         "(keyword inputs go in example_kwargs), to trace the model")
+    graph = trace_channels(model, example_inputs, example_kwargs)
+    skipped: dict[str, str] = {}
+    if masks is None and config.scope == "layer":
+        channel, skipped = group_channel_masks(model, graph, config.sparsity, filter_fn)
+    else:
+        channel = {}
+        for fqn, mask in (masks if masks is not None else magnitude_masks(model, config, filter_fn)).items():
+            try:
+                channel[fqn] = check_channel(mask)
+            except ValueError as e:
+                raise type(e)(f"layer {fqn!r}: {e}") from None
+    plan = plan_slim(model, channel, example_inputs, round_to=round_to, graph=graph)
     small = apply_plan(model, plan)
+    if plan.tracer == "export":
+        verify_slim(model, small, plan, example_inputs, example_kwargs)
     mark_slimmed(small)  # save/load then expect narrower layers than the skeleton's
-    return small, channel_weight_masks(small, plan.residual_masks, x)
+    record_skipped(small, {**skipped, **plan.skipped})
+    if not plan.residual:
+        return small, {}        # every pruned channel is gone: nothing left to pack
+    return small, channel_weight_masks(small, plan.residual_masks, example_inputs, example_kwargs, tracer=plan.tracer)
 
 
 def sparse_modules(model: nn.Module) -> dict[str, SparseLinear | SparseConv2d]:

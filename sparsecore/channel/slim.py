@@ -29,15 +29,17 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..masks import as_matrix, keep_topk
+from .heads import update_head_counts
 from .trace import ChannelGraph, trace_channels
 
-__all__ = ["SlimPlan", "plan_slim", "apply_plan", "slim", "masked_reference", "channel_weight_masks", "dead_channels"]
+__all__ = ["record_skipped", "slim_skipped", "SlimPlan", "plan_slim", "apply_plan", "slim", "masked_reference", "masked_model", "verify_slim",
+           "channel_weight_masks", "dead_channels", "skip_reasons"]
 
 _MEMBER_KINDS = ("conv", "linear", "dw", "grouped")
 
@@ -57,8 +59,28 @@ def _check_masks(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> dict[st
     return out
 
 
+def _dead_export(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    # Linear layers only: pruned rows are dead; a column is dead when every row of the unit it reads is pruned.
+    dead_out = {f: (~masks[f] if f in masks else torch.zeros(i.out_atoms.numel(), dtype=torch.bool))
+                for f, i in graph.layers.items()}
+    alive = torch.zeros(graph.unit.numel(), dtype=torch.bool)
+    alive[0] = True                                   # the pinned atom is never dead
+    for f, info in graph.layers.items():
+        alive[graph.unit[info.out_atoms[~dead_out[f]]]] = True
+    roots = torch.zeros_like(alive)
+    roots[graph.unit] = True
+    dead_unit = roots & ~alive
+    return dead_out, {f: dead_unit[graph.unit[i.in_atoms]] for f, i in graph.layers.items()}
+
+
 def dead_channels(graph: ChannelGraph, masks: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``(dead_out, dead_in)``: per layer, which output channels / input columns are exactly zero."""
+    """``(dead_out, dead_in)``: per layer, which output channels / input columns are exactly zero.
+
+    fx graphs follow exact zeros through the program (module docstring). Export graphs (Linear layers, any
+    rank): pruned rows are dead, and a consumer's column is dead when every row of the unit it reads is pruned.
+    """
+    if graph.tracer == "export":
+        return _dead_export(graph, masks)
     dead_out: dict[str, torch.Tensor] = {}
     dead_in: dict[str, torch.Tensor] = {}
 
@@ -97,7 +119,8 @@ class SlimPlan:
 
     ``masks``: effective masks (after rounding). ``dead_out``/``dead_in``: zero channels of the masked
     reference. ``keep_out``/``keep_in``: physically kept output channels / input columns of the layers
-    that shrink. ``residual``: layers whose dead channels stay (fqn -> reason).
+    that shrink. ``residual``: layers whose dead channels stay (fqn -> reason). ``skipped``: Linear/Conv2d
+    layers whose output channels can never shrink, with the reason (fqn -> reason), for reports.
     """
 
     masks: dict[str, torch.Tensor]
@@ -108,6 +131,8 @@ class SlimPlan:
     residual: dict[str, str]
     params_before: int
     params_after: int
+    skipped: dict[str, str] = field(default_factory=dict)
+    tracer: str = "fx"
 
     @property
     def residual_masks(self) -> dict[str, torch.Tensor]:
@@ -198,12 +223,36 @@ def _residual_reasons(graph: ChannelGraph, plan_dead: dict[str, torch.Tensor], r
     return reasons
 
 
-def plan_slim(model: nn.Module, masks: dict[str, torch.Tensor], example_input: torch.Tensor, *,
-              round_to: int | None = None, scores: dict[str, torch.Tensor] | None = None) -> SlimPlan:
-    """Decide what slimming ``model`` under ``masks`` removes (traced on ``example_input [B, C, H, W]``)."""
+def skip_reasons(model: nn.Module, graph: ChannelGraph) -> dict[str, str]:
+    """``{fqn: reason}`` for every Linear / Conv2d of ``model`` whose output channels can never be removed."""
+    out = {}
+    for fqn, mod in model.named_modules():
+        if type(mod) not in (nn.Linear, nn.Conv2d):
+            continue
+        info = graph.layers.get(fqn)
+        if info is None:
+            out[fqn] = ("not a channel layer of the traced graph (called more than once, on a tensor whose channels "
+                        "the tracer does not follow, or not called)")
+            continue
+        units = graph.unit[info.out_atoms]
+        if bool(graph.pinned_unit[units].all()):
+            why = next((graph.pin_reasons[u] for u in units.tolist() if u in graph.pin_reasons), None)
+            out[fqn] = f"output channels pinned: {why or 'they feed the model output or an op the tracer cannot see through'}"
+    return out
+
+
+def plan_slim(model: nn.Module, masks: dict[str, torch.Tensor], example_input: torch.Tensor | tuple, *,
+              round_to: int | None = None, scores: dict[str, torch.Tensor] | None = None,
+              example_kwargs: dict | None = None, tracer: str = "auto", graph: ChannelGraph | None = None) -> SlimPlan:
+    """Decide what slimming ``model`` under ``masks`` removes, traced on ``model(*example_input, **example_kwargs)``.
+
+    ``example_input``: one tensor (``[B, C, H, W]`` for conv nets) or a tuple of positional inputs; ``tracer``
+    as in ``trace_channels``; ``graph``: an existing trace of ``model`` (skips tracing).
+    """
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
-    graph = trace_channels(model, example_input)
+    if graph is None:
+        graph = trace_channels(model, example_input, example_kwargs, tracer=tracer)
     masks = _check_masks(graph, masks)
     dead_out, dead_in = dead_channels(graph, masks)
     removed = _removed_units(graph, dead_out)
@@ -222,7 +271,7 @@ def plan_slim(model: nn.Module, masks: dict[str, torch.Tensor], example_input: t
                 keep_in[fqn] = k
     before = sum(p.numel() for p in model.parameters())
     return SlimPlan(masks, dead_out, dead_in, keep_out, keep_in, _residual_reasons(graph, dead_out, removed),
-                    before, _param_count(model, keep_out, keep_in))
+                    before, _param_count(model, keep_out, keep_in), skip_reasons(model, graph), graph.tracer)
 
 
 @torch.no_grad()
@@ -294,13 +343,67 @@ def apply_plan(model: nn.Module, plan: SlimPlan) -> nn.Module:
     """A slimmed deep copy of ``model``: dead channels zeroed, removable ones cut out."""
     model = copy.deepcopy(model)
     _zero_dead_(model, plan.dead_out, plan.dead_in)
+    resized = {}
     for fqn in set(plan.keep_out) | set(plan.keep_in):
-        _slice_(model.get_submodule(fqn), plan.keep_out.get(fqn), plan.keep_in.get(fqn))
+        mod = model.get_submodule(fqn)
+        old = mod.weight.shape[0]
+        _slice_(mod, plan.keep_out.get(fqn), plan.keep_in.get(fqn))
+        if isinstance(mod, nn.Linear) and mod.weight.shape[0] != old:
+            resized[fqn] = (old, mod.weight.shape[0])
+    update_head_counts(model, resized)
     return model
 
 
-def slim(model: nn.Module, masks: dict[str, torch.Tensor], example_input: torch.Tensor, *,
-         round_to: int | None = None, scores: dict[str, torch.Tensor] | None = None) -> nn.Module:
+def masked_model(model: nn.Module, plan: SlimPlan) -> nn.Module:
+    """A deep copy of ``model`` with the plan's dead channels zeroed: what ``apply_plan(model, plan)`` computes."""
+    model = copy.deepcopy(model)
+    _zero_dead_(model, plan.dead_out, plan.dead_in)
+    return model
+
+
+@torch.no_grad()
+def verify_slim(model: nn.Module, small: nn.Module, plan: SlimPlan, example_input: torch.Tensor | tuple,
+                example_kwargs: dict | None = None) -> float:
+    """Run ``small`` and the masked ``model`` on the example inputs; raise ``ValueError`` unless they agree.
+
+    Returns the largest absolute difference relative to the reference output's largest magnitude. Catches
+    modules that read head counts or widths the slimming could not update (``heads.py``).
+    """
+    from .export_trace import output_tensors
+
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    ref = masked_model(model, plan)
+    modes = [(m, m.training) for m in list(ref.modules()) + list(small.modules())]
+    ref.eval(), small.eval()
+    try:
+        y_ref = output_tensors(ref(*args, **(example_kwargs or {})))
+        try:
+            y = output_tensors(small(*args, **(example_kwargs or {})))
+        except Exception as e:
+            raise ValueError(f"the slimmed model fails to run ({type(e).__name__}: {e}); a module probably reads a "
+                             "head count or width that slimming could not update") from e
+    finally:
+        for m, training in modes:
+            m.training = training
+    worst = 0.0
+    for a, b in zip(y, y_ref):
+        if not b.is_floating_point():
+            continue
+        if a.shape != b.shape:
+            raise ValueError(f"the slimmed model's output has shape {tuple(a.shape)}, the masked model's {tuple(b.shape)}")
+        scale = float(b.abs().max().clamp_min(1e-30))
+        err = float((a.double() - b.double()).abs().max()) / scale
+        tol = 1e-4 if b.dtype in (torch.float32, torch.float64) else 2e-2
+        if not err <= tol:
+            raise ValueError(f"the slimmed model differs from the masked model by {err:.3g} (relative; tolerance {tol}); "
+                             "a module probably reads a head count or width that slimming could not update")
+        worst = max(worst, err)
+    return worst
+
+
+def slim(model: nn.Module, masks: dict[str, torch.Tensor], example_input: torch.Tensor | tuple, *,
+         round_to: int | None = None, scores: dict[str, torch.Tensor] | None = None,
+         example_kwargs: dict | None = None, tracer: str = "auto") -> nn.Module:
     """Physically remove masked channels where the graph allows; returns a new model.
 
     ``masks``: ``{fqn: bool [out]}``. ``example_input``: one input batch for tracing (shapes only).
@@ -309,27 +412,33 @@ def slim(model: nn.Module, masks: dict[str, torch.Tensor], example_input: torch.
 
     >>> small = slim(resnet50(), {"layer1.0.conv1": keep}, torch.randn(1, 3, 224, 224), round_to=8)
     """
-    return apply_plan(model, plan_slim(model, masks, example_input, round_to=round_to, scores=scores))
+    plan = plan_slim(model, masks, example_input, round_to=round_to, scores=scores, example_kwargs=example_kwargs,
+                     tracer=tracer)
+    small = apply_plan(model, plan)
+    if plan.tracer == "export":
+        verify_slim(model, small, plan, example_input, example_kwargs)
+    return small
 
 
-def masked_reference(model: nn.Module, masks: dict[str, torch.Tensor], example_input: torch.Tensor) -> nn.Module:
+def masked_reference(model: nn.Module, masks: dict[str, torch.Tensor], example_input: torch.Tensor | tuple,
+                     example_kwargs: dict | None = None, *, tracer: str = "auto") -> nn.Module:
     """A deep copy of ``model`` with every dead channel's parameters zeroed (see module docstring)."""
-    graph = trace_channels(model, example_input)
+    graph = trace_channels(model, example_input, example_kwargs, tracer=tracer)
     dead_out, dead_in = dead_channels(graph, _check_masks(graph, masks))
     model = copy.deepcopy(model)
     _zero_dead_(model, dead_out, dead_in)
     return model
 
 
-def channel_weight_masks(model: nn.Module, masks: dict[str, torch.Tensor],
-                         example_input: torch.Tensor) -> dict[str, torch.Tensor]:
+def channel_weight_masks(model: nn.Module, masks: dict[str, torch.Tensor], example_input: torch.Tensor | tuple,
+                         example_kwargs: dict | None = None, *, tracer: str = "auto") -> dict[str, torch.Tensor]:
     """Block weight masks for ``ChannelWeight``: ``{fqn: bool weight-shaped}`` = kept rows x live input columns.
 
     Covers every Conv2d / Linear with a dead output channel or a dead input column. The masks describe
     exactly the zeros of ``masked_reference(model, masks, x)``, so packing that model's weights with
     them is lossless. Depthwise / grouped convs get row masks (their dim 1 is per group).
     """
-    graph = trace_channels(model, example_input)
+    graph = trace_channels(model, example_input, example_kwargs, tracer=tracer)
     dead_out, dead_in = dead_channels(graph, _check_masks(graph, masks))
     out = {}
     for fqn, info in graph.layers.items():
@@ -358,3 +467,21 @@ def mark_slimmed(model: nn.Module) -> None:
 def is_slimmed(model: nn.Module) -> bool:
     """True when ``mark_slimmed`` was applied to ``model`` (by ``sparsify(..., slim=True)`` or ``load``)."""
     return getattr(model, _SLIMMED_ATTR, False) is True
+
+
+_SKIPPED_ATTR = "sparsecore_slim_skipped"
+
+
+def record_skipped(model: nn.Module, reasons: dict[str, str]) -> None:
+    """Attach ``{fqn: reason}`` for the layers slimming could not narrow (read back with ``slim_skipped``)."""
+    setattr(model, _SKIPPED_ATTR, dict(reasons))
+
+
+def slim_skipped(model: nn.Module) -> dict[str, str]:
+    """``{fqn: reason}`` for the Linear / Conv2d layers of a slimmed model that kept their output width.
+
+    >>> small = sparsify(model, SparsityConfig("channel", 0.5), example_inputs=(x,))
+    >>> slim_skipped(small)["fc"]
+    'output channels pinned: feeds the model output'
+    """
+    return dict(getattr(model, _SKIPPED_ATTR, {}))

@@ -1,5 +1,9 @@
 """Channel dependency tracing: which output channels of which layers are coupled.
 
+Two tracers fill the same ``ChannelGraph``: this file's ``torch.fx`` program for conv nets (channels on dim 1),
+and ``export_trace.py`` (``torch.export`` plus label propagation) for models fx cannot trace or whose Linear
+layers run on 3-D activations (transformers: MLP hidden channels, attention heads). ``trace_channels`` picks.
+
 A model is traced once with ``torch.fx`` and shape-propagated on an example input. The trace is
 boiled down to a short *program* of channel steps (``Step``), one per graph node that carries a
 channel dimension (dim 1 of a 2-D ``[B, F]`` or 4-D ``[B, C, H, W]`` tensor):
@@ -117,6 +121,9 @@ class ChannelGraph:
     unit: torch.Tensor                      # [n_atoms] unit id (union-find root) of each atom
     pinned_unit: torch.Tensor               # [n_atoms] bool, indexed by unit id
     groups: list[ChannelGroup] = field(default_factory=list)
+    tracer: str = "fx"                      # "fx" (conv nets, channels on dim 1) or "export" (linear layers, any rank)
+    pin_reasons: dict[int, str] = field(default_factory=dict)   # unit id -> why it is pinned, where known
+    called: set[str] = field(default_factory=set)               # fx: modules called in the traced graph
 
     def interpret(self, fns: dict[str, Callable[..., Any]]) -> dict[str, Any]:
         """Run the channel program with one function per step kind; returns node name -> value."""
@@ -293,8 +300,52 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)  # the lower (earlier) atom stays root
 
 
-def trace_channels(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
-    """Trace ``model`` (fx + shape propagation on ``example_input [B, C, H, W]``) into a ``ChannelGraph``."""
+TRACERS = ("auto", "fx", "export")
+
+
+def trace_channels(model: nn.Module, example_input: torch.Tensor | tuple, example_kwargs: dict | None = None, *,
+                   tracer: str = "auto") -> ChannelGraph:
+    """Trace ``model(*example_input, **example_kwargs)`` into a ``ChannelGraph``.
+
+    ``example_input``: one tensor or a tuple of positional inputs. ``tracer``: "fx" (``torch.fx`` + shape
+    propagation; conv nets whose channels sit on dim 1 of 2-D / 4-D tensors, one positional input), "export"
+    (``torch.export`` + label propagation, ``export_trace.py``: Linear layers on inputs of any rank, attention
+    heads, several positional and keyword inputs) or "auto": fx where it traces a single-input model and sees
+    every Linear call as a channel layer, else export.
+    """
+    if tracer not in TRACERS:
+        raise ValueError(f"tracer must be one of {TRACERS}, got {tracer!r}")
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    if tracer == "export":
+        from .export_trace import trace_export
+        return trace_export(model, args, example_kwargs)
+    single = len(args) == 1 and isinstance(args[0], torch.Tensor) and not example_kwargs
+    if tracer == "fx" and not single:
+        raise ValueError("tracer='fx' needs exactly one positional tensor input and no keyword inputs")
+    if tracer == "auto" and not single:
+        from .export_trace import trace_export
+        return trace_export(model, args, example_kwargs)
+    try:
+        graph = _trace_fx(model, args[0])
+    except Exception:  # fx cannot trace data-dependent Python (transformers); export can
+        if tracer == "fx":
+            raise
+        from .export_trace import trace_export
+        return trace_export(model, args, example_kwargs)
+    if tracer == "auto" and not _fx_sees_all_linears(model, graph):
+        from .export_trace import trace_export
+        return trace_export(model, args, example_kwargs)
+    return graph
+
+
+def _fx_sees_all_linears(model: nn.Module, graph: ChannelGraph) -> bool:
+    """False when fx left an nn.Linear out of the channel program (applied to a 3-D tensor, say)."""
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return True          # the export tracer follows Linear layers only; conv nets stay with fx
+    return all(f in graph.layers for f, m in model.named_modules() if type(m) is nn.Linear and f in graph.called)
+
+
+def _trace_fx(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
     gm = fx.symbolic_trace(model)
     # Shapes only: run in eval mode so BN running stats are not updated (gm shares the model's modules).
     modes = [(m, m.training) for m in model.modules()]
@@ -340,6 +391,7 @@ def trace_channels(model: nn.Module, example_input: torch.Tensor) -> ChannelGrap
         pinned_atoms.extend(ins)
 
     graph = ChannelGraph(steps, layers, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.bool))
+    graph.called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     graph.interpret({
         "producer": producer, "dw": same_atoms("dw"), "bn": same_atoms("bn"), "grouped": grouped,
         "pass": lambda s, a: a, "add": add, "cat": lambda s, *parts: torch.cat(parts),
@@ -349,11 +401,11 @@ def trace_channels(model: nn.Module, example_input: torch.Tensor) -> ChannelGrap
     graph.pinned_unit = torch.zeros(len(uf.parent), dtype=torch.bool)
     for atoms in pinned_atoms:
         graph.pinned_unit[graph.unit[atoms]] = True
-    graph.groups = _make_groups(graph)
+    graph.groups = make_groups(graph)
     return graph
 
 
-def _make_groups(graph: ChannelGraph) -> list[ChannelGroup]:
+def make_groups(graph: ChannelGraph) -> list[ChannelGroup]:
     members = [f for f, info in graph.layers.items() if info.kind != "bn"]
     # Members sharing a unit are in one group: union-find over members through units.
     parent = {f: f for f in members}
@@ -387,6 +439,7 @@ def _make_groups(graph: ChannelGraph) -> list[ChannelGroup]:
     return groups
 
 
-def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
+def channel_groups(model: nn.Module, example_input: torch.Tensor | tuple, example_kwargs: dict | None = None, *,
+                   tracer: str = "auto") -> list[ChannelGroup]:
     """Coupled channel groups of ``model``'s conv / linear / depthwise layers (see ``ChannelGroup``)."""
-    return trace_channels(model, example_input).groups
+    return trace_channels(model, example_input, example_kwargs, tracer=tracer).groups
