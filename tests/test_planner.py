@@ -29,10 +29,14 @@ def _model(seed_gen):
     return sc.sparsify(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16)), sc.SparsityConfig("unstructured", 0.9))
 
 
+SLOW_MS = 50.0
+
+
 @pytest.fixture
 def fake_timers(monkeypatch):
     """Each backend's measured time comes from a table, keyed by which backend the timed function runs:
-    the planner's choice is tested without a clock, so a busy machine cannot change it."""
+    the planner's choice is tested without a clock, so a busy machine cannot change it. Backends the table
+    does not name (e.g. native CPU ones) take ``SLOW_MS``."""
     from sparsecore import planner
 
     table: dict[str, float] = {}
@@ -45,7 +49,7 @@ def fake_timers(monkeypatch):
 
     def timed(fn, device, rep=20):
         fn()
-        return table[current["name"]]
+        return table.get(current["name"], SLOW_MS) if table else table[current["name"]]
 
     monkeypatch.setattr(planner, "time_ms", timed)
     monkeypatch.setattr(sc.SparseLinear, "run_backend", run)
@@ -60,7 +64,9 @@ def test_slow_and_wrong_backends_never_chosen(fake_backends, fake_timers, tmp_pa
     assert len(decisions) == 2
     for d in decisions:
         assert d.chosen == "dense"
-        assert d.times_ms == {"dense": 1.0, "torch_csr": 2.0, "cutlass": 3.0}
+        assert {k: d.times_ms[k] for k in ("dense", "torch_csr", "cutlass")} == {"dense": 1.0, "torch_csr": 2.0,
+                                                                              "cutlass": 3.0}
+        assert "cusparselt" not in d.times_ms
         assert "differs from dense" in d.rejected["cusparselt"]
 
 
@@ -78,7 +84,7 @@ def test_faster_backend_chosen_and_cached(fake_backends, fake_timers, tmp_path, 
     assert again[0].times_ms == first[0].times_ms
 
 
-@pytest.mark.parametrize("trial", range(20))
+@pytest.mark.parametrize("trial", range(8))
 def test_choice_is_dense_unless_a_backend_beats_it_by_the_margin(fake_backends, fake_timers, tmp_path, seeded, trial):
     # The planner's promise (never slower than dense) as a rule over random timings, margin boundary included.
     fake_backends(cutlass=lambda w, x, b: F.linear(x, w, b))
