@@ -27,9 +27,10 @@ from sparsecore.backends.registry import lookup
 from .common import PROVIDER, TIME_MS, cpu_info, env_info, write_table
 from .cpu_stats import time_repeated
 
-SHAPES = ((4096, 4096), (11008, 4096))
+# 256x256: the per-call (host) cost alone, where the product itself takes microseconds
+SHAPES = ((256, 256), (4096, 4096), (11008, 4096))
 MS = (1, 8, 64)
-QUICK = (((4096, 4096),), (1, 8))
+QUICK = (((256, 256), (4096, 4096)), (1, 8))
 
 
 @torch.library.custom_op("sparsecore_bench::csr_linear_before", mutates_args=())

@@ -11,7 +11,7 @@ Sparse variants are planned (``sparsecore.plan``, no cache) on the very input th
 variants are timed together (``bench.cpu_stats``). Per row: median and min-max of the repeat medians,
 ``speedup_vs_best_dense`` against the torch dense model, ``model_MB`` resident bytes (parameters + buffers
 + backends' prepared state, ``bench.bench_models.model_bytes``), the planner's choices, and ``max_abs_err``
-against the masked dense fp32 model.
+against the masked dense model in float64. ``--e2e-models`` picks the models.
 """
 from __future__ import annotations
 
@@ -86,8 +86,9 @@ def bench_model(name: str, dense: nn.Module, variants: dict[str, sc.SparsityConf
             t = timings[vname]
             err = 0.0
             if vname != "dense":
-                ref = masked_copy(dense, built[vname][1]).eval()
-                err = float((_no_grad_call(model, x) - _no_grad_call(ref, x)).abs().max())
+                ref = masked_copy(dense, built[vname][1]).eval()  # float64
+                x64 = tuple(t.double() if t.is_floating_point() else t for t in x)
+                err = float((_no_grad_call(model, x).double() - _no_grad_call(ref, x64)).abs().max())
                 del ref
             config = built[vname][2] if vname != "dense" else None
             rows.append({"model": name, "batch": batch, "seq": x[0].shape[1], PROVIDER: vname,
@@ -122,7 +123,7 @@ def deepsparse_rows(dense: nn.Module, built: dict, batch: int, x: tuple, dense_m
         log(f"    skip deepsparse: {why}")
         return [{**base, PROVIDER: "deepsparse", "note": f"skipped: {why}"}]
     _, masks, _ = built["unstructured90"]
-    pruned = masked_copy(dense, masks).eval()
+    pruned = masked_copy(dense, masks, torch.float32).eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "minilm_pruned90.onnx"
         try:
@@ -156,15 +157,20 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[di
     env = {**cpu_info(), **env_info("cpu")}
     rows: list[dict] = []
     out = "cpu_e2e" + args.suffix
-    dim, hidden, heads = (1024, 2752, 16) if args.quick else (4096, 11008, 32)
-    torch.manual_seed(0)
-    log(f"[e2e] decoder_block dim={dim} hidden={hidden} seq 1")
-    block = DecoderBlock(dim, hidden, heads)
-    variants = {"unstructured70": sc.SparsityConfig("unstructured", 0.7), "2:4": sc.SparsityConfig("nm", n=2, m=4)}
-    inputs = {b: (torch.randn(b, 1, dim),) for b in (1, 4)}
-    rows += bench_model("decoder_block", block, variants, inputs, args, env, log=log)
-    write_table(out, rows, "cpu", args.out_dir)
-    del block
+    models = {m.strip() for m in args.e2e_models.split(",")}
+    if "decoder_block" in models:
+        dim, hidden, heads = (1024, 2752, 16) if args.quick else (4096, 11008, 32)
+        torch.manual_seed(0)
+        log(f"[e2e] decoder_block dim={dim} hidden={hidden} seq 1")
+        block = DecoderBlock(dim, hidden, heads)
+        variants = {"unstructured70": sc.SparsityConfig("unstructured", 0.7),
+                    "2:4": sc.SparsityConfig("nm", n=2, m=4)}
+        inputs = {b: (torch.randn(b, 1, dim),) for b in (1, 4)}
+        rows += bench_model("decoder_block", block, variants, inputs, args, env, log=log)
+        write_table(out, rows, "cpu", args.out_dir)
+        del block
+    if "minilm" not in models:
+        return _write(out, rows, args, log)
     log("[e2e] all-MiniLM-L6-v2, encoder linears pruned 90%")
     try:
         minilm = MiniLM()
