@@ -225,7 +225,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                        f"{1 - args.n / args.m:g}); drop --sparsity for nm")
     if args.pattern != "nm" and args.sparsity is None:
         raise CLIError(f"--sparsity is required for pattern {args.pattern!r}")
-    config = sc.SparsityConfig(args.pattern, 0.5 if args.sparsity is None else args.sparsity, n=args.n, m=args.m,
+    config = sc.SparsityConfig(args.pattern, args.sparsity, n=args.n, m=args.m,
                                scope=args.scope, backend=args.backend)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

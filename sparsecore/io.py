@@ -146,9 +146,9 @@ def _write_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pa
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode: 0o666 less the umask
-        if path.is_file():
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        save_file(tensors, str(tmp), metadata=metadata)
+        mode = stat.S_IMODE((path if path.is_file() else tmp).stat().st_mode)
+        save_file(tensors, str(tmp), metadata=metadata)  # it writes a private (0600) file of its own and renames it
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
