@@ -223,3 +223,16 @@ def test_unstructured_word_checks_match_the_unpacked_bits(shape, seeded):
         outside = row >= shape[0] or col >= shape[1]
         with pytest.raises(FormatError, match="padding must be 0" if outside else "tile_offsets"):
             UnstructuredWeight.from_state(dict(tensors, bitmap=bitmap), meta)
+
+
+def test_bare_layer_round_trip_leaves_the_skeleton_alone(tmp_path, seeded):
+    sparse = sc.sparsify(nn.Linear(8, 4), sc.SparsityConfig("nm"))
+    path = sc.save(sparse, tmp_path / "b.safetensors")
+    skeleton = nn.Linear(8, 4)
+    loaded = sc.load(path, skeleton)
+    assert isinstance(loaded, sc.SparseLinear) and type(skeleton) is nn.Linear
+    x = torch.randn(3, 8, generator=seeded)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), sparse(x))
+    with pytest.raises(sc.SkeletonMismatchError, match="does not fit model weight shape"):
+        sc.load(path, nn.Linear(8, 5))
