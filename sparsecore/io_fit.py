@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .channel.slim import mark_slimmed
 from .io import FileFormatError, SavedModel, SkeletonMismatchError, packed_layer
 from .modules import SparseConv2d, SparseLinear, _explicit_padding
 from .sparsify import swap_module
@@ -79,7 +80,7 @@ def fit(saved: SavedModel, model: nn.Module, device: torch.device | str | None) 
         for path, new in swaps.items():
             swap_module(model, path, new)
         if slimmed:
-            model.sparsecore_slimmed = True
+            mark_slimmed(model)
         model.load_state_dict(state, strict=True, assign=True)
         if device is not None:
             model.to(target)  # non-persistent buffers too

@@ -9,25 +9,37 @@ construction); any other value forces that backend and raises ``BackendUnavailab
 """
 from __future__ import annotations
 
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from .autograd import SparseOpGrad, needs_grad
-from .backends import Backend, BackendImpl, ConvParams, resolve
+from .config import SparsityConfig
+from .backends import AUTO, Backend, BackendImpl, ConvParams, resolve
 from .formats import FORMATS, PackedWeight
 from .formats.base import SUPPORTED_DTYPES, dtype_name
 
 __all__ = ["SparseLinear", "SparseConv2d", "pack", "m_bucket"]
 
+_DENSE = "dense"  # what an AUTO layer runs at batch sizes the planner has not timed
 
-def pack(weight: torch.Tensor, mask: torch.Tensor, pattern: str, n: int = 2, m: int = 4) -> PackedWeight:
-    """Pack ``weight`` under ``mask`` in the format of ``pattern`` ("nm", "unstructured", "channel")."""
-    if pattern not in FORMATS:
-        raise ValueError(f"pattern must be one of {sorted(FORMATS)}, got {pattern!r}")
-    params = {"n": n, "m": m} if pattern == "nm" else {}
-    return FORMATS[pattern].from_dense(weight.detach(), mask, **params)
+
+def pack(weight: torch.Tensor, mask: torch.Tensor, config: SparsityConfig | str, n: int = 2, m: int = 4
+         ) -> PackedWeight:
+    """Pack ``weight`` under ``mask`` in the format ``config.pattern`` names, with the parameters it declares.
+
+    ``config`` may also be a pattern name (a registered format kind) with ``n``/``m`` for N:M.
+    """
+    if isinstance(config, str):
+        if config not in FORMATS:
+            raise ValueError(f"pattern must be one of {sorted(FORMATS)}, got {config!r}")
+        config = SparsityConfig(config, n=n, m=m) if config == "nm" else SparsityConfig(config)
+    if not isinstance(config, SparsityConfig):
+        raise TypeError(f"config must be a SparsityConfig or a pattern name, got {type(config).__name__}")
+    fmt = config.format
+    return fmt.from_dense(weight.detach(), mask, **fmt.pack_params(config))
 
 
 def m_bucket(rows: int) -> int:
@@ -54,8 +66,8 @@ class _SparseBase(nn.Module):
             if bias.dtype != packed.dtype:
                 raise TypeError(f"bias dtype {bias.dtype} differs from the weight's {packed.dtype}")
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        self.backend = Backend(backend)
-        self.plan: dict[int, Backend] = {}  # m_bucket -> backend, filled by sparsecore.planner
+        self.backend = backend
+        self._plan: dict[int, Backend] = {}  # m_bucket -> backend, filled by sparsecore.planner
         self._packed: PackedWeight = packed
         self._prepared: dict[Backend, Any] = {}
         self._resolved: dict[tuple, tuple[BackendImpl, Any]] = {}
@@ -64,6 +76,26 @@ class _SparseBase(nn.Module):
     @property
     def packed(self) -> PackedWeight:
         return self._packed
+
+    @property
+    def packed_tensor_names(self) -> tuple[str, ...]:
+        """Names of the packed tensors (``packed.state()``'s keys); buffer ``packed_<name>`` holds each."""
+        return self._tensor_names
+
+    # -- backend choice --------------------------------------------------------------------------
+    @property
+    def backend(self) -> Backend:
+        """The forced backend, or ``"auto"`` (the plan's choice per batch size, dense where unplanned)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: Backend | str) -> None:
+        self._backend = Backend(name)
+
+    @property
+    def plan(self) -> Mapping[int, Backend]:
+        """Read-only ``{m_bucket: backend}`` chosen by ``sparsecore.planner`` (``set_plan`` / ``load_plan`` write it)."""
+        return MappingProxyType(self._plan)
 
     def dense_weight(self) -> torch.Tensor:
         """The masked dense weight (``[out, in]`` or ``[C_out, C_in, kh, kw]``), materialised anew."""
@@ -89,7 +121,7 @@ class _SparseBase(nn.Module):
         if not self._holds({name: getattr(self, f"packed_{name}") for name in self._tensor_names}):
             self._rebuild()  # a no-op move hands back the same tensors: the packed view is still valid
         if moved:
-            self.plan.clear()  # timings were for another device or dtype: re-plan, run dense until then
+            self._plan.clear()  # timings were for another device or dtype: re-plan, run dense until then
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -109,8 +141,8 @@ class _SparseBase(nn.Module):
     def _dispatch(self, x: torch.Tensor, rows: int) -> tuple[BackendImpl, Any]:
         """(implementation, prepared state) for this input. Checks run once per (backend, device, dtype)."""
         backend = self.backend
-        if backend is Backend.AUTO:
-            backend = self.plan.get(m_bucket(rows), Backend.DENSE)
+        if backend == AUTO:
+            backend = self._plan.get(m_bucket(rows), _DENSE)
         hit = self._resolved.get((backend, x.device, x.dtype))
         if hit is None:
             self._check_input(x)
@@ -124,12 +156,25 @@ class _SparseBase(nn.Module):
         state = self.prepared(impl)
         return impl.run(state, x, self.bias) if self.op == "linear" else impl.run(state, x, self.bias, self.conv)
 
-    def set_plan(self, bucket: int, backend: Backend) -> None:
+    def set_plan(self, bucket: int, backend: Backend | str) -> None:
         """Record the planner's choice for ``m_bucket`` ``bucket``; drop prepared state no plan uses any more."""
-        self.plan[bucket] = Backend(backend)
-        keep = set(self.plan.values())
+        self._plan[bucket] = Backend(backend)
+        self._forget_unplanned()
+
+    def load_plan(self, plan: Mapping[int, Backend | str]) -> None:
+        """Replace the whole plan (e.g. with another module's ``plan``: plans are per machine and not saved)."""
+        new = {int(bucket): Backend(backend) for bucket, backend in plan.items()}
+        self._plan = new
+        self._forget_unplanned()
+
+    def _forget_unplanned(self) -> None:
+        keep = set(self._plan.values())
         self._prepared = {b: st for b, st in self._prepared.items() if b in keep}
         self._resolved.clear()
+
+    def prepared_states(self) -> list[Any]:
+        """The backends' one-time states held now (a dense copy, a CSR tensor, ...): for memory accounting."""
+        return list(self._prepared.values())
 
     def prepared(self, impl: BackendImpl) -> Any:
         """The backend's one-time state (built on first use, dropped on device/dtype change)."""
@@ -168,16 +213,16 @@ class SparseLinear(_SparseBase):
 
     op = "linear"
 
-    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, backend: Backend | str = Backend.AUTO):
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, backend: Backend | str = AUTO):
         if len(packed.shape) != 2:
             raise ValueError(f"SparseLinear needs a 2-D packed weight, got shape {packed.shape}")
         super().__init__(packed, bias, backend)
         self.out_features, self.in_features = packed.shape
 
     @classmethod
-    def from_dense(cls, module: nn.Linear, mask: torch.Tensor, pattern: str, n: int = 2, m: int = 4,
-                   backend: Backend | str = Backend.AUTO) -> "SparseLinear":
-        """Build from an ``nn.Linear`` and a bool keep-mask of its weight's shape."""
+    def from_dense(cls, module: nn.Linear, mask: torch.Tensor, pattern: SparsityConfig | str, n: int = 2, m: int = 4,
+                   backend: Backend | str = AUTO) -> "SparseLinear":
+        """Build from an ``nn.Linear`` and a bool keep-mask of its weight's shape (``pattern``: see ``pack``)."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense expects nn.Linear, got {type(module).__name__}")
         return cls(pack(module.weight, mask, pattern, n, m), module.bias, backend)
@@ -221,7 +266,7 @@ class SparseConv2d(_SparseBase):
     op = "conv2d"
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, in_channels: int, stride=1, padding=0,
-                 dilation=1, groups: int = 1, backend: Backend | str = Backend.AUTO):
+                 dilation=1, groups: int = 1, backend: Backend | str = AUTO):
         if len(packed.shape) != 4:
             raise ValueError(f"SparseConv2d needs a 4-D packed weight, got shape {packed.shape}")
         super().__init__(packed, bias, backend)
@@ -234,8 +279,8 @@ class SparseConv2d(_SparseBase):
             raise ValueError(f"weight has {packed.shape[1]} input channels per group x {groups} groups != in_channels {in_channels}")
 
     @classmethod
-    def from_dense(cls, module: nn.Conv2d, mask: torch.Tensor, pattern: str, n: int = 2, m: int = 4,
-                   backend: Backend | str = Backend.AUTO) -> "SparseConv2d":
+    def from_dense(cls, module: nn.Conv2d, mask: torch.Tensor, pattern: SparsityConfig | str, n: int = 2, m: int = 4,
+                   backend: Backend | str = AUTO) -> "SparseConv2d":
         """Build from an ``nn.Conv2d`` (zero padding mode) and a bool keep-mask of its weight's shape."""
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"SparseConv2d.from_dense expects nn.Conv2d, got {type(module).__name__}")

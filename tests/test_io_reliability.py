@@ -11,6 +11,7 @@ from torch import nn
 
 import sparsecore as sc
 from helpers import rewrite_header
+from sparsecore.channel.slim import is_slimmed
 from sparsecore.formats.base import FormatError
 from sparsecore.formats.unstructured import UnstructuredWeight, unpack_bits
 
@@ -103,7 +104,7 @@ def test_failed_slimmed_load_leaves_the_skeleton_unresized(tmp_path, seeded):
         sc.load(path, skeleton)
     assert {k: v.shape for k, v in skeleton.state_dict().items()} == shapes
     assert skeleton[0].out_channels == 8 and skeleton[1].num_features == 8 and skeleton[3].in_channels == 8
-    assert not hasattr(skeleton, "sparsecore_slimmed")
+    assert not is_slimmed(skeleton)
 
 
 def test_shared_module_round_trips(tmp_path, seeded):
