@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .channel.slim import mark_slimmed
+from .channel.slim import mark_slimmed, set_channel_counts
 from .io import FileFormatError, SavedModel, SkeletonMismatchError, packed_layer
 from .modules import SparseConv2d, SparseLinear, _explicit_padding
 from .sparsify import swap_module
@@ -221,18 +221,8 @@ def _resize(model: nn.Module, resize: dict[str, torch.Size], state: dict[str, to
         owner, _, name = key.rpartition(".")
         mod = model.get_submodule(owner)
         setattr(mod, name, state[key])
-        if name != "weight":
-            continue
-        shape = state[key].shape
-        if isinstance(mod, nn.Linear):
-            mod.out_features, mod.in_features = shape
-        elif isinstance(mod, nn.Conv2d):
-            if mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:  # depthwise stays depthwise
-                mod.in_channels = mod.out_channels = mod.groups = shape[0]
-            else:
-                mod.out_channels, mod.in_channels = shape[0], shape[1] * mod.groups
-        else:
-            mod.num_features = shape[0]
+        if name == "weight":
+            set_channel_counts(mod, tuple(state[key].shape))
 
 
 def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict, dict, dict, dict]]:

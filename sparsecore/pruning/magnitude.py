@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from ..config import SparsityConfig
-from ..masks import as_matrix, channel_to_weight_mask, keep_channels, keep_count, keep_n_of_m, keep_topk
-from .scores import channel_norm, channel_rms, magnitude
+from ..masks import keep_count, keep_topk
+from .rules import rule_for
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -29,36 +29,27 @@ def select_layers(model: nn.Module, pattern: str, m: int = 4, filter_fn: FilterF
 
     Grouped convolutions are skipped for N:M (their K runs over one group); nothing else is skipped.
     """
-    layers = prunable_layers(model, filter_fn)
-    if pattern == "nm":
-        layers = {f: mod for f, mod in layers.items()
-                  if as_matrix(mod.weight).shape[1] % m == 0 and getattr(mod, "groups", 1) == 1}
-    return layers
+    fits = rule_for(pattern).fits
+    return {f: mod for f, mod in prunable_layers(model, filter_fn).items() if fits(mod, m)}
 
 
 def magnitude_layer_mask(weight: torch.Tensor, pattern: str, sparsity: float, n: int = 2, m: int = 4) -> torch.Tensor:
     """One layer's magnitude mask (weight-shaped bool): n of every m along K, the ``round(sparsity * out)``
-    lowest-L2 output channels pruned, or the ``round(sparsity * numel)`` smallest |w| pruned."""
-    if pattern == "nm":
-        return keep_n_of_m(magnitude(weight), n, m)
-    if pattern == "channel":
-        ch = keep_channels(channel_norm(weight), keep_count(weight.shape[0], sparsity))
-        return channel_to_weight_mask(ch, weight.shape)
-    return keep_topk(magnitude(weight), keep_count(weight.numel(), sparsity))
+    lowest-L2 output channels pruned, or the ``round(sparsity * numel)`` smallest |w| pruned (the pattern's
+    selection rule, ``sparsecore.pruning.rules``)."""
+    return rule_for(pattern).layer_mask(weight, sparsity, n, m)
 
 
 def _global_masks(weights: dict[str, torch.Tensor], config: SparsityConfig) -> dict[str, torch.Tensor]:
-    if config.pattern == "channel":
-        scores = [channel_rms(w) for w in weights.values()]
-    else:
-        scores = [magnitude(w).reshape(-1) for w in weights.values()]
+    rule = rule_for(config.pattern)
+    scores = [rule.global_score(w) for w in weights.values()]
     flat = torch.cat([s.cpu() for s in scores])
     keep = keep_topk(flat, keep_count(flat.numel(), config.sparsity))
     masks, offset = {}, 0
     for (fqn, w), s in zip(weights.items(), scores):
         part = keep[offset: offset + s.numel()].to(w.device)
         offset += s.numel()
-        masks[fqn] = channel_to_weight_mask(part, w.shape) if config.pattern == "channel" else part.reshape(w.shape)
+        masks[fqn] = rule.to_weight_mask(part, tuple(w.shape))
     return masks
 
 
