@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 from .backends import Backend, BackendUnavailable  # noqa: E402
 from .config import SparsityConfig  # noqa: E402
 from .formats import ChannelWeight, FormatError, NMWeight, PackedWeight, UnstructuredWeight  # noqa: E402
-from .io import FileFormatError, load, read, save  # noqa: E402
+from .io import FileFormatError, SkeletonMismatchError, load, read, save  # noqa: E402
 from .masks import PatternError  # noqa: E402
 from .modules import SparseConv2d, SparseLinear, pack  # noqa: E402
 from .planner import plan  # noqa: E402
@@ -19,5 +19,5 @@ from .pruning.magnitude import magnitude_masks  # noqa: E402
 from .sparsify import sparse_modules, sparsify  # noqa: E402
 
 __all__ = ["Backend", "BackendUnavailable", "SparsityConfig", "ChannelWeight", "FormatError", "NMWeight",
-           "PackedWeight", "UnstructuredWeight", "FileFormatError", "load", "read", "save", "PatternError",
+           "PackedWeight", "UnstructuredWeight", "FileFormatError", "SkeletonMismatchError", "load", "read", "save", "PatternError",
            "SparseConv2d", "SparseLinear", "pack", "plan", "magnitude_masks", "sparse_modules", "sparsify"]

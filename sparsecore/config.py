@@ -25,7 +25,9 @@ class SparsityConfig:
 
     pattern: a registered format kind: "unstructured" (keep-k by score), "nm" (keep n of every m along K),
         "channel" (keep-k output channels by L2 norm), or any format registered with ``register_format``.
-    sparsity: pruned fraction in [0, 1] for "unstructured" and "channel" (ignored for "nm": n/m fixes it).
+    sparsity: pruned fraction in [0, 1] for "unstructured" and "channel" (default 0.5). For "nm" the pattern
+        fixes it at ``1 - n/m``: leave it out (it is then set to that value) or give exactly that value;
+        any other value raises rather than being ignored.
     n, m: the N:M pattern (m in {4, 8}).
     scope: "layer" (every layer pruned to ``sparsity``) or "global" (one ranking over all layers).
     backend: execution backend name ("auto" lets the planner choose), one of the declared backends
@@ -33,7 +35,7 @@ class SparsityConfig:
     """
 
     pattern: str = "unstructured"
-    sparsity: float = 0.5
+    sparsity: float | None = None
     n: int = 2
     m: int = 4
     scope: str = "layer"
@@ -46,6 +48,12 @@ class SparsityConfig:
             raise ValueError(f"pattern must be one of {tuple(FORMATS)}, got {self.pattern!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        for name in ("n", "m"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+        if self.sparsity is None:
+            object.__setattr__(self, "sparsity", 1.0 - self.n / self.m if self.pattern == "nm" and 0 < self.n < self.m else 0.5)
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity <= 1.0:
             raise ValueError(f"sparsity must be a number in [0, 1], got {self.sparsity!r}")
         FORMATS[self.pattern].check_config(self)

@@ -1,22 +1,32 @@
 """Save and load packed models: one safetensors file plus a versioned JSON header. No pickle.
 
-File layout: a standard safetensors file whose tensors are ``model.state_dict()`` (packed buffers of sparse
-layers included, shared tensors stored once) and whose metadata holds one key, ``"sparsecore"``, a JSON
-document::
+File layout (version 2): a standard safetensors file whose tensors are ``model.state_dict()`` (packed
+buffers of sparse layers included, shared tensors stored once) and whose metadata holds two keys:
+``"sparsecore"``, a JSON document::
 
-    {"format": "sparsecore", "version": 1,
+    {"format": "sparsecore", "version": 2,
      "layers": {fqn: {"type": "linear"|"conv2d", "packed": <format meta>, "tensors": [names],
-                      "in_channels": int, "conv": {...}, "backend": "auto"}},
-     "aliases": {key: stored_key}, "slimmed": bool, "crc32": {key: int}, "config": {...} | null, "extra": {...} | null,
-     "torch": "2.x", "sparsecore": "0.1.0"}
+                      "backend": "auto", and for conv2d "in_channels": int,
+                      "conv": {"stride": [h, w], "padding": [h, w], "dilation": [h, w], "groups": int}}},
+     "aliases": {key: stored_key}, "slimmed": bool, "crc32": {key: int}, "config": {...} | null,
+     "extra": <JSON> | null, "torch": "2.x", "sparsecore": "0.1.0"}
 
-Loading needs the dense model's skeleton (same architecture, any weights): the sparse layers named in the
-header replace its Linear/Conv2d modules, then every tensor is loaded strictly. Each tensor's CRC-32 is
-checked, so a flipped byte names the tensor it hit.
+and ``"sparsecore_header_crc32"``, the decimal CRC-32 of that document's exact UTF-8 bytes. Each tensor's
+CRC-32 covers its dtype and shape (the text ``"<dtype>:<shape list>"``) followed by its bytes, so every
+byte of the file is checked: the safetensors header by its own parser plus the tensor CRCs, the sparsecore
+header by its CRC, the data by the tensor CRCs. A corrupt file raises ``FileFormatError`` naming what
+failed. Version 1 files (no header CRC, tensor CRCs over bytes only) are still read.
+
+Loading needs the dense model's skeleton (same architecture, any weights); ``sparsecore.io_fit`` checks the
+file against it (layer types, shapes, conv geometry, every state-dict key) before the skeleton is touched.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,22 +37,30 @@ from torch import nn
 
 from . import __version__
 from .backends import Backend
-from .channel.heads import update_head_counts
-from .channel.slim import is_slimmed, mark_slimmed, set_channel_counts
+from .channel.slim import is_slimmed
 from .config import SparsityConfig
 from .formats import FORMATS
-from .formats.base import FormatError, PackedWeight
-from .modules import SparseConv2d, SparseLinear
-from .sparsify import sparse_modules, swap_module
+from .formats.base import FormatError, PackedWeight, dtype_name
+from .modules import SparseConv2d
+from .sparsify import sparse_modules
 
-__all__ = ["save", "load", "read", "packed_layer", "SavedModel", "FileFormatError", "FILE_VERSION"]
+__all__ = ["save", "load", "read", "packed_layer", "header_metadata", "SavedModel", "FileFormatError", "SkeletonMismatchError",
+           "FILE_VERSION"]
 
-FILE_VERSION = 1
+FILE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _KEY = "sparsecore"
+_HEADER_CRC_KEY = "sparsecore_header_crc32"
+_FIELDS = ("format", "version", "layers", "aliases", "slimmed", "crc32", "config", "extra", "torch", "sparsecore")
+_VERSION_RE = re.compile(r"\d+(\.\d+)*[0-9A-Za-z.+_-]*")
 
 
 class FileFormatError(ValueError):
     """The file is not a readable sparsecore model (foreign, truncated, corrupt or a newer version)."""
+
+
+class SkeletonMismatchError(FileFormatError):
+    """The file is sound but does not fit the model it is loaded into (another architecture or geometry)."""
 
 
 @dataclass
@@ -53,22 +71,40 @@ class SavedModel:
     tensors: dict[str, torch.Tensor]
 
 
-def _crc(t: torch.Tensor) -> int:
-    return zlib.crc32(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+def _crc(t: torch.Tensor, version: int = FILE_VERSION) -> int:
+    data = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+    if version == 1:
+        return zlib.crc32(data)
+    return zlib.crc32(data, zlib.crc32(f"{dtype_name(t.dtype)}:{list(t.shape)}".encode()))
 
 
 def save(model: nn.Module, path: str | Path, config: SparsityConfig | None = None,
          extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (sparse layers packed) to ``path`` as safetensors + JSON header. Returns the path.
 
+    ``config``: the ``SparsityConfig`` the model was sparsified with (kept in the header), or ``None``.
     ``extra``: JSON-able facts to keep with the weights (e.g. how to rebuild the model's skeleton).
+    The file is written next to ``path`` under a temporary name and renamed into place, so a failed save
+    leaves no partial file and any existing file intact. A new file gets the mode the umask gives
+    (like any file the user writes); an overwritten file keeps its mode.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if config is not None and not isinstance(config, SparsityConfig):
+        raise TypeError(f"config must be a SparsityConfig or None, got {type(config).__name__}"
+                        + (" (build one with SparsityConfig(**d))" if isinstance(config, dict) else ""))
     if extra is not None:
         try:
             json.dumps(extra)
         except (TypeError, ValueError) as e:
             raise TypeError(f"extra must be JSON-serialisable: {e}") from None
-    from safetensors.torch import save_file
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot save to {path}: it is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save to {path}: directory {path.parent} does not exist")
 
     layers = {}
     for fqn, mod in sparse_modules(model).items():
@@ -94,9 +130,34 @@ def save(model: nn.Module, path: str | Path, config: SparsityConfig | None = Non
               "crc32": {k: _crc(t) for k, t in tensors.items()},
               "config": config.to_json() if config is not None else None, "extra": extra,
               "torch": torch.__version__, "sparsecore": __version__}
-    path = Path(path)
-    save_file(tensors, str(path), metadata={_KEY: json.dumps(header)})
+    _write_atomic(tensors, header_metadata(header), path)
     return path
+
+
+def header_metadata(header: dict[str, Any]) -> dict[str, str]:
+    """The safetensors metadata that stores ``header``: its JSON text and that text's CRC-32."""
+    text = json.dumps(header)
+    return {_KEY: text, _HEADER_CRC_KEY: str(zlib.crc32(text.encode()))}
+
+
+def _write_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Write to a temporary file beside ``path``, then rename it over ``path``; errors name ``path``."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode: 0o666 less the umask
+        mode = stat.S_IMODE((path if path.is_file() else tmp).stat().st_mode)
+        save_file(tensors, str(tmp), metadata=metadata)  # it writes a private (0600) file of its own and renames it
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise type(e)(e.errno, f"cannot save to {path}: {e.strerror}") from None
+        if isinstance(e, Exception):
+            raise OSError(f"cannot save to {path}: {e}") from None
+        raise
 
 
 def read(path: str | Path) -> SavedModel:
@@ -111,31 +172,63 @@ def read(path: str | Path) -> SavedModel:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise FileFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     if _KEY not in meta:
         raise FileFormatError(f"{path} is a safetensors file but not a sparsecore model (no {_KEY!r} header)")
+    text = meta[_KEY]
+    if _HEADER_CRC_KEY in meta and meta[_HEADER_CRC_KEY] != str(zlib.crc32(text.encode())):
+        raise FileFormatError(f"{path}: the sparsecore header fails its CRC-32 check (corrupt header)")
     try:
-        header = json.loads(meta[_KEY])
+        header = json.loads(text)
     except json.JSONDecodeError as e:
         raise FileFormatError(f"{path}: sparsecore header is not valid JSON: {e}") from None
-    if not isinstance(header, dict) or header.get("format") != _KEY:
-        raise FileFormatError(f"{path}: header does not declare format {_KEY!r}")
-    if header.get("version") != FILE_VERSION:
-        raise FileFormatError(f"{path}: file version {header.get('version')!r}, this sparsecore reads version {FILE_VERSION}")
-    for field, kind in (("layers", dict), ("aliases", dict), ("crc32", dict)):
-        if not isinstance(header.get(field), kind):
-            raise FileFormatError(f"{path}: header field {field!r} missing or not a {kind.__name__}")
+    try:
+        _check_header(header, _HEADER_CRC_KEY in meta)
+    except FileFormatError as e:
+        raise FileFormatError(f"{path}: {e}") from None
+    version = header["version"]
     if set(header["crc32"]) != set(tensors):
-        raise FileFormatError(f"{path}: tensors {sorted(set(tensors) ^ set(header['crc32']))} disagree with the header")
+        raise FileFormatError(f"{path}: tensors {sorted(set(tensors) ^ set(header['crc32']))[:8]} disagree with the header")
     for key, t in tensors.items():
-        if _crc(t) != header["crc32"][key]:
-            raise FileFormatError(f"{path}: tensor {key!r} fails its CRC-32 check (corrupt data)")
+        if _crc(t, version) != header["crc32"][key]:
+            raise FileFormatError(f"{path}: tensor {key!r} fails its CRC-32 check (corrupt data, dtype or shape)")
     for key, target in header["aliases"].items():
-        if target not in tensors:
-            raise FileFormatError(f"{path}: alias {key!r} points to missing tensor {target!r}")
+        if target not in tensors or key in tensors:
+            raise FileFormatError(f"{path}: alias {key!r} -> {target!r} does not point from a new key to a stored tensor")
         tensors[key] = tensors[target]
     return SavedModel(header, tensors)
+
+
+def _check_header(header: Any, signed: bool) -> None:
+    """Raise ``FileFormatError`` unless ``header`` has exactly the documented fields with valid values."""
+    if not isinstance(header, dict) or header.get("format") != _KEY:
+        raise FileFormatError(f"header does not declare format {_KEY!r}")
+    version = header.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise FileFormatError(f"file version {version!r}, this sparsecore reads versions {list(READABLE_VERSIONS)}")
+    if version >= 2 and not signed:
+        raise FileFormatError(f"version {version} header lacks its CRC-32 ({_HEADER_CRC_KEY!r})")
+    if set(header) != set(_FIELDS):
+        raise FileFormatError(f"header fields {sorted(set(header) ^ set(_FIELDS))} missing or unknown")
+    if not isinstance(header["layers"], dict):  # each entry is checked, naming its layer, by ``packed_layer``
+        raise FileFormatError("header field 'layers' must be an object")
+    for field, value_kind in (("aliases", str), ("crc32", int)):
+        if not (isinstance(header[field], dict) and all(type(v) is value_kind for v in header[field].values())):
+            raise FileFormatError(f"header field {field!r} must map names to {value_kind.__name__}")
+    if type(header["slimmed"]) is not bool:
+        raise FileFormatError(f"header field 'slimmed' must be true or false, got {header['slimmed']!r}")
+    for field in ("torch", "sparsecore"):
+        if not (isinstance(header[field], str) and _VERSION_RE.fullmatch(header[field])):
+            raise FileFormatError(f"header field {field!r} must be a version string, got {header[field]!r}")
+    config = header["config"]
+    if config is not None:
+        if version == 1 and isinstance(config, dict) and config.get("pattern") == "nm":
+            config = {k: v for k, v in config.items() if k != "sparsity"}  # version 1 stored an unused 0.5
+        try:
+            SparsityConfig.from_json(config)
+        except (TypeError, ValueError) as e:
+            raise FileFormatError(f"header field 'config' is not a valid SparsityConfig: {e}") from None
 
 
 def packed_layer(fqn: str, entry: Any, tensors: dict[str, torch.Tensor]) -> tuple[PackedWeight, list[str]]:
@@ -144,14 +237,17 @@ def packed_layer(fqn: str, entry: Any, tensors: dict[str, torch.Tensor]) -> tupl
         raise FileFormatError(f"layer {fqn!r}: header entry must be an object with a 'packed' object")
     if entry.get("type") not in ("linear", "conv2d"):
         raise FileFormatError(f"layer {fqn!r}: type must be 'linear' or 'conv2d', got {entry.get('type')!r}")
+    allowed = {"type", "packed", "tensors", "backend"} | ({"in_channels", "conv"} if entry["type"] == "conv2d" else set())
+    if set(entry) - allowed:
+        raise FileFormatError(f"layer {fqn!r}: unknown header entry fields {sorted(set(entry) - allowed)}")
     if entry.get("backend", "auto") not in {b.value for b in Backend}:
         raise FileFormatError(f"layer {fqn!r}: unknown backend {entry.get('backend')!r}")
     kind = entry["packed"].get("kind")
     if kind not in FORMATS:
         raise FileFormatError(f"layer {fqn!r}: unknown packed format {kind!r}; known {sorted(FORMATS)}")
     names = entry.get("tensors")
-    if not isinstance(names, list):
-        raise FileFormatError(f"layer {fqn!r}: header lacks its tensor list")
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
+        raise FileFormatError(f"layer {fqn!r}: header lacks its list of distinct tensor names")
     keys = [f"{fqn}.packed_{n}" if fqn else f"packed_{n}" for n in names]
     try:
         packed_tensors = {n: tensors[k] for n, k in zip(names, keys)}
@@ -163,92 +259,29 @@ def packed_layer(fqn: str, entry: Any, tensors: dict[str, torch.Tensor]) -> tupl
         raise FileFormatError(f"layer {fqn!r}: {e}") from None
 
 
-def _build_layer(fqn: str, entry: Any, tensors: dict[str, torch.Tensor], skeleton: nn.Module,
-                 slimmed: bool) -> nn.Module:
-    packed, _ = packed_layer(fqn, entry, tensors)
-    bias = tensors.get(f"{fqn}.bias")
-    expect = nn.Linear if entry.get("type") == "linear" else nn.Conv2d
-    if not isinstance(skeleton, (expect, SparseLinear, SparseConv2d)):
-        raise ValueError(f"layer {fqn!r}: the file holds a sparse {entry.get('type')}, the model has {type(skeleton).__name__}")
-    shape = tuple(skeleton.weight.shape if hasattr(skeleton, "weight") else skeleton.packed.shape)
-    # A slimmed model may have narrowed dims 0 and 1; otherwise, and always for kernel sizes, shapes match exactly.
-    narrowed_ok = slimmed and len(shape) == len(packed.shape) and shape[2:] == tuple(packed.shape[2:]) and \
-        all(f <= k for f, k in zip(packed.shape[:2], shape[:2]))
-    if shape != tuple(packed.shape) and not narrowed_ok:
-        raise ValueError(f"layer {fqn!r}: file weight shape {tuple(packed.shape)} does not fit model weight shape {shape}")
-    if bias is not None and tuple(bias.shape) != (packed.shape[0],):
-        raise FileFormatError(f"layer {fqn!r}: bias shape {tuple(bias.shape)} != ({packed.shape[0]},)")
-    try:
-        if entry["type"] == "linear":
-            return SparseLinear(packed, bias, entry.get("backend", "auto"))
-        c = entry["conv"]
-        return SparseConv2d(packed, bias, int(entry["in_channels"]), tuple(c["stride"]), tuple(c["padding"]),
-                            tuple(c["dilation"]), int(c["groups"]), entry.get("backend", "auto"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise FileFormatError(f"layer {fqn!r}: inconsistent header entry ({type(e).__name__}: {e})") from None
-
-
-_RESIZABLE = (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm)
-
-
-def _resize_like_file(model: nn.Module, tensors: dict[str, torch.Tensor], sparse: set[str]) -> None:
-    """Narrow the skeleton's dense Linear/Conv2d/BatchNorm layers to the file's shapes (channel slimming).
-
-    A physically slimmed model keeps its module classes with fewer channels; the shapes in the file say by
-    how much; attention modules' head counts follow their narrowed projections (``channel.update_head_counts``).
-    Any other shape difference is left for ``load_state_dict`` to report.
-    """
-    resized_rows: dict[str, tuple[int, int]] = {}
-    for key, t in tensors.items():
-        owner, _, name = key.rpartition(".")
-        if owner in sparse:
-            continue
-        try:
-            mod = model.get_submodule(owner)
-        except AttributeError:
-            continue
-        cur = getattr(mod, name, None)
-        if not isinstance(mod, _RESIZABLE) or not isinstance(cur, torch.Tensor) or cur.shape == t.shape:
-            continue
-        if isinstance(cur, nn.Parameter):
-            setattr(mod, name, nn.Parameter(torch.empty_like(t), requires_grad=cur.requires_grad))
-        else:
-            setattr(mod, name, torch.empty_like(t))
-        if name == "weight":
-            if isinstance(mod, nn.Linear) and t.shape[0] != mod.out_features:
-                resized_rows[owner] = (mod.out_features, int(t.shape[0]))
-            set_channel_counts(mod, tuple(t.shape))
-    update_head_counts(model, resized_rows)
-
-
 def load(path: str | Path, model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
     """Load a file written by ``save`` into ``model``, a skeleton of the same dense architecture.
 
-    The skeleton's Linear/Conv2d layers named in the file become sparse. For a file written from a
-    channel-slimmed model (header ``"slimmed": true``), dense Linear/Conv2d/BatchNorm layers are narrowed to
-    the file's shapes, so it loads into the unpruned skeleton; otherwise every shape must match. Every
-    tensor is loaded strictly (a missing or unexpected key raises). ``device`` moves the result (default:
-    the skeleton's device).
+    The skeleton's Linear/Conv2d layers named in the file become sparse (at every name a shared module
+    has). For a file written from a channel-slimmed model (header ``"slimmed": true``), dense
+    Linear/Conv2d/BatchNorm layers are narrowed to the file's shapes, so it loads into the unpruned
+    skeleton; otherwise every shape must match. Layer types, shapes, conv geometry (stride, padding,
+    dilation, groups) and every state-dict key are checked before the skeleton is touched: any failure
+    raises ``FileFormatError`` (``SkeletonMismatchError`` when the file is sound but another
+    architecture) and leaves ``model`` exactly as it was. Tied parameters of the skeleton stay tied.
+    ``device``: where the result lives (default: the skeleton's device). Returns the loaded model
+    (``model`` itself, or the sparse layer when the file holds one bare layer).
 
     >>> model = load("model.sparsecore.safetensors", MyModel())
     """
+    from .io_fit import fit
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module skeleton, got {type(model).__name__}")
     saved = read(path)
-    modules = dict(model.named_modules())
-    slimmed = saved.header.get("slimmed") is True
-    if slimmed:
-        _resize_like_file(model, saved.tensors, set(saved.header["layers"]))
-    for fqn, entry in saved.header["layers"].items():
-        if fqn not in modules:
-            raise ValueError(f"the file has sparse layer {fqn!r}, the model has no such module")
-        layer = _build_layer(fqn, entry, saved.tensors, modules[fqn], slimmed)
-        swap_module(model, fqn, layer.train(modules[fqn].training))
-    if slimmed:
-        mark_slimmed(model)
-    param = next(iter(model.parameters()), None)
-    target = param.device if param is not None else torch.device("cpu")
-    model.to("cpu")
-    # assign=True keeps the file's dtypes (a float16 file loads as float16, whatever the skeleton's dtype).
-    missing, unexpected = model.load_state_dict(saved.tensors, strict=False, assign=True)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit this model: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-    return model.to(device if device is not None else target)
+    try:
+        return fit(saved, model, device)
+    except SkeletonMismatchError as e:
+        raise SkeletonMismatchError(f"{path} does not fit this model: {e}") from None
+    except FileFormatError as e:
+        raise FileFormatError(f"{path}: {e}") from None

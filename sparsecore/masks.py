@@ -76,8 +76,11 @@ def _check_scores(scores: torch.Tensor) -> None:
         raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     if scores.is_complex() or scores.dtype == torch.bool:
         raise TypeError(f"scores must be a real floating or integer tensor, got {scores.dtype}")
-    if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
-        raise ValueError("scores contain NaN or Inf; cannot rank them")
+    if scores.is_floating_point() and scores.numel():
+        # min and max in one pass: NaN propagates into both, an Inf shows as an extreme (cheaper than isfinite)
+        lo, hi = torch.aminmax(scores)
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            raise ValueError("scores contain NaN or Inf; cannot rank them")
 
 
 def keep_count(n: int, sparsity: float) -> int:
@@ -103,11 +106,19 @@ def keep_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     numel = scores.numel()
     if not (0 <= int(k) <= numel):
         raise ValueError(f"k must be in [0, {numel}], got {k}")
+    k = int(k)
     flat = scores.reshape(-1)
-    # A stable descending sort keeps equal scores in index order: lower index first.
-    order = torch.sort(flat, descending=True, stable=True).indices
-    mask = torch.zeros(numel, dtype=torch.bool, device=scores.device)
-    mask[order[: int(k)]] = True
+    if k == 0 or k == numel:
+        return torch.full(scores.shape, k > 0, dtype=torch.bool, device=scores.device)
+    # Selection instead of a full sort: the cut-off is the k-th largest score (the (numel - k + 1)-th
+    # smallest); every score above it is kept, and of the scores equal to it the lowest flat indices
+    # fill the remaining places, which is exactly what a stable descending sort keeps.
+    cut = torch.kthvalue(flat, numel - k + 1).values
+    mask = flat >= cut
+    excess = int(torch.count_nonzero(mask)) - k
+    if excess:  # more ties at the cut-off than places left: drop the tied entries of highest index
+        tied = (flat == cut).nonzero().squeeze(1)  # ascending flat indices
+        mask[tied[tied.numel() - excess:]] = False
     return mask.reshape(scores.shape)
 
 

@@ -118,14 +118,24 @@ class _SparseBase(nn.Module):
                             f"{probe.dtype} (keep a dense copy for float64 references)")
         moved = (probe.dtype, probe.device) != (self._packed.dtype, self.packed_device)
         super()._apply(fn, recurse)
-        self._rebuild()
+        if not self._holds({name: getattr(self, f"packed_{name}") for name in self._tensor_names}):
+            self._rebuild()  # a no-op move hands back the same tensors: the packed view is still valid
         if moved:
             self._plan.clear()  # timings were for another device or dtype: re-plan, run dense until then
         return self
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._rebuild()
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Loading the very tensors the packed view holds (``sparsecore.load`` builds the module from the file's
+        # tensors, then assigns them) changes nothing: skip a second validation of the packed data.
+        same = self._holds({name: state_dict.get(f"{prefix}packed_{name}") for name in self._tensor_names})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not same:
+            self._rebuild()
+
+    def _holds(self, tensors: dict[str, Any]) -> bool:
+        """True when ``tensors`` are the very objects (not copies) the packed view is built on."""
+        held = self._packed.state()[0]
+        return held.keys() == tensors.keys() and all(held[n] is t for n, t in tensors.items())
 
     # -- execution -------------------------------------------------------------------------------
     def _dispatch(self, x: torch.Tensor, rows: int) -> tuple[BackendImpl, Any]:

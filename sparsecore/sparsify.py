@@ -1,7 +1,7 @@
 """``sparsify``: prune (or take given masks), pack, and swap Linear/Conv2d modules in place."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -53,11 +53,21 @@ def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | Non
         the trace go in ``example_kwargs`` (the planner only uses ``example_inputs``).
     Returns the sparsified model: ``model`` itself, modified in place, except when slimming, which returns
     a new, smaller model (``model`` is left untouched). Always use the return value.
+    Called again on a sparsified model (say 0.5, then 0.9), the sparse layers are pruned again from their
+    current weights; pruned weights never come back (see ``sparsecore.resparsify``).
 
     >>> model = sparsify(nn.Sequential(nn.Linear(64, 64)), SparsityConfig("nm", n=2, m=4))
     """
     if not isinstance(config, SparsityConfig):
         raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
+    if masks is not None and not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a dict {{fqn: bool mask}}, got {type(masks).__name__}")
+    already = sparse_modules(model)
+    if already:
+        from .resparsify import resparsify
+        return resparsify(model, config, already, masks, lambda m: magnitude_masks(m, config, filter_fn),
+                          lambda m, mk: sparsify(m, config, filter_fn, mk, example_inputs, progress, slim, round_to,
+                                                 example_kwargs))
     if slim is None:
         slim = config.pattern == "channel" and example_inputs is not None
     if slim:
@@ -81,10 +91,9 @@ def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | Non
     if progress:
         from tqdm import tqdm
         items = tqdm(items, desc="packing", unit="layer")
-    for fqn, mask in items:
-        mod = modules.get(fqn)
-        new = _sparse_twin(fqn, mod, mask, config)
-        for path in aliases.get(id(mod), [fqn]):
+    twins = {fqn: _sparse_twin(fqn, modules.get(fqn), mask, config) for fqn, mask in items}
+    for fqn, new in twins.items():  # every layer packed before the first swap: a bad mask changes nothing
+        for path in aliases.get(id(modules[fqn]), [fqn]):
             swap_module(model, path, new)
     if example_inputs is not None:
         from .planner import plan
@@ -92,7 +101,17 @@ def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | Non
     return model
 
 
+def _check_some_channel_kept(masks: dict[str, torch.Tensor]) -> None:
+    """Slimming needs every pruned layer to keep at least one output channel (zero would cut the graph)."""
+    for fqn, mask in masks.items():
+        if isinstance(mask, torch.Tensor) and mask.dim() >= 1 and mask.shape[0] and not bool(mask.any()):
+            raise ValueError(f"layer {fqn!r} would keep 0 of its {mask.shape[0]} output channels, which cuts the "
+                             "model apart; lower the sparsity (below 1.0) or exclude the layer with filter_fn")
+
+
 def _sparse_twin(fqn: str, mod: nn.Module | None, mask: torch.Tensor, config: SparsityConfig) -> nn.Module:
+    if mod is None:
+        raise ValueError(f"mask for {fqn!r}: the model has no module of that name")
     if type(mod) not in (nn.Linear, nn.Conv2d):
         raise ValueError(f"mask for {fqn!r}: expected an nn.Linear or nn.Conv2d there, found {type(mod).__name__}")
     check_mask(mask, mod.weight)
@@ -132,6 +151,7 @@ def _slim(model: nn.Module, config: SparsityConfig, masks: dict[str, torch.Tenso
                 channel[fqn] = check_channel(mask)
             except ValueError as e:
                 raise type(e)(f"layer {fqn!r}: {e}") from None
+    _check_some_channel_kept(channel)
     plan = plan_slim(model, channel, example_inputs, round_to=round_to, graph=graph)
     small = apply_plan(model, plan)
     if plan.tracer == "export":

@@ -48,3 +48,27 @@ def seeded(request) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+def rewrite_header(path, edit, sign: bool = True) -> None:
+    """Rewrite the sparsecore JSON header of a saved file in place: ``edit(header_dict)`` changes it.
+
+    ``sign=True`` stores the header CRC-32 of the new text, as a file written with that header would have
+    (a consistent file from another model or writer); ``sign=False`` leaves the old CRC (a corrupt file).
+    """
+    import json
+    import struct
+    import zlib
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    outer = json.loads(raw[8: 8 + n])
+    meta = outer["__metadata__"]
+    inner = json.loads(meta["sparsecore"])
+    edit(inner)
+    meta["sparsecore"] = json.dumps(inner)
+    if sign:
+        meta["sparsecore_header_crc32"] = str(zlib.crc32(meta["sparsecore"].encode()))
+    blob = json.dumps(outer).encode()
+    blob += b" " * ((8 - len(blob) % 8) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])

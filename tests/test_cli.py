@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 import sparsecore as sc
+from sparsecore.io import header_metadata
 from sparsecore import cli
 from sparsecore.cli import cmd_prune, methods, zoo
 from sparsecore.models.resnet import resnet18
@@ -147,12 +148,12 @@ def bad_files(tmp_path):
     header["layers"]["gate_proj"]["packed"]["kind"] = "bogus"
     bogus = tmp_path / "bogus.safetensors"
     save_file({k: v for k, v in saved.tensors.items() if k not in header["aliases"]}, str(bogus),
-              metadata={"sparsecore": json.dumps(header)})
+              metadata=header_metadata(header))
     header["layers"]["gate_proj"]["packed"]["kind"] = "nm"
     header["layers"]["gate_proj"]["packed"]["shape"] = [48, 31]
     badshape = tmp_path / "badshape.safetensors"
     save_file({k: v for k, v in saved.tensors.items() if k not in header["aliases"]}, str(badshape),
-              metadata={"sparsecore": json.dumps(header)})
+              metadata=header_metadata(header))
     ckpt_bad = tmp_path / "ckpt.safetensors"
     save_file({"nonsense": torch.zeros(2)}, str(ckpt_bad))
     return {"junk": junk, "foreign": foreign, "trunc": trunc, "ckpt": ckpt_bad, "missing": tmp_path / "nope",

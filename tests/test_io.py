@@ -1,13 +1,11 @@
 """save/load: bit-exact round trip, strict loading, clear errors on corrupt, truncated or foreign files."""
-import json
-import struct
-
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 import sparsecore as sc
+from helpers import rewrite_header
 from test_modules import PATTERNS, TinyNet
 
 
@@ -72,15 +70,7 @@ def test_foreign_and_future_files(tmp_path):
     with pytest.raises(sc.FileFormatError, match="not a sparsecore model"):
         sc.read(foreign)
     _, path = _saved(tmp_path, PATTERNS[0])
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8: 8 + n])
-    inner = json.loads(header["__metadata__"]["sparsecore"])
-    inner["version"] = 99
-    header["__metadata__"]["sparsecore"] = json.dumps(inner)
-    blob = json.dumps(header).encode()
-    blob += b" " * ((8 - len(blob) % 8) % 8)
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    rewrite_header(path, lambda h: h.__setitem__("version", 99))
     with pytest.raises(sc.FileFormatError, match="version 99"):
         sc.read(path)
 

@@ -30,6 +30,34 @@ def test_keep_topk_exact_count_and_order(rows, cols, frac, seed):
         assert torch.equal(fm[tie_idx], torch.sort(fm[tie_idx].int(), descending=True, stable=True).values.bool())
 
 
+def _keep_topk_by_sort(scores, k):
+    """The tie rule as first written: a stable descending sort keeps the first k (lower index first)."""
+    order = torch.sort(scores.reshape(-1), descending=True, stable=True).indices
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.reshape(scores.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_keep_topk_selection_equals_the_stable_sort(dtype, seeded):
+    for trial in range(30):
+        shape = [(7, 13), (5, 3, 2, 4), (257,), (64, 96)][trial % 4]
+        levels = int(torch.randint(1, 12, (1,), generator=seeded))  # few distinct values: ties everywhere
+        scores = torch.randint(-levels, levels + 1, shape, generator=seeded).to(dtype)
+        if dtype.is_floating_point:
+            scores = torch.where(torch.rand(shape, generator=seeded) < 0.2, torch.randn(shape, generator=seeded).to(dtype), scores)
+            scores[torch.rand(shape, generator=seeded) < 0.1] = -0.0  # -0.0 ties with +0.0
+        numel = scores.numel()
+        for k in {0, 1, numel - 1, numel, int(torch.randint(0, numel + 1, (1,), generator=seeded))}:
+            assert torch.equal(M.keep_topk(scores, k), _keep_topk_by_sort(scores, k)), (trial, k)
+
+
+def test_keep_topk_rejects_non_finite_scores():
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            M.keep_topk(torch.tensor([1.0, bad, 2.0]), 1)
+
+
 def test_keep_n_of_m_exact_per_group(seeded):
     w = torch.randn(6, 3, 2, 2, generator=seeded)  # conv: K = 2*2*3 = 12; groups of 4 run along C_in... K ordered (kh,kw,C_in)
     with pytest.raises(ValueError, match="divisible by m=8"):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsecore as sc
+from helpers import rewrite_header
 from sparsecore.backends import Backend
 
 
@@ -80,18 +81,6 @@ def test_bias_validated():
         sc.SparseLinear(packed, torch.zeros(8, dtype=torch.float16))
 
 
-def _rewrite_header(path, edit):
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8: 8 + n])
-    inner = json.loads(header["__metadata__"]["sparsecore"])
-    edit(inner)
-    header["__metadata__"]["sparsecore"] = json.dumps(inner)
-    blob = json.dumps(header).encode()
-    blob += b" " * ((8 - len(blob) % 8) % 8)
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
-
-
 @pytest.mark.parametrize("edit,match", [
     (lambda h: h["layers"].__setitem__("0", "oops"), "header entry must be an object"),
     (lambda h: h["layers"]["0"].__setitem__("backend", "bogus"), "unknown backend 'bogus'"),
@@ -101,7 +90,7 @@ def _rewrite_header(path, edit):
 def test_malformed_headers_name_the_layer(tmp_path, edit, match):
     model = sc.sparsify(nn.Sequential(nn.Linear(16, 8)), sc.SparsityConfig("unstructured", 0.5))
     path = sc.save(model, tmp_path / "m.safetensors")
-    _rewrite_header(path, edit)
+    rewrite_header(path, edit)
     with pytest.raises(sc.FileFormatError, match=match):
         sc.load(path, nn.Sequential(nn.Linear(16, 8)))
 

@@ -67,7 +67,7 @@ def _config(args: argparse.Namespace):
                        f"{1 - args.n / args.m:g}); drop --sparsity for nm")
     if args.pattern != "nm" and args.sparsity is None:
         raise CLIError(f"--sparsity is required for pattern {args.pattern!r}")
-    return SparsityConfig(args.pattern, 0.5 if args.sparsity is None else args.sparsity, n=args.n, m=args.m,
+    return SparsityConfig(args.pattern, args.sparsity, n=args.n, m=args.m,
                           scope=args.scope, backend=args.backend)
 
 

@@ -108,6 +108,9 @@ class NMWeight(PackedWeight):
         check_nm_params(config.n, config.m)
         if config.scope != "layer":
             raise ValueError("N:M pruning is per group; scope must be 'layer'")
+        if abs(config.sparsity - (1.0 - config.n / config.m)) > 1e-9:
+            raise ValueError(f"{config.n}:{config.m} prunes {1 - config.n / config.m:g} of every group; sparsity "
+                             f"{config.sparsity!r} contradicts it (leave sparsity out for N:M)")
 
     @classmethod
     def pack_params(cls, config: Any) -> dict[str, Any]:

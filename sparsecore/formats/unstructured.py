@@ -91,6 +91,34 @@ def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return packed.to(torch.int32)
 
 
+def popcount32(words: torch.Tensor) -> torch.Tensor:
+    """Set bits of each int32 word (any shape), as int64: the SWAR popcount on the words' unsigned values."""
+    v = words.to(torch.int64) & 0xFFFFFFFF
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+def _padding_bits_set(bitmap: torch.Tensor, n: int, k: int) -> bool:
+    """Whether ``bitmap [TN, TK, tile_n, tile_k // 32]`` sets any bit of a row >= n or a column >= k."""
+    tn, tk, tile_n, words = bitmap.shape
+    if tn == 0 or tk == 0:
+        return False
+    rows = n - (tn - 1) * tile_n  # real rows in the last tile row
+    if bool(bitmap[-1, :, rows:].any()):
+        return True
+    cols = k - (tk - 1) * words * 32  # real columns in the last tile column
+    full, rest = divmod(cols, 32)
+    last = bitmap[:, -1]
+    if bool(last[..., full + (rest > 0):].any()):
+        return True
+    if rest:
+        high = (last[..., full].to(torch.int64) & 0xFFFFFFFF) >> rest  # bits at columns >= k in the partial word
+        return bool(high.any())
+    return False
+
+
 def tiles_to_matrix(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """``[TN, TK, tile_n, tile_k]`` tiles -> the cropped ``[n, k]`` matrix."""
     tn, tk, tile_n, tile_k = tiles.shape
@@ -192,12 +220,10 @@ class UnstructuredWeight(PackedWeight):
         offsets = expect_tensor(tensors, "tile_offsets", torch.int32, (tn * tk + 1,))
         values = expect_tensor(tensors, "values", dtype, (tensors["values"].numel(),))
 
-        bits = unpack_bits(bitmap)
-        pad = torch.ones(tn * tile_n, tk * tile_k, dtype=torch.bool, device=bitmap.device)
-        pad[:n, :k] = False
-        if bool((bits & pad.reshape(tn, tile_n, tk, tile_k).permute(0, 2, 1, 3)).any()):
+        # Checked on the int32 words, never on unpacked bits (load time is one pass over the bitmap).
+        if _padding_bits_set(bitmap, n, k):
             raise FormatError(f"bitmap sets bits outside the {n} x {k} matrix (padding must be 0)")
-        counts = bits.sum(dim=(2, 3)).reshape(-1).to(torch.int64)
+        counts = popcount32(bitmap).sum(dim=(2, 3), dtype=torch.int64).reshape(-1)
         expected = torch.zeros(tn * tk + 1, dtype=torch.int64, device=bitmap.device)
         expected[1:] = torch.cumsum(counts, 0)
         if not torch.equal(offsets.to(torch.int64), expected.to(offsets.device)):
@@ -206,6 +232,8 @@ class UnstructuredWeight(PackedWeight):
                               f"(expected {int(expected[bad])})")
         if values.numel() != int(expected[-1]):
             raise FormatError(f"values has {values.numel()} entries, bitmap keeps {int(expected[-1])}")
-        if values.numel() and not bool(torch.isfinite(values).all()):
-            raise FormatError("values contain NaN or Inf; packed weights are always finite")
+        if values.numel():
+            lo, hi = torch.aminmax(values)  # NaN propagates into both, an Inf is an extreme
+            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                raise FormatError("values contain NaN or Inf; packed weights are always finite")
         return cls(bitmap.contiguous(), values.contiguous(), offsets.contiguous(), shape, tile_n, tile_k)
