@@ -142,6 +142,9 @@ def _slim(model: nn.Module, config: SparsityConfig, masks: dict[str, torch.Tenso
                          "(keyword inputs go in example_kwargs), to trace the model")
     graph = trace_channels(model, example_inputs, example_kwargs)
     skipped: dict[str, str] = {}
+    if masks is None and config.sparsity >= 1.0:
+        raise ValueError("channel sparsity 1.0 would keep 0 of every pruned layer's output channels, which cuts the "
+                         "model apart; lower the sparsity (below 1.0) or exclude layers with filter_fn")
     if masks is None and config.scope == "layer":
         channel, skipped = group_channel_masks(model, graph, config.sparsity, filter_fn)
     else:

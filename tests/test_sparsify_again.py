@@ -72,7 +72,7 @@ def test_masks_must_be_a_dict():
 
 def test_channel_sparsity_one_with_example_inputs():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
-    with pytest.raises(ValueError, match="would keep 0 of its 8 output channels"):
+    with pytest.raises(ValueError, match="would keep 0 of"):
         sc.sparsify(model, sc.SparsityConfig("channel", 1.0), example_inputs=(torch.randn(1, 3, 8, 8),))
     assert type(model[0]) is nn.Conv2d and model[0].out_channels == 8
 
