@@ -6,9 +6,22 @@ buffers, so ``.to(device)``, ``.half()`` and ``state_dict()`` carry them. Execut
 backend (see ``sparsecore.backends``): ``backend="auto"`` runs the planner's choice for the current
 batch size when the layer was planned, and the masked dense weight otherwise (never slower than dense by
 construction); any other value forces that backend and raises ``BackendUnavailable`` if it cannot run.
+
+One copy per layer. A layer holds what its plan runs, never the packed form *and* a dense copy for it:
+
+* packed-held (the state after construction or loading, and whenever no bucket of the plan runs dense):
+  the ``packed_*`` buffers, plus each planned backend's prepared state (e.g. a CSR copy);
+* dense-held (as soon as the layer runs dense: unplanned, forced ``"dense"`` or planned dense for some
+  bucket): the masked dense weight as the non-persistent buffer ``dense_weight_held`` plus the flat indices
+  of kept entries that are exactly +0.0 (``kept_zeros``, almost always empty), from which the mask and so
+  the packed form are rebuilt exactly: ``state_dict()`` (and so ``sparsecore.save``) still writes the
+  ``packed_*`` tensors, bit for bit those a packed-held layer holds. Resident bytes are then those of dense.
+
+While the planner measures (``planning()``), both are kept; on exit the layer settles to its plan.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,9 +30,13 @@ from torch import nn
 from .autograd import SparseOpGrad, needs_grad
 from .backends import Backend, BackendImpl, ConvParams, resolve
 from .formats import FORMATS, PackedWeight
+from .backends.registry import REGISTRY
 from .formats.base import SUPPORTED_DTYPES, dtype_name
+from .layers import is_conv1d_t
 
-__all__ = ["SparseLinear", "SparseConv2d", "pack", "m_bucket"]
+__all__ = ["SparseLinear", "SparseConv1D", "SparseConv2d", "pack", "kept_mask", "m_bucket"]
+
+_META_FIXED = ("kind", "version", "shape", "dtype")
 
 
 def pack(weight: torch.Tensor, mask: torch.Tensor, pattern: str, n: int = 2, m: int = 4) -> PackedWeight:
@@ -28,6 +45,13 @@ def pack(weight: torch.Tensor, mask: torch.Tensor, pattern: str, n: int = 2, m: 
         raise ValueError(f"pattern must be one of {sorted(FORMATS)}, got {pattern!r}")
     params = {"n": n, "m": m} if pattern == "nm" else {}
     return FORMATS[pattern].from_dense(weight.detach(), mask, **params)
+
+
+def kept_mask(packed: PackedWeight) -> torch.Tensor:
+    """The exact bool keep-mask of ``packed`` (kept +0.0 and -0.0 included), from its own index data."""
+    tensors, meta = packed.state()
+    ones = dict(tensors, values=torch.ones_like(tensors["values"]))
+    return FORMATS[meta["kind"]].from_state(ones, meta).to_dense() != 0
 
 
 def m_bucket(rows: int) -> int:
@@ -56,18 +80,105 @@ class _SparseBase(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.backend = Backend(backend)
         self.plan: dict[int, Backend] = {}  # m_bucket -> backend, filled by sparsecore.planner
-        self._packed: PackedWeight = packed
+        self._packed: PackedWeight | None = packed  # None while dense-held
         self._prepared: dict[Backend, Any] = {}
         self._resolved: dict[tuple, tuple[BackendImpl, Any]] = {}
+        self._pinned = 0  # > 0 inside planning(): keep every representation, switch none
 
     # -- packed weight ---------------------------------------------------------------------------
     @property
     def packed(self) -> PackedWeight:
-        return self._packed
+        """The packed weight (rebuilt from the dense weight and its mask while dense-held)."""
+        return self._packed if self._packed is not None else self._pack_from_dense()
+
+    @property
+    def dense_held(self) -> bool:
+        """True when the layer holds its masked dense weight instead of the packed buffers (module docstring)."""
+        return self._packed is None
 
     def dense_weight(self) -> torch.Tensor:
         """The masked dense weight (``[out, in]`` or ``[C_out, C_in, kh, kw]``), materialised anew."""
-        return self._packed.to_dense()
+        return self.dense_weight_held.clone() if self.dense_held else self._packed.to_dense()
+
+    def held_states(self) -> list[Any]:
+        """The backends' prepared states this layer holds beside its buffers (for resident-byte counts)."""
+        return list(self._prepared.values())
+
+    def _pack_from_dense(self) -> PackedWeight:
+        w = self.dense_weight_held
+        mask = (w != 0) | torch.signbit(w)  # pruned entries are +0.0; kept -0.0 has its sign bit
+        mask.view(-1)[self.kept_zeros] = True
+        params = {k: v for k, v in self._meta.items() if k not in _META_FIXED}
+        packed = FORMATS[self._meta["kind"]].from_dense(w, mask, **params)
+        if packed.state()[1] != self._meta:
+            raise RuntimeError(f"rebuilding the {self._meta['kind']} packed weight changed its metadata: "
+                               f"{packed.state()[1]} != {self._meta}")
+        return packed
+
+    def _hold_dense(self) -> None:
+        if self.dense_held:
+            return
+        p = self._packed
+        w = self._prepared.get(Backend.DENSE)
+        if w is None:
+            w = p.to_dense()
+        zeros = (kept_mask(p) & (w == 0) & ~torch.signbit(w)).reshape(-1).nonzero().reshape(-1)
+        for name in self._tensor_names:
+            del self._buffers[f"packed_{name}"]
+        self.register_buffer("dense_weight_held", w, persistent=False)
+        self.register_buffer("kept_zeros", zeros, persistent=False)
+        self._packed = None
+        self._prepared = {b: st for b, st in self._prepared.items() if b is not Backend.DENSE}
+        self._resolved.clear()
+
+    def _hold_packed(self) -> None:
+        if not self.dense_held:
+            return
+        packed = self._pack_from_dense()
+        dense = self.dense_weight_held
+        del self._buffers["dense_weight_held"], self._buffers["kept_zeros"]
+        tensors, _ = packed.state()
+        for name in self._tensor_names:
+            self.register_buffer(f"packed_{name}", tensors[name])
+        self._packed = packed
+        if self._pinned:
+            self._prepared[Backend.DENSE] = dense
+        self._resolved.clear()
+
+    def _runs(self) -> set[Backend]:
+        if self.backend is not Backend.AUTO:
+            return {self.backend}
+        return set(self.plan.values()) or {Backend.DENSE}
+
+    def _settle(self) -> None:
+        """Hold what the plan runs (module docstring); drop prepared states no plan uses."""
+        if self._pinned:
+            return
+        runs = self._runs()
+        if Backend.DENSE in runs:
+            self._hold_dense()
+        else:
+            self._hold_packed()
+        self._prepared = {b: st for b, st in self._prepared.items() if b in runs and b is not Backend.DENSE}
+        self._resolved.clear()
+
+    @contextmanager
+    def planning(self):
+        """Keep the packed form and every prepared state while the planner times backends; settle on exit."""
+        self._pinned += 1
+        try:
+            self._hold_packed()
+            yield self
+        finally:
+            self._pinned -= 1
+            self._settle()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.dense_held:  # files and state dicts always carry the packed form
+            tensors, _ = self._pack_from_dense().state()
+            for name in self._tensor_names:
+                destination[f"{prefix}packed_{name}"] = tensors[name]
 
     def _rebuild(self) -> None:
         tensors = {name: getattr(self, f"packed_{name}") for name in self._tensor_names}
@@ -80,18 +191,24 @@ class _SparseBase(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() ... keep the packed view in sync
         # Probe the conversion on an empty tensor first, so an unsupported dtype leaves the module untouched.
-        probe = fn(torch.empty(0, dtype=self._packed.dtype, device=self.packed_device))
+        dtype = self.dense_weight_held.dtype if self.dense_held else self._packed.dtype
+        probe = fn(torch.empty(0, dtype=dtype, device=self.packed_device))
         if probe.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{type(self).__name__} holds float32/float16/bfloat16 weights; cannot convert to "
                             f"{probe.dtype} (keep a dense copy for float64 references)")
-        moved = (probe.dtype, probe.device) != (self._packed.dtype, self.packed_device)
+        moved = (probe.dtype, probe.device) != (dtype, self.packed_device)
+        was_dense = self.dense_held
+        self._hold_packed()  # convert the packed form: a dtype change must not lose kept values that round to 0
         super()._apply(fn, recurse)
         self._rebuild()
         if moved:
             self.plan.clear()  # timings were for another device or dtype: re-plan, run dense until then
+        elif was_dense:
+            self._settle()
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):
+        self._hold_packed()
         super()._load_from_state_dict(*args, **kwargs)
         self._rebuild()
 
@@ -104,8 +221,13 @@ class _SparseBase(nn.Module):
         hit = self._resolved.get((backend, x.device, x.dtype))
         if hit is None:
             self._check_input(x)
+            if backend is Backend.DENSE and not self.dense_held:
+                self._settle()
             x_op = x.reshape(-1, x.shape[-1]) if self.op == "linear" else x  # backends see the 2-D view
-            impl = resolve(self.op, backend, self._packed, x_op)
+            if self.dense_held and backend is Backend.DENSE:  # the dense baseline runs every format
+                impl = REGISTRY[(self.op, Backend.DENSE, self._meta["kind"])]
+            else:
+                impl = resolve(self.op, backend, self.packed, x_op)
             hit = self._resolved[(backend, x.device, x.dtype)] = (impl, self.prepared(impl))
         return hit
 
@@ -117,34 +239,43 @@ class _SparseBase(nn.Module):
     def set_plan(self, bucket: int, backend: Backend) -> None:
         """Record the planner's choice for ``m_bucket`` ``bucket``; drop prepared state no plan uses any more."""
         self.plan[bucket] = Backend(backend)
-        keep = set(self.plan.values())
-        self._prepared = {b: st for b, st in self._prepared.items() if b in keep}
-        self._resolved.clear()
+        self._settle()
 
     def prepared(self, impl: BackendImpl) -> Any:
         """The backend's one-time state (built on first use, dropped on device/dtype change)."""
+        if self.dense_held and impl.backend is Backend.DENSE:
+            return self.dense_weight_held
         state = self._prepared.get(impl.backend)
         if state is None:
-            state = impl.prepare(self._packed)
+            state = impl.prepare(self.packed)
             self._prepared[impl.backend] = state
         return state
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.dense_weight_held.dtype if self.dense_held else self._packed.dtype
+
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dtype != self._packed.dtype:
+        if x.dtype != self.weight_dtype:
             raise TypeError(f"{type(self).__name__}: input dtype {x.dtype} does not match weight dtype "
-                            f"{self._packed.dtype}; cast the input or the module")
+                            f"{self.weight_dtype}; cast the input or the module")
         if x.device != self.packed_device:
             raise ValueError(f"{type(self).__name__}: input on {x.device}, weight on {self.packed_device}")
 
     @property
     def packed_device(self) -> torch.device:
+        if self.dense_held:
+            return self.dense_weight_held.device
         return getattr(self, f"packed_{self._tensor_names[0]}").device
 
     def extra_repr(self) -> str:
-        p = self._packed
-        dense = p.dense_nbytes
-        return (f"format={p.kind}, dtype={dtype_name(p.dtype)}, bytes={p.nbytes} ({p.nbytes / max(dense, 1):.3f} of "
-                f"dense), backend={self.backend.value}, bias={self.bias is not None}")
+        if self.dense_held:
+            held = "held=dense"
+        else:
+            p = self._packed
+            held = f"bytes={p.nbytes} ({p.nbytes / max(p.dense_nbytes, 1):.3f} of dense)"
+        return (f"format={self._meta['kind']}, dtype={dtype_name(self.weight_dtype)}, {held}, "
+                f"backend={self.backend.value}, bias={self.bias is not None}")
 
 
 class SparseLinear(_SparseBase):
@@ -167,8 +298,9 @@ class SparseLinear(_SparseBase):
     @classmethod
     def from_dense(cls, module: nn.Linear, mask: torch.Tensor, pattern: str, n: int = 2, m: int = 4,
                    backend: Backend | str = Backend.AUTO) -> "SparseLinear":
-        """Build from an ``nn.Linear`` and a bool keep-mask of its weight's shape."""
-        if not isinstance(module, nn.Linear):
+        """Build from an ``nn.Linear`` (or a subclass keeping its forward) and a bool keep-mask of its
+        weight's shape. GPT-2 ``Conv1D`` layers go through ``SparseConv1D.from_dense``."""
+        if not isinstance(module, nn.Linear) or is_conv1d_t(module):
             raise TypeError(f"SparseLinear.from_dense expects nn.Linear, got {type(module).__name__}")
         return cls(pack(module.weight, mask, pattern, n, m), module.bias, backend)
 
@@ -188,6 +320,32 @@ class SparseLinear(_SparseBase):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
+
+
+class SparseConv1D(SparseLinear):
+    """Sparse twin of transformers' GPT-2 ``Conv1D`` (``y = x @ W + b`` with ``W [nx, nf]``, i.e. a linear
+    with a transposed weight). Packed ``[nf, nx]`` like any linear; keeps ``nf``/``nx``.
+
+    The mask handed to ``from_dense`` has the Conv1D weight's own shape ``[nx, nf]``.
+    """
+
+    @property
+    def nf(self) -> int:
+        return self.out_features
+
+    @property
+    def nx(self) -> int:
+        return self.in_features
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, mask: torch.Tensor, pattern: str, n: int = 2, m: int = 4,
+                   backend: Backend | str = Backend.AUTO) -> "SparseConv1D":
+        if not is_conv1d_t(module):
+            raise TypeError(f"SparseConv1D.from_dense expects a transformers Conv1D, got {type(module).__name__}")
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(module.weight.shape):
+            raise ValueError(f"mask must have the Conv1D weight's shape {tuple(module.weight.shape)} ([nx, nf]), got "
+                             f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        return cls(pack(module.weight.t(), mask.t(), pattern, n, m), module.bias, backend)
 
 
 def _explicit_padding(padding, stride: tuple[int, int], dilation: tuple[int, int], kernel: tuple[int, int]):
