@@ -113,7 +113,7 @@ def model_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = sum(_tensor_bytes(t, seen) for t in list(model.parameters()) + list(model.buffers()))
     for mod in sc.sparse_modules(model).values():
-        total += _tensor_bytes(list(mod._prepared.values()), seen)
+        total += _tensor_bytes(mod.prepared_states(), seen)
     return total
 
 

@@ -85,7 +85,7 @@ def run_case(name: str, make_model, x: torch.Tensor, config: SparsityConfig, fil
             reloaded = io.load(path, make_model().eval()).to(x.device)
             # Plans are per machine and not saved; reuse this run's so both run the same backends.
             for fqn, mod in sparse_modules(reloaded).items():
-                mod.plan = dict(sparse.get_submodule(fqn).plan)
+                mod.load_plan(sparse.get_submodule(fqn).plan)
             before, after = sparse.state_dict(), reloaded.state_dict()
             stored_exact = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
             # Tensors are bit-exact; outputs are compared within tolerance, since a library may pick another

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import __version__
 from .backends import Backend
+from .channel.slim import is_slimmed, mark_slimmed
 from .config import SparsityConfig
 from .formats import FORMATS
 from .formats.base import FormatError, PackedWeight
@@ -70,7 +71,7 @@ def save(model: nn.Module, path: str | Path, config: SparsityConfig | None = Non
 
     layers = {}
     for fqn, mod in sparse_modules(model).items():
-        entry: dict[str, Any] = {"type": mod.op, "packed": mod.packed.state()[1], "tensors": list(mod._tensor_names),
+        entry: dict[str, Any] = {"type": mod.op, "packed": mod.packed.state()[1], "tensors": list(mod.packed_tensor_names),
                                  "backend": mod.backend.value}
         if isinstance(mod, SparseConv2d):
             c = mod.conv
@@ -88,7 +89,7 @@ def save(model: nn.Module, path: str | Path, config: SparsityConfig | None = Non
         seen[ident] = key
         tensors[key] = t.cpu().contiguous()
     header = {"format": _KEY, "version": FILE_VERSION, "layers": layers, "aliases": aliases,
-              "slimmed": bool(getattr(model, "sparsecore_slimmed", False)),
+              "slimmed": is_slimmed(model),
               "crc32": {k: _crc(t) for k, t in tensors.items()},
               "config": config.to_json() if config is not None else None, "extra": extra,
               "torch": torch.__version__, "sparsecore": __version__}
@@ -245,7 +246,7 @@ def load(path: str | Path, model: nn.Module, device: torch.device | str | None =
         layer = _build_layer(fqn, entry, saved.tensors, modules[fqn], slimmed)
         swap_module(model, fqn, layer.train(modules[fqn].training))
     if slimmed:
-        model.sparsecore_slimmed = True
+        mark_slimmed(model)
     param = next(iter(model.parameters()), None)
     target = param.device if param is not None else torch.device("cpu")
     model.to("cpu")

@@ -9,28 +9,32 @@ construction); any other value forces that backend and raises ``BackendUnavailab
 
 One copy per layer. A layer holds what its plan runs, never the packed form *and* a dense copy for it:
 
-* packed-held (the state after construction or loading, and whenever no bucket of the plan runs dense):
-  the ``packed_*`` buffers, plus each planned backend's prepared state (e.g. a CSR copy);
+* packed-held (after construction or loading, and whenever no bucket of the plan runs dense): the
+  ``packed_*`` buffers, plus each planned backend's prepared state (e.g. a CSR copy);
 * dense-held (as soon as the layer runs dense: unplanned, forced ``"dense"`` or planned dense for some
   bucket): the masked dense weight as the non-persistent buffer ``dense_weight_held`` plus the flat indices
   of kept entries that are exactly +0.0 (``kept_zeros``, almost always empty), from which the mask and so
   the packed form are rebuilt exactly: ``state_dict()`` (and so ``sparsecore.save``) still writes the
-  ``packed_*`` tensors, bit for bit those a packed-held layer holds. Resident bytes are then those of dense.
+  ``packed_*`` tensors, bit for bit those a packed-held layer holds. Resident bytes are those of dense.
 
-While the planner measures (``planning()``), both are kept; on exit the layer settles to its plan.
+A plan mixing dense and a sparse backend over batch sizes holds both (dense plus that backend's state).
+While the planner measures (``planning()``) both forms are kept; on exit the layer settles to its plan.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from .autograd import SparseOpGrad, needs_grad
-from .backends import Backend, BackendImpl, ConvParams, resolve
+from .config import SparsityConfig
+from .backends import AUTO, Backend, BackendImpl, ConvParams, resolve
 from .formats import FORMATS, PackedWeight
-from .backends.registry import REGISTRY
+from .backends.registry import lookup
 from .formats.base import SUPPORTED_DTYPES, dtype_name
 from .layers import is_conv1d_t
 
@@ -38,13 +42,23 @@ __all__ = ["SparseLinear", "SparseConv1D", "SparseConv2d", "pack", "kept_mask", 
 
 _META_FIXED = ("kind", "version", "shape", "dtype")
 
+_DENSE = "dense"  # what an AUTO layer runs at batch sizes the planner has not timed
 
-def pack(weight: torch.Tensor, mask: torch.Tensor, pattern: str, n: int = 2, m: int = 4) -> PackedWeight:
-    """Pack ``weight`` under ``mask`` in the format of ``pattern`` ("nm", "unstructured", "channel")."""
-    if pattern not in FORMATS:
-        raise ValueError(f"pattern must be one of {sorted(FORMATS)}, got {pattern!r}")
-    params = {"n": n, "m": m} if pattern == "nm" else {}
-    return FORMATS[pattern].from_dense(weight.detach(), mask, **params)
+
+def pack(weight: torch.Tensor, mask: torch.Tensor, config: SparsityConfig | str, n: int = 2, m: int = 4
+         ) -> PackedWeight:
+    """Pack ``weight`` under ``mask`` in the format ``config.pattern`` names, with the parameters it declares.
+
+    ``config`` may also be a pattern name (a registered format kind) with ``n``/``m`` for N:M.
+    """
+    if isinstance(config, str):
+        if config not in FORMATS:
+            raise ValueError(f"pattern must be one of {sorted(FORMATS)}, got {config!r}")
+        config = SparsityConfig(config, n=n, m=m) if config == "nm" else SparsityConfig(config)
+    if not isinstance(config, SparsityConfig):
+        raise TypeError(f"config must be a SparsityConfig or a pattern name, got {type(config).__name__}")
+    fmt = config.format
+    return fmt.from_dense(weight.detach(), mask, **fmt.pack_params(config))
 
 
 def kept_mask(packed: PackedWeight) -> torch.Tensor:
@@ -78,8 +92,8 @@ class _SparseBase(nn.Module):
             if bias.dtype != packed.dtype:
                 raise TypeError(f"bias dtype {bias.dtype} differs from the weight's {packed.dtype}")
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        self.backend = Backend(backend)
-        self.plan: dict[int, Backend] = {}  # m_bucket -> backend, filled by sparsecore.planner
+        self.backend = backend
+        self._plan: dict[int, Backend] = {}  # m_bucket -> backend, filled by sparsecore.planner
         self._packed: PackedWeight | None = packed  # None while dense-held
         self._prepared: dict[Backend, Any] = {}
         self._resolved: dict[tuple, tuple[BackendImpl, Any]] = {}
@@ -96,14 +110,45 @@ class _SparseBase(nn.Module):
         """True when the layer holds its masked dense weight instead of the packed buffers (module docstring)."""
         return self._packed is None
 
+    @property
+    def format_meta(self) -> dict[str, Any]:
+        """The packed format's metadata (``packed.state()[1]``) without rebuilding a dense-held layer's form."""
+        return dict(self._meta)
+
+    def kept_fraction(self) -> float:
+        """Kept entries / all entries of the weight."""
+        if self.dense_held:
+            w = self.dense_weight_held
+            kept = int(((w != 0) | torch.signbit(w)).sum()) + self.kept_zeros.numel()
+            return kept / max(w.numel(), 1)
+        p = self._packed
+        return p.state()[0]["values"].numel() / max(math.prod(p.shape), 1)
+
+    @property
+    def packed_tensor_names(self) -> tuple[str, ...]:
+        """Names of the packed tensors (``packed.state()``'s keys); buffer ``packed_<name>`` holds each."""
+        return self._tensor_names
+
+    # -- backend choice --------------------------------------------------------------------------
+    @property
+    def backend(self) -> Backend:
+        """The forced backend, or ``"auto"`` (the plan's choice per batch size, dense where unplanned)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: Backend | str) -> None:
+        self._backend = Backend(name)
+
+    @property
+    def plan(self) -> Mapping[int, Backend]:
+        """Read-only ``{m_bucket: backend}`` chosen by ``sparsecore.planner`` (``set_plan`` / ``load_plan`` write it)."""
+        return MappingProxyType(self._plan)
+
     def dense_weight(self) -> torch.Tensor:
         """The masked dense weight (``[out, in]`` or ``[C_out, C_in, kh, kw]``), materialised anew."""
         return self.dense_weight_held.clone() if self.dense_held else self._packed.to_dense()
 
-    def held_states(self) -> list[Any]:
-        """The backends' prepared states this layer holds beside its buffers (for resident-byte counts)."""
-        return list(self._prepared.values())
-
+    # -- storage: one copy per layer (module docstring) ----------------------------------------------
     def _pack_from_dense(self) -> PackedWeight:
         w = self.dense_weight_held
         mask = (w != 0) | torch.signbit(w)  # pruned entries are +0.0; kept -0.0 has its sign bit
@@ -119,7 +164,7 @@ class _SparseBase(nn.Module):
         if self.dense_held:
             return
         p = self._packed
-        w = self._prepared.get(Backend.DENSE)
+        w = self._prepared.get(_DENSE)
         if w is None:
             w = p.to_dense()
         zeros = (kept_mask(p) & (w == 0) & ~torch.signbit(w)).reshape(-1).nonzero().reshape(-1)
@@ -128,7 +173,7 @@ class _SparseBase(nn.Module):
         self.register_buffer("dense_weight_held", w, persistent=False)
         self.register_buffer("kept_zeros", zeros, persistent=False)
         self._packed = None
-        self._prepared = {b: st for b, st in self._prepared.items() if b is not Backend.DENSE}
+        self._prepared.pop(_DENSE, None)
         self._resolved.clear()
 
     def _hold_packed(self) -> None:
@@ -142,24 +187,24 @@ class _SparseBase(nn.Module):
             self.register_buffer(f"packed_{name}", tensors[name])
         self._packed = packed
         if self._pinned:
-            self._prepared[Backend.DENSE] = dense
+            self._prepared[Backend(_DENSE)] = dense
         self._resolved.clear()
 
-    def _runs(self) -> set[Backend]:
-        if self.backend is not Backend.AUTO:
-            return {self.backend}
-        return set(self.plan.values()) or {Backend.DENSE}
+    def _runs(self) -> set[str]:
+        if self.backend != AUTO:
+            return {self.backend.value}
+        return {b.value for b in self._plan.values()} or {_DENSE}
 
     def _settle(self) -> None:
         """Hold what the plan runs (module docstring); drop prepared states no plan uses."""
         if self._pinned:
             return
         runs = self._runs()
-        if Backend.DENSE in runs:
+        if _DENSE in runs:
             self._hold_dense()
         else:
             self._hold_packed()
-        self._prepared = {b: st for b, st in self._prepared.items() if b in runs and b is not Backend.DENSE}
+        self._prepared = {b: st for b, st in self._prepared.items() if b in runs and b != _DENSE}
         self._resolved.clear()
 
     @contextmanager
@@ -175,7 +220,7 @@ class _SparseBase(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.dense_held:  # files and state dicts always carry the packed form
+        if self.dense_held:  # state dicts (and so files) always carry the packed form
             tensors, _ = self._pack_from_dense().state()
             for name in self._tensor_names:
                 destination[f"{prefix}packed_{name}"] = tensors[name]
@@ -191,18 +236,17 @@ class _SparseBase(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() ... keep the packed view in sync
         # Probe the conversion on an empty tensor first, so an unsupported dtype leaves the module untouched.
-        dtype = self.dense_weight_held.dtype if self.dense_held else self._packed.dtype
-        probe = fn(torch.empty(0, dtype=dtype, device=self.packed_device))
+        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=self.packed_device))
         if probe.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{type(self).__name__} holds float32/float16/bfloat16 weights; cannot convert to "
                             f"{probe.dtype} (keep a dense copy for float64 references)")
-        moved = (probe.dtype, probe.device) != (dtype, self.packed_device)
+        moved = (probe.dtype, probe.device) != (self.weight_dtype, self.packed_device)
         was_dense = self.dense_held
-        self._hold_packed()  # convert the packed form: a dtype change must not lose kept values that round to 0
+        self._hold_packed()  # convert the packed form: a kept value rounding to +0.0 must stay kept
         super()._apply(fn, recurse)
         self._rebuild()
         if moved:
-            self.plan.clear()  # timings were for another device or dtype: re-plan, run dense until then
+            self._plan.clear()  # timings were for another device or dtype: re-plan, run dense until then
         elif was_dense:
             self._settle()
         return self
@@ -216,16 +260,16 @@ class _SparseBase(nn.Module):
     def _dispatch(self, x: torch.Tensor, rows: int) -> tuple[BackendImpl, Any]:
         """(implementation, prepared state) for this input. Checks run once per (backend, device, dtype)."""
         backend = self.backend
-        if backend is Backend.AUTO:
-            backend = self.plan.get(m_bucket(rows), Backend.DENSE)
+        if backend == AUTO:
+            backend = self._plan.get(m_bucket(rows), _DENSE)
         hit = self._resolved.get((backend, x.device, x.dtype))
         if hit is None:
             self._check_input(x)
-            if backend is Backend.DENSE and not self.dense_held:
+            if backend == _DENSE and not self.dense_held:
                 self._settle()
             x_op = x.reshape(-1, x.shape[-1]) if self.op == "linear" else x  # backends see the 2-D view
-            if self.dense_held and backend is Backend.DENSE:  # the dense baseline runs every format
-                impl = REGISTRY[(self.op, Backend.DENSE, self._meta["kind"])]
+            if self.dense_held and backend == _DENSE:  # the dense baseline runs every format
+                impl = lookup(self.op, _DENSE, self._meta["kind"])
             else:
                 impl = resolve(self.op, backend, self.packed, x_op)
             hit = self._resolved[(backend, x.device, x.dtype)] = (impl, self.prepared(impl))
@@ -236,14 +280,24 @@ class _SparseBase(nn.Module):
         state = self.prepared(impl)
         return impl.run(state, x, self.bias) if self.op == "linear" else impl.run(state, x, self.bias, self.conv)
 
-    def set_plan(self, bucket: int, backend: Backend) -> None:
+    def set_plan(self, bucket: int, backend: Backend | str) -> None:
         """Record the planner's choice for ``m_bucket`` ``bucket``; drop prepared state no plan uses any more."""
-        self.plan[bucket] = Backend(backend)
+        self._plan[bucket] = Backend(backend)
         self._settle()
+
+    def load_plan(self, plan: Mapping[int, Backend | str]) -> None:
+        """Replace the whole plan (e.g. with another module's ``plan``: plans are per machine and not saved)."""
+        new = {int(bucket): Backend(backend) for bucket, backend in plan.items()}
+        self._plan = new
+        self._settle()
+
+    def prepared_states(self) -> list[Any]:
+        """The backends' one-time states held now (a dense copy, a CSR tensor, ...): for memory accounting."""
+        return list(self._prepared.values())
 
     def prepared(self, impl: BackendImpl) -> Any:
         """The backend's one-time state (built on first use, dropped on device/dtype change)."""
-        if self.dense_held and impl.backend is Backend.DENSE:
+        if self.dense_held and impl.backend == _DENSE:
             return self.dense_weight_held
         state = self._prepared.get(impl.backend)
         if state is None:
@@ -289,18 +343,18 @@ class SparseLinear(_SparseBase):
 
     op = "linear"
 
-    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, backend: Backend | str = Backend.AUTO):
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, backend: Backend | str = AUTO):
         if len(packed.shape) != 2:
             raise ValueError(f"SparseLinear needs a 2-D packed weight, got shape {packed.shape}")
         super().__init__(packed, bias, backend)
         self.out_features, self.in_features = packed.shape
 
     @classmethod
-    def from_dense(cls, module: nn.Linear, mask: torch.Tensor, pattern: str, n: int = 2, m: int = 4,
-                   backend: Backend | str = Backend.AUTO) -> "SparseLinear":
-        """Build from an ``nn.Linear`` (or a subclass keeping its forward) and a bool keep-mask of its
-        weight's shape. GPT-2 ``Conv1D`` layers go through ``SparseConv1D.from_dense``."""
-        if not isinstance(module, nn.Linear) or is_conv1d_t(module):
+    def from_dense(cls, module: nn.Linear, mask: torch.Tensor, pattern: SparsityConfig | str, n: int = 2, m: int = 4,
+                   backend: Backend | str = AUTO) -> "SparseLinear":
+        """Build from an ``nn.Linear`` (or a subclass keeping its forward) and a bool keep-mask of its weight's
+        shape (``pattern``: see ``pack``). GPT-2 ``Conv1D`` layers go through ``SparseConv1D.from_dense``."""
+        if not isinstance(module, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense expects nn.Linear, got {type(module).__name__}")
         return cls(pack(module.weight, mask, pattern, n, m), module.bias, backend)
 
@@ -323,8 +377,8 @@ class SparseLinear(_SparseBase):
 
 
 class SparseConv1D(SparseLinear):
-    """Sparse twin of transformers' GPT-2 ``Conv1D`` (``y = x @ W + b`` with ``W [nx, nf]``, i.e. a linear
-    with a transposed weight). Packed ``[nf, nx]`` like any linear; keeps ``nf``/``nx``.
+    """Sparse twin of transformers' GPT-2 ``Conv1D`` (``y = x @ W + b`` with ``W [nx, nf]``: a linear with a
+    transposed weight). Packed ``[nf, nx]`` like any linear; keeps ``nf`` and ``nx``.
 
     The mask handed to ``from_dense`` has the Conv1D weight's own shape ``[nx, nf]``.
     """
@@ -338,8 +392,8 @@ class SparseConv1D(SparseLinear):
         return self.in_features
 
     @classmethod
-    def from_dense(cls, module: nn.Module, mask: torch.Tensor, pattern: str, n: int = 2, m: int = 4,
-                   backend: Backend | str = Backend.AUTO) -> "SparseConv1D":
+    def from_dense(cls, module: nn.Module, mask: torch.Tensor, pattern: SparsityConfig | str, n: int = 2, m: int = 4,
+                   backend: Backend | str = AUTO) -> "SparseConv1D":
         if not is_conv1d_t(module):
             raise TypeError(f"SparseConv1D.from_dense expects a transformers Conv1D, got {type(module).__name__}")
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(module.weight.shape):
@@ -369,7 +423,7 @@ class SparseConv2d(_SparseBase):
     op = "conv2d"
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, in_channels: int, stride=1, padding=0,
-                 dilation=1, groups: int = 1, backend: Backend | str = Backend.AUTO):
+                 dilation=1, groups: int = 1, backend: Backend | str = AUTO):
         if len(packed.shape) != 4:
             raise ValueError(f"SparseConv2d needs a 4-D packed weight, got shape {packed.shape}")
         super().__init__(packed, bias, backend)
@@ -382,8 +436,8 @@ class SparseConv2d(_SparseBase):
             raise ValueError(f"weight has {packed.shape[1]} input channels per group x {groups} groups != in_channels {in_channels}")
 
     @classmethod
-    def from_dense(cls, module: nn.Conv2d, mask: torch.Tensor, pattern: str, n: int = 2, m: int = 4,
-                   backend: Backend | str = Backend.AUTO) -> "SparseConv2d":
+    def from_dense(cls, module: nn.Conv2d, mask: torch.Tensor, pattern: SparsityConfig | str, n: int = 2, m: int = 4,
+                   backend: Backend | str = AUTO) -> "SparseConv2d":
         """Build from an ``nn.Conv2d`` (zero padding mode) and a bool keep-mask of its weight's shape."""
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"SparseConv2d.from_dense expects nn.Conv2d, got {type(module).__name__}")

@@ -25,13 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends import Backend, BackendUnavailable, candidates, resolve
+from .backends import AUTO, Backend, BackendImpl, BackendUnavailable, candidates, resolve
+from .backends.registry import runs_natively
 from .modules import SparseConv2d, SparseLinear, m_bucket
 from .timing import host_ms, time_ms
 
 __all__ = ["plan", "PlanEntry", "default_cache_path"]
 
-_TRITON = frozenset({Backend.TRITON_NM, Backend.TRITON_SPMM, Backend.TRITON_SELL, Backend.TRITON_CHANNEL})
+_DENSE = "dense"
 _AGREE_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
@@ -131,13 +132,13 @@ def _cost_ms(mod, impl, x: torch.Tensor, rep: int, cuda_graphs: bool, entry: Pla
 
 def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int, cuda_graphs: bool = False) -> PlanEntry:
     bucket = m_bucket(x.shape[0])
-    entry = PlanEntry(fqn, bucket, Backend.DENSE.value)
-    dense = resolve(mod.op, Backend.DENSE, mod.packed, x)
+    entry = PlanEntry(fqn, bucket, _DENSE)
+    dense = resolve(mod.op, _DENSE, mod.packed, x)
     ref = mod.run_backend(dense, x).float()
     scale = float(ref.abs().max()) if ref.numel() else 0.0
     tol = _AGREE_TOL[x.dtype] * max(1.0, scale)
     for impl in candidates(mod.op, mod.packed, x):
-        if not _contender(impl.backend, x):
+        if not _contender(impl, x):
             continue
         name = impl.backend.value
         try:
@@ -150,9 +151,9 @@ def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int, cuda_graph
             entry.rejected[name] = f"output differs from dense by {err:.3g} > {tol:.3g}"
             continue
         entry.times_ms[name] = _cost_ms(mod, impl, x, rep, cuda_graphs, entry)
-    dense_ms = entry.times_ms[Backend.DENSE.value]
+    dense_ms = entry.times_ms[_DENSE]
     best = min(entry.times_ms, key=entry.times_ms.get)
-    if best != Backend.DENSE.value and entry.times_ms[best] < dense_ms * (1.0 - margin):
+    if best != _DENSE and entry.times_ms[best] < dense_ms * (1.0 - margin):
         entry.chosen = best
     return entry
 
@@ -165,7 +166,7 @@ def _cached_choice(entry: Any, mod, x: torch.Tensor) -> str | None:
         impl = resolve(mod.op, entry["chosen"], mod.packed, x)
     except (ValueError, BackendUnavailable):
         return None
-    return entry["chosen"] if _contender(impl.backend, x) else None
+    return entry["chosen"] if _contender(impl, x) else None
 
 
 def _floats(value: Any) -> dict[str, float]:
@@ -176,10 +177,10 @@ def _floats(value: Any) -> dict[str, float]:
             if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _contender(backend: Backend, x: torch.Tensor) -> bool:
-    """Backends the planner may choose: not the reference (an oracle that may decode per call), and not
+def _contender(impl: BackendImpl, x: torch.Tensor) -> bool:
+    """Backends the planner may choose: declared plannable (not an oracle such as the reference), and not
     Triton on CPU (there it only runs in its interpreter, a test vehicle)."""
-    return backend is not Backend.REFERENCE and not (backend in _TRITON and not x.is_cuda)
+    return impl.plannable and runs_natively(impl, x)
 
 
 def _load_cache(path: Path) -> dict[str, Any]:
@@ -203,7 +204,7 @@ def plan(model: nn.Module, example_inputs: tuple, *, margin: float = 0.05, use_c
     if not isinstance(example_inputs, tuple):
         raise TypeError(f"example_inputs must be a tuple of model inputs, got {type(example_inputs).__name__}")
     mods = {f: m for f, m in model.named_modules()
-            if isinstance(m, (SparseLinear, SparseConv2d)) and m.backend is Backend.AUTO}
+            if isinstance(m, (SparseLinear, SparseConv2d)) and m.backend == AUTO}
     if not mods:
         return []
     inputs = _capture_inputs(model, example_inputs, mods)

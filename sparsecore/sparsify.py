@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .config import SparsityConfig
-from .masks import check_channel, check_mask, check_nm
+from .masks import check_channel, check_mask
 from .modules import SparseConv2d, SparseLinear
 from .pruning.magnitude import FilterFn, magnitude_masks
 
@@ -25,10 +25,7 @@ def swap_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
 
 def _check_pattern(fqn: str, mask: torch.Tensor, config: SparsityConfig) -> None:
     try:
-        if config.pattern == "nm":
-            check_nm(mask, config.n, config.m)
-        elif config.pattern == "channel" and mask.dim() == 2:
-            check_channel(mask)
+        config.format.check_mask_pattern(mask, config)
     except ValueError as e:
         raise type(e)(f"layer {fqn!r}: {e}") from None
 
@@ -98,7 +95,7 @@ def _sparse_twin(fqn: str, mod: nn.Module | None, mask: torch.Tensor, config: Sp
     _check_pattern(fqn, mask, config)
     cls: Callable = SparseLinear if isinstance(mod, nn.Linear) else SparseConv2d
     try:
-        new = cls.from_dense(mod, mask, config.pattern, config.n, config.m, backend=config.backend)
+        new = cls.from_dense(mod, mask, config, backend=config.backend)
     except (ValueError, TypeError) as e:
         raise type(e)(f"layer {fqn!r}: {e}") from None
     return new.train(mod.training)
@@ -107,7 +104,7 @@ def _sparse_twin(fqn: str, mod: nn.Module | None, mask: torch.Tensor, config: Sp
 def _slim(model: nn.Module, config: SparsityConfig, masks: dict[str, torch.Tensor], example_inputs: tuple | None,
           round_to: int | None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Physically slim a channel-pruned model; return it with block masks for the layers that stay wide."""
-    from .channel import channel_weight_masks, plan_slim, apply_plan
+    from .channel import apply_plan, channel_weight_masks, mark_slimmed, plan_slim
 
     if config.pattern != "channel":
         raise ValueError(f"slim=True needs the 'channel' pattern, config has {config.pattern!r}")
@@ -122,7 +119,7 @@ def _slim(model: nn.Module, config: SparsityConfig, masks: dict[str, torch.Tenso
     x = example_inputs[0]
     plan = plan_slim(model, channel, x, round_to=round_to)
     small = apply_plan(model, plan)
-    small.sparsecore_slimmed = True  # tells save/load that narrower layers than the skeleton's are expected
+    mark_slimmed(small)  # save/load then expect narrower layers than the skeleton's
     return small, channel_weight_masks(small, plan.residual_masks, x)
 
 

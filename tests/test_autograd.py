@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsecore as sc
-from sparsecore.backends import REGISTRY
+from sparsecore.backends import implementations
 
 CASES = [("linear", "unstructured"), ("linear", "nm"), ("linear", "channel"), ("conv2d", "unstructured"),
          ("conv2d", "channel"), ("conv2d", "nm")]
@@ -31,7 +31,7 @@ def test_grads_match_masked_dense_for_every_backend(op, pattern, seeded):
     yr = F.linear(xr, w, br) if op == "linear" else F.conv2d(xr, w, br, padding=1)
     gy = torch.randn(yr.shape, generator=seeded, dtype=torch.float64)
     yr.backward(gy)
-    backends = sorted({b for (o, b, k) in REGISTRY if o == op and k == pattern}, key=lambda b: b.value)
+    backends = sorted({impl.backend for impl in implementations(op, pattern)})
     tried = 0
     for backend in backends:
         sparse.backend = backend

@@ -17,7 +17,7 @@ def _planned_csr_layer(tmp_path):
     lin = nn.Linear(64, 32)
     sl = sc.SparseLinear.from_dense(lin, torch.ones(32, 64, dtype=torch.bool), "unstructured")
     model = nn.Sequential(sl)
-    sl.plan[1] = Backend.TORCH_CSR  # as the planner would on CPU at high sparsity
+    sl.set_plan(1, Backend.TORCH_CSR)  # as the planner would on CPU at high sparsity
     return lin, model
 
 

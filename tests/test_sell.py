@@ -237,4 +237,6 @@ def test_backend_through_the_module_and_its_reasons(seeded):
 def test_planner_never_times_sell_on_cpu():
     from sparsecore.planner import _contender
 
-    assert not _contender(Backend.TRITON_SELL, torch.zeros(1, 4))
+    from sparsecore.backends.registry import lookup
+
+    assert not _contender(lookup("linear", Backend.TRITON_SELL, "unstructured"), torch.zeros(1, 4))

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.base import PackedWeight
-from .registry import Backend, BackendImpl, ConvParams, conv_why_not, linear_why_not, register, triton_why_not
+from .registry import BackendImpl, ConvParams, conv_why_not, linear_why_not, register
 
 _KINDS = ("channel",)
+SLICED_DENSE, TRITON_CHANNEL = "sliced_dense", "triton_channel"
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def _sliced_linear(st: _Sliced, x: torch.Tensor, bias: torch.Tensor | None) -> t
     return _scatter(part, st, bias, x)
 
 
-register(BackendImpl(Backend.SLICED_DENSE, "linear", _KINDS, linear_why_not, _sliced_prepare, _sliced_linear,
+register(BackendImpl(SLICED_DENSE, "linear", _KINDS, linear_why_not, _sliced_prepare, _sliced_linear,
                      differentiable=True))
 
 
@@ -94,7 +95,7 @@ def _sliced_conv(st: _Sliced, x: torch.Tensor, bias: torch.Tensor | None, conv: 
     return _scatter(part, st, bias, x)
 
 
-register(BackendImpl(Backend.SLICED_DENSE, "conv2d", _KINDS, _conv_why_not, _sliced_prepare, _sliced_conv,
+register(BackendImpl(SLICED_DENSE, "conv2d", _KINDS, _conv_why_not, _sliced_prepare, _sliced_conv,
                      differentiable=True))
 
 
@@ -109,7 +110,7 @@ class _Kernel:
 
 
 def _triton_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
-    reason = triton_why_not(x) or _conv_why_not(packed, x)
+    reason = _conv_why_not(packed, x)
     if reason is None and x.shape[1] != packed.shape[1]:
         return "channel_conv runs groups=1 convs only (depthwise: use sliced_dense)"
     return reason
@@ -131,4 +132,5 @@ def _triton_conv(st: _Kernel, x: torch.Tensor, bias: torch.Tensor | None, conv: 
                         conv.dilation, fill_idx=st.fill_idx)
 
 
-register(BackendImpl(Backend.TRITON_CHANNEL, "conv2d", _KINDS, _triton_why_not, _triton_prepare, _triton_conv))
+register(BackendImpl(TRITON_CHANNEL, "conv2d", _KINDS, _triton_why_not, _triton_prepare, _triton_conv,
+                     needs=frozenset({"triton"})))

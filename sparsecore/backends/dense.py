@@ -1,7 +1,8 @@
 """Dense baselines on the masked dense weight: F.linear / F.conv2d, and torch CSR matmul.
 
-DENSE accepts every format (it materialises ``to_dense()`` once in ``prepare``), so the planner always
-has the dense baseline among its candidates.
+DENSE and TORCH_CSR accept every format, including formats registered after this module (``ALL_FORMATS``:
+they only need ``to_dense()``, materialised once in ``prepare``), so the planner always has the dense
+baseline among its candidates.
 """
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ..formats import FORMATS
 from ..formats.base import PackedWeight
-from .registry import Backend, BackendImpl, ConvParams, register
+from .registry import ALL_FORMATS, BackendImpl, ConvParams, register
 
-ALL_KINDS = tuple(FORMATS)  # every registered format has the dense baseline and CSR
+DENSE, TORCH_CSR = "dense", "torch_csr"
 
 
 def _always(packed: PackedWeight, x: torch.Tensor) -> str | None:
@@ -29,9 +29,10 @@ def _conv_run(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, conv:
     return F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-register(BackendImpl(Backend.DENSE, "linear", ALL_KINDS, _always, lambda p: p.to_dense(), _linear_run, accepts_nd=True,
+# masked dense weight, cuBLAS / cuDNN / MKL
+register(BackendImpl(DENSE, "linear", ALL_FORMATS, _always, lambda p: p.to_dense(), _linear_run, accepts_nd=True,
                      differentiable=True))
-register(BackendImpl(Backend.DENSE, "conv2d", ALL_KINDS, _always, lambda p: p.to_dense(), _conv_run, differentiable=True))
+register(BackendImpl(DENSE, "conv2d", ALL_FORMATS, _always, lambda p: p.to_dense(), _conv_run, differentiable=True))
 
 
 def _csr_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
@@ -76,4 +77,5 @@ def _csr_run(state: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.
     return csr_linear(crow, col, values, x, bias, n)
 
 
-register(BackendImpl(Backend.TORCH_CSR, "linear", ALL_KINDS, _csr_why_not, _csr_prepare, _csr_run))
+# torch sparse CSR matmul (MKL on CPU, cuSPARSE on GPU)
+register(BackendImpl(TORCH_CSR, "linear", ALL_FORMATS, _csr_why_not, _csr_prepare, _csr_run))

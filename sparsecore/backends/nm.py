@@ -15,14 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.base import PackedWeight
-from .registry import Backend, BackendImpl, ConvParams, conv_why_not, linear_why_not, register, triton_why_not
+from .registry import BackendImpl, ConvParams, conv_why_not, linear_why_not, register
 
 __all__ = ["torch_24_why_not"]
 
 _KINDS = ("nm",)
+REFERENCE, TRITON_NM, CUSPARSELT, CUTLASS = "reference", "triton_nm", "cusparselt", "cutlass"
 _HALF = (torch.float16, torch.bfloat16)
 # (weight rows, weight cols) multiples required by torch.sparse's semi-structured classes (fp16/bf16).
-_TORCH_24_SHAPE = {Backend.CUSPARSELT: (16, 16), Backend.CUTLASS: (32, 64)}
+_TORCH_24_SHAPE = {CUSPARSELT: (16, 16), CUTLASS: (32, 64)}
 
 
 # ---- REFERENCE ---------------------------------------------------------------------------------------
@@ -39,17 +40,14 @@ def _ref_conv(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, conv:
     return F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-register(BackendImpl(Backend.REFERENCE, "linear", _KINDS, linear_why_not, _ref_prepare, _ref_linear,
-                     differentiable=True))
-register(BackendImpl(Backend.REFERENCE, "conv2d", _KINDS, conv_why_not, lambda p: p.to_dense(), _ref_conv,
-                     differentiable=True))
+register(BackendImpl(REFERENCE, "linear", _KINDS, linear_why_not, _ref_prepare, _ref_linear,
+                     differentiable=True, plannable=False))
+register(BackendImpl(REFERENCE, "conv2d", _KINDS, conv_why_not, lambda p: p.to_dense(), _ref_conv,
+                     differentiable=True, plannable=False))
 
 
 # ---- TRITON_NM ---------------------------------------------------------------------------------------
 def _triton_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
-    reason = triton_why_not(x)
-    if reason is not None:
-        return reason
     if packed.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"Triton N:M runs float16/bfloat16/float32, weight is {packed.dtype}"
     return linear_why_not(packed, x)
@@ -66,13 +64,14 @@ def _triton_linear(state: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> 
     return fn(x, values, positions, n, m, bias)
 
 
-register(BackendImpl(Backend.TRITON_NM, "linear", _KINDS, _triton_why_not, _triton_prepare, _triton_linear))
+register(BackendImpl(TRITON_NM, "linear", _KINDS, _triton_why_not, _triton_prepare, _triton_linear,
+                     needs=frozenset({"triton"})))
 
 
 # ---- PyTorch 2:4: cuSPARSELt and CUTLASS -------------------------------------------------------------
-def torch_24_why_not(backend: Backend, packed: PackedWeight, x: torch.Tensor) -> str | None:
-    """Why PyTorch's semi-structured ``backend`` cannot run ``packed`` on ``x`` (``None`` when it can)."""
-    name = backend.value
+def torch_24_why_not(backend: str, packed: PackedWeight, x: torch.Tensor) -> str | None:
+    """Why PyTorch's semi-structured ``backend`` ("cusparselt" or "cutlass") cannot run ``packed`` on ``x``."""
+    name = backend = str(backend)
     if getattr(packed, "m", None) != 4 or getattr(packed, "n", 99) > 2:
         return f"{name} runs 2:4 sparsity only, weight is {getattr(packed, 'n', '?')}:{getattr(packed, 'm', '?')}"
     if packed.dtype not in _HALF:
@@ -83,9 +82,9 @@ def torch_24_why_not(backend: Backend, packed: PackedWeight, x: torch.Tensor) ->
     if not x.is_cuda:
         return f"{name} needs a CUDA tensor, input is on {x.device}"
     major, minor = torch.cuda.get_device_capability(x.device)
-    if backend is Backend.CUTLASS and major != 8:
+    if backend == CUTLASS and major != 8:
         return f"PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x only, this GPU is {major}.{minor}"
-    if backend is Backend.CUSPARSELT:
+    if backend == CUSPARSELT:
         if major < 8:
             return f"cuSPARSELt 2:4 needs compute capability >= 8.0, this GPU is {major}.{minor}"
         if not torch.backends.cusparselt.is_available():
@@ -104,10 +103,11 @@ def _semi_linear(w_sparse: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | N
     return F.linear(x if x.is_contiguous() else x.contiguous(), w_sparse, bias)
 
 
-for _backend, _name in ((Backend.CUSPARSELT, "cusparselt"), (Backend.CUTLASS, "cutlass")):
+for _name in (CUSPARSELT, CUTLASS):
     register(BackendImpl(
-        _backend, "linear", _KINDS,
-        lambda p, x, b=_backend: torch_24_why_not(b, p, x),
+        _name, "linear", _KINDS,
+        lambda p, x, b=_name: torch_24_why_not(b, p, x),
         lambda p, n=_name: p.to_torch_semi_structured(n),
         _semi_linear,
+        needs=frozenset({"cuda"}),
     ))

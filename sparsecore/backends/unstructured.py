@@ -14,16 +14,15 @@ import torch.nn.functional as F
 
 from ..formats.base import PackedWeight
 from ..formats.unstructured import UnstructuredWeight
-from .registry import Backend, BackendImpl, ConvParams, conv_why_not, linear_why_not, register, triton_why_not
+from .registry import BackendImpl, ConvParams, conv_why_not, linear_why_not, register
 
 KINDS = ("unstructured",)
+REFERENCE, TRITON_SPMM, TRITON_SELL = "reference", "triton_spmm", "triton_sell"
+_TRITON = frozenset({"triton"})
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _triton_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
-    reason = triton_why_not(x)
-    if reason is not None:
-        return reason
     if x.dtype not in _TRITON_DTYPES:
         return f"Triton spmm runs float16/bfloat16/float32, input is {x.dtype}"
     return linear_why_not(packed, x)
@@ -57,11 +56,11 @@ def _triton_linear(state: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> 
     return fn(x, bitmap, values, tile_offsets, n, k, bias)
 
 
-register(BackendImpl(Backend.REFERENCE, "linear", KINDS, linear_why_not, _identity, _ref_linear,
-                     differentiable=True))
-register(BackendImpl(Backend.REFERENCE, "conv2d", KINDS, conv_why_not, _identity, _ref_conv,
-                     differentiable=True))
-register(BackendImpl(Backend.TRITON_SPMM, "linear", KINDS, _triton_why_not, _triton_prepare, _triton_linear))
+register(BackendImpl(REFERENCE, "linear", KINDS, linear_why_not, _identity, _ref_linear,
+                     differentiable=True, plannable=False))
+register(BackendImpl(REFERENCE, "conv2d", KINDS, conv_why_not, _identity, _ref_conv,
+                     differentiable=True, plannable=False))
+register(BackendImpl(TRITON_SPMM, "linear", KINDS, _triton_why_not, _triton_prepare, _triton_linear, needs=_TRITON))
 
 
 def _sell_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
@@ -88,4 +87,4 @@ def _sell_linear(state: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> to
     return fn(x, layout, bias)
 
 
-register(BackendImpl(Backend.TRITON_SELL, "linear", KINDS, _sell_why_not, _sell_prepare, _sell_linear))
+register(BackendImpl(TRITON_SELL, "linear", KINDS, _sell_why_not, _sell_prepare, _sell_linear, needs=_TRITON))

@@ -331,3 +331,18 @@ def channel_weight_masks(model: nn.Module, masks: dict[str, torch.Tensor],
         block = rows[:, None] & cols[None, :]
         out[fqn] = block.reshape(block.shape + (1,) * (w.dim() - 2)).expand(w.shape).to(w.device).contiguous()
     return out
+
+
+_SLIMMED_ATTR = "sparsecore_slimmed"
+
+
+def mark_slimmed(model: nn.Module) -> None:
+    """Record that ``model`` was physically slimmed: its layers may be narrower than a fresh skeleton's, so
+    ``sparsecore.io.load`` resizes the skeleton's layers to the file's shapes. The mark travels with the
+    model object (and ``copy.deepcopy``) and is saved in the file header."""
+    setattr(model, _SLIMMED_ATTR, True)
+
+
+def is_slimmed(model: nn.Module) -> bool:
+    """True when ``mark_slimmed`` was applied to ``model`` (by ``sparsify(..., slim=True)`` or ``load``)."""
+    return getattr(model, _SLIMMED_ATTR, False) is True

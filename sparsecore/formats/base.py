@@ -8,11 +8,14 @@ everything it is handed, so a corrupt file raises ``FormatError`` instead of run
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ..masks import check_mask
+
+if TYPE_CHECKING:
+    from ..config import SparsityConfig
 
 __all__ = ["FormatError", "PackedWeight", "FORMATS", "register_format", "check_weight_and_mask", "SUPPORTED_DTYPES"]
 
@@ -26,11 +29,29 @@ class FormatError(ValueError):
 class PackedWeight(ABC):
     """A compressed ``[out, K]`` weight (Linear ``[out, in]`` or Conv2d ``[C_out, C_in, kh, kw]``).
 
-    Subclasses document their exact byte layout in their docstring.
+    Subclasses document their exact byte layout in their docstring. A format is one file: the class, its
+    ``@register_format`` decorator, and the three class-level hooks below that tie it to a
+    ``SparsityConfig`` (whose ``pattern`` is the format's ``kind``) and to the pruners' selection rules.
     """
 
     kind: ClassVar[str]
     version: ClassVar[int] = 1
+    # The selection rule (``sparsecore.pruning.rules``) that makes masks this format stores:
+    # "unstructured" (keep-k entries), "nm" (keep n of every m along K) or "channel" (keep-k output channels).
+    mask_rule: ClassVar[str] = "unstructured"
+
+    @classmethod
+    def check_config(cls, config: "SparsityConfig") -> None:
+        """Raise ``ValueError`` unless ``config`` (whose pattern is this format) is one this format can store."""
+
+    @classmethod
+    def pack_params(cls, config: "SparsityConfig") -> dict[str, Any]:
+        """The ``from_dense`` keyword parameters ``config`` implies (e.g. ``{"n": 2, "m": 4}``)."""
+        return {}
+
+    @classmethod
+    def check_mask_pattern(cls, mask: torch.Tensor, config: "SparsityConfig") -> None:
+        """Raise ``PatternError`` unless ``mask`` follows the pattern ``config`` declares (names the culprit)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -85,7 +106,11 @@ FORMATS: dict[str, type[PackedWeight]] = {}
 
 
 def register_format(cls: type[PackedWeight]) -> type[PackedWeight]:
-    """Class decorator: make a format loadable by its ``kind``."""
+    """Class decorator: make a format usable as ``SparsityConfig(pattern=cls.kind)`` and loadable by its ``kind``."""
+    if not (isinstance(getattr(cls, "kind", None), str) and cls.kind.isidentifier()):
+        raise ValueError(f"format {cls.__name__} needs a class attribute kind = '<identifier>'")
+    if cls.mask_rule not in ("unstructured", "nm", "channel"):
+        raise ValueError(f"format {cls.kind!r}: mask_rule must be 'unstructured', 'nm' or 'channel', got {cls.mask_rule!r}")
     if cls.kind in FORMATS:
         raise ValueError(f"format kind {cls.kind!r} registered twice")
     FORMATS[cls.kind] = cls

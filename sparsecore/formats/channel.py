@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..masks import PatternError
+from ..masks import PatternError, check_channel
 from .base import (FormatError, PackedWeight, check_weight_and_mask, dtype_from_name, dtype_name, expect_state,
                    expect_tensor, meta_shape, register_format)
 
@@ -50,6 +50,12 @@ class ChannelWeight(PackedWeight):
 
     kind = "channel"
     version = 1
+    mask_rule = "channel"
+
+    @classmethod
+    def check_mask_pattern(cls, mask: torch.Tensor, config: Any) -> None:
+        if mask.dim() == 2:  # Linear: whole output rows; 4-D block masks are checked by from_dense (block_channels)
+            check_channel(mask)
 
     def __init__(self, values: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Tensor, shape: tuple[int, ...]):
         self.values, self.out_idx, self.in_idx = values, out_idx, in_idx

@@ -93,6 +93,21 @@ class NMWeight(PackedWeight):
 
     kind = "nm"
     version = 1
+    mask_rule = "nm"
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        check_nm_params(config.n, config.m)
+        if config.scope != "layer":
+            raise ValueError("N:M pruning is per group; scope must be 'layer'")
+
+    @classmethod
+    def pack_params(cls, config: Any) -> dict[str, Any]:
+        return {"n": config.n, "m": config.m}
+
+    @classmethod
+    def check_mask_pattern(cls, mask: torch.Tensor, config: Any) -> None:
+        check_nm(mask, config.n, config.m)
 
     def __init__(self, values: torch.Tensor, positions: torch.Tensor, n: int, m: int, shape: tuple[int, ...]):
         self.values, self.positions = values, positions
