@@ -31,7 +31,8 @@ from .channel.slim import is_slimmed, mark_slimmed
 from .config import SparsityConfig
 from .formats import FORMATS
 from .formats.base import FormatError, PackedWeight
-from .modules import SparseConv2d, SparseLinear
+from .layers import is_conv1d_t, linear_like, weight_matrix
+from .modules import SparseConv1D, SparseConv2d, SparseLinear
 from .sparsify import sparse_modules, swap_module
 
 __all__ = ["save", "load", "read", "packed_layer", "SavedModel", "FileFormatError", "FILE_VERSION"]
@@ -71,7 +72,7 @@ def save(model: nn.Module, path: str | Path, config: SparsityConfig | None = Non
 
     layers = {}
     for fqn, mod in sparse_modules(model).items():
-        entry: dict[str, Any] = {"type": mod.op, "packed": mod.packed.state()[1], "tensors": list(mod.packed_tensor_names),
+        entry: dict[str, Any] = {"type": mod.op, "packed": mod.format_meta, "tensors": list(mod.packed_tensor_names),
                                  "backend": mod.backend.value}
         if isinstance(mod, SparseConv2d):
             c = mod.conv
@@ -166,10 +167,12 @@ def _build_layer(fqn: str, entry: Any, tensors: dict[str, torch.Tensor], skeleto
                  slimmed: bool) -> nn.Module:
     packed, _ = packed_layer(fqn, entry, tensors)
     bias = tensors.get(f"{fqn}.bias")
-    expect = nn.Linear if entry.get("type") == "linear" else nn.Conv2d
-    if not isinstance(skeleton, (expect, SparseLinear, SparseConv2d)):
+    linear = entry.get("type") == "linear"
+    fits = (linear_like(skeleton) or isinstance(skeleton, SparseLinear)) if linear else \
+        isinstance(skeleton, (nn.Conv2d, SparseConv2d))
+    if not fits:
         raise ValueError(f"layer {fqn!r}: the file holds a sparse {entry.get('type')}, the model has {type(skeleton).__name__}")
-    shape = tuple(skeleton.weight.shape if hasattr(skeleton, "weight") else skeleton.packed.shape)
+    shape = tuple(weight_matrix(skeleton).shape if hasattr(skeleton, "weight") else skeleton.format_meta["shape"])
     # A slimmed model may have narrowed dims 0 and 1; otherwise, and always for kernel sizes, shapes match exactly.
     narrowed_ok = slimmed and len(shape) == len(packed.shape) and shape[2:] == tuple(packed.shape[2:]) and \
         all(f <= k for f, k in zip(packed.shape[:2], shape[:2]))
@@ -179,7 +182,8 @@ def _build_layer(fqn: str, entry: Any, tensors: dict[str, torch.Tensor], skeleto
         raise FileFormatError(f"layer {fqn!r}: bias shape {tuple(bias.shape)} != ({packed.shape[0]},)")
     try:
         if entry["type"] == "linear":
-            return SparseLinear(packed, bias, entry.get("backend", "auto"))
+            cls = SparseConv1D if is_conv1d_t(skeleton) or isinstance(skeleton, SparseConv1D) else SparseLinear
+            return cls(packed, bias, entry.get("backend", "auto"))
         c = entry["conv"]
         return SparseConv2d(packed, bias, int(entry["in_channels"]), tuple(c["stride"]), tuple(c["padding"]),
                             tuple(c["dilation"]), int(c["groups"]), entry.get("backend", "auto"))
