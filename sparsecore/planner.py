@@ -47,6 +47,7 @@ __all__ = ["plan", "PlanEntry", "default_cache_path"]
 
 _DENSE = "dense"
 _AGREE_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+_PLANNER_VERSION = 2  # in every cache key: decisions of an earlier decision rule are measured anew
 _QUICK_ROUNDS = 3
 _HOPELESS = 2.0    # quick-round time / dense time above which a candidate is dropped
 _MIN_ROUNDS = 5
@@ -74,7 +75,7 @@ class PlanEntry:
     def to_json(self) -> dict[str, Any]:
         return {"chosen": self.chosen, "times_ms": self.times_ms, "gpu_ms": self.gpu_ms, "host_ms": self.host_ms,
                 "speedup": self.speedup, "spread": {k: list(v) for k, v in self.spread.items()},
-                "rounds": self.rounds, "rechecked": self.rechecked}
+                "dropped": self.dropped, "rounds": self.rounds, "rechecked": self.rechecked}
 
 
 def default_cache_path() -> Path:
@@ -89,7 +90,7 @@ def _device_key(x: torch.Tensor) -> str:
     except ImportError:  # triton is a dependency; tolerate its absence only in the key
         tv = "none"
     dev = torch.cuda.get_device_name(x.device) if x.is_cuda else f"cpu{torch.get_num_threads()}"
-    return f"{dev}|torch{torch.__version__}|triton{tv}"
+    return f"{dev}|torch{torch.__version__}|triton{tv}|planner{_PLANNER_VERSION}"
 
 
 def _layer_key(mod: SparseLinear | SparseConv2d, x: torch.Tensor, cuda_graphs: bool) -> str:
@@ -264,6 +265,12 @@ def _floats(value: Any) -> dict[str, float]:
             if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _strings(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+
 def _pairs(value: Any) -> dict[str, tuple[float, float]]:
     """A cached ``{backend: [q25, q75]}`` dict, keeping only well-formed items."""
     if not isinstance(value, dict):
@@ -340,7 +347,8 @@ def _plan_layers(model, example_inputs, mods, margin, use_cache, cache_path, rep
             got = cache[key]
             entry = PlanEntry(fqn, m_bucket(x.shape[0]), hit, _floats(got.get("times_ms")), cached=True,
                               gpu_ms=_floats(got.get("gpu_ms")), host_ms=_floats(got.get("host_ms")),
-                              speedup=_floats(got.get("speedup")), spread=_pairs(got.get("spread")))
+                              speedup=_floats(got.get("speedup")), spread=_pairs(got.get("spread")),
+                              dropped=_strings(got.get("dropped")))
         else:
             entry = _measure(fqn, mod, x, margin, rep, cuda_graphs, budget_s)
             cache[key] = entry.to_json()

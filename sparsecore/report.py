@@ -40,6 +40,7 @@ class BucketPlan:
     speedup: float | None = None
     spread: tuple[float, float] | None = None
     cached: bool = False
+    note: str = ""  # dense picks: the best sparse contender's figures, or that none runs here
 
 
 @dataclass
@@ -71,6 +72,10 @@ class LayerReport:
             parts.append(f"{p.speedup:.2f}x{spread}")
         return ", ".join(parts) or "-"
 
+    def note_text(self) -> str:
+        notes = [f"M<={b}: {p.note}" for b, p in sorted(self.plans.items()) if p.note]
+        return "; ".join([self.reason] * bool(self.reason) + notes)
+
 
 COLUMNS = ("layer", "kind", "shape", "status", "pattern", "kept", "backend", "vs dense [q25-q75]", "note")
 
@@ -99,7 +104,7 @@ class SparsityReport:
         """One dict of display strings per layer, keyed by ``COLUMNS``."""
         return [{"layer": r.fqn or "(root)", "kind": r.kind, "shape": "x".join(map(str, r.shape)), "status": r.status,
                  "pattern": r.pattern or "-", "kept": f"{r.kept:.3f}" if r.kept is not None else "-",
-                 "backend": r.backend_text(), "vs dense [q25-q75]": r.speed_text(), "note": r.reason}
+                 "backend": r.backend_text(), "vs dense [q25-q75]": r.speed_text(), "note": r.note_text()}
                 for r in self.layers]
 
     def format_table(self) -> str:
@@ -145,8 +150,19 @@ def record_plan(model: nn.Module, entries: list["PlanEntry"]) -> None:
     for e in entries:
         dense = e.times_ms.get("dense")
         mine = e.times_ms.get(e.chosen)
+        note = ""
+        if e.chosen == "dense":
+            best = max(e.speedup, key=e.speedup.get, default=None)
+            if best is not None:
+                lo, hi = e.spread.get(best, (float("nan"), float("nan")))
+                note = f"best sparse {best} {e.speedup[best]:.2f}x [{lo:.2f}-{hi:.2f}]"
+            elif e.dropped:
+                note = "; ".join(f"{k} dropped ({v})" for k, v in e.dropped.items())
+            else:
+                note = "no sparse backend runs here"
+        speed = 1.0 if e.chosen == "dense" else e.speedup.get(e.chosen)
         rec.plans.setdefault(e.fqn, {})[e.bucket] = BucketPlan(
-            e.bucket, e.chosen, dense, mine, e.speedup.get(e.chosen), e.spread.get(e.chosen), e.cached)
+            e.bucket, e.chosen, dense, mine, speed, e.spread.get(e.chosen), e.cached, note)
 
 
 def _kept(tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> float:
@@ -168,10 +184,9 @@ def last_report(model: nn.Module) -> SparsityReport:
     order = [fqn for fqn, _ in model.named_modules()]
     rows: dict[str, LayerReport] = {}
     for fqn, mod in sparse.items():
-        meta = mod._meta
+        meta = mod.format_meta
         shape = tuple(meta["shape"])
-        kept = _kept(mod.packed.state()[0], shape) if not mod.dense_held else \
-            float(mod.dense_weight_held.count_nonzero() + mod.kept_zeros.numel()) / max(mod.dense_weight_held.numel(), 1)
+        kept = mod.kept_fraction()
         plans = {b: rec.plans.get(fqn, {}).get(b, BucketPlan(b, be.value)) for b, be in mod.plan.items()}
         rows[fqn] = LayerReport(fqn, type(mod).__name__, shape, "sparse", meta["kind"], kept, plans=plans)
     for fqn, (kind, shape, reason) in rec.skipped.items():
