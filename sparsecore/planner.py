@@ -189,7 +189,7 @@ def _wins(speedup: float, spread: tuple[float, float], margin: float) -> bool:
 
 
 def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int, cuda_graphs: bool = False,
-             budget_s: float = 0.5) -> PlanEntry:
+             budget_s: float = 0.4) -> PlanEntry:
     bucket = m_bucket(x.shape[0])
     entry = PlanEntry(fqn, bucket, _DENSE)
     dense = resolve(mod.op, _DENSE, mod.packed, x)
@@ -234,7 +234,8 @@ def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int, cuda_graph
     # 4. re-check a sparse choice, or a large speedup that noise kept out
     again = best if best is not None else (surprise if surprise and entry.speedup[surprise] >= _SURPRISE else None)
     if again is not None:
-        second = _samples(mod, {_DENSE: dense, again: ok[again]}, x, entry.rounds, 0, cuda_graphs, entry)
+        rounds = max(_MIN_ROUNDS, entry.rounds * len(ok) // 4)  # two contenders, about half the main budget
+        second = _samples(mod, {_DENSE: dense, again: ok[again]}, x, rounds, 0, cuda_graphs, entry)
         speed, spread = _ratios(second, again)
         confirmed = _wins(speed, spread, margin)
         entry.rechecked = (f"{again}: {speed:.2f}x [{spread[0]:.2f}-{spread[1]:.2f}] on re-check, "
@@ -296,7 +297,7 @@ def _load_cache(path: Path) -> dict[str, Any]:
 
 @torch.no_grad()
 def plan(model: nn.Module, example_inputs: tuple, *, margin: float = 0.05, use_cache: bool = True,
-         cache_path: str | Path | None = None, rep: int = 20, cuda_graphs: bool = False, budget_s: float = 0.5,
+         cache_path: str | Path | None = None, rep: int = 20, cuda_graphs: bool = False, budget_s: float = 0.4,
          progress: bool | None = None) -> list[PlanEntry]:
     """Choose a backend per AUTO sparse layer for the batch size in ``example_inputs``; returns the decisions.
 
