@@ -13,8 +13,8 @@ Skipped, with the reason ``skip_reason`` gives: ``nn.MultiheadAttention``'s ``ou
 ``in_proj_weight`` (a raw parameter); other convolutions (1-D, 3-D, transposed); N:M where the reduction
 length K is not a multiple of m (ResNet's 7x7 stem: K = 147; depthwise 3x3: K = 9).
 
-The *output layer* (``output_layer``: the last linear-like layer in registration order, e.g. a classifier
-``fc`` or an ``lm_head``) of a model with several weight layers is excluded from channel pruning unless
+The *output layer* (``output_layer``: the last linear-like layer in registration order when its output
+width feeds no layer, e.g. a classifier ``fc`` or an ``lm_head``) of a model with several weight layers is excluded from channel pruning unless
 the caller opts in (``prune_output=True``): pruning its output channels deletes classes or vocabulary
 entries (channel 0.5 on ResNet-18 zeroed 500 of its 1000 ``fc`` rows).
 """
@@ -110,13 +110,23 @@ def candidate_layers(model: nn.Module, pattern: str, m: int = 4) -> tuple[dict[s
     return ok, skipped
 
 
+def _widths(mod: nn.Module) -> tuple[int, int]:
+    if isinstance(mod, nn.Conv2d):
+        return mod.in_channels, mod.out_channels
+    out, k = weight_matrix(mod).shape
+    return k, out
+
+
 def output_layer(model: nn.Module) -> str | None:
-    """The fqn of the last linear-like or Conv2d layer in registration order (the classifier / LM head)."""
-    last = None
-    for fqn, mod in model.named_modules():
-        if linear_like(mod) or isinstance(mod, nn.Conv2d):
-            last = fqn
-    return last
+    """The model's head, if it has one: the last linear-like or Conv2d layer in registration order, provided
+    its output width is the input width of no layer of the model (it maps into label or vocabulary space,
+    as a classifier ``fc`` or an ``lm_head`` does; a residual block's last projection does not)."""
+    found = [(fqn, mod) for fqn, mod in model.named_modules() if linear_like(mod) or isinstance(mod, nn.Conv2d)]
+    if not found:
+        return None
+    fqn, last = found[-1]
+    consumed = {_widths(mod)[0] for _, mod in found}
+    return None if _widths(last)[1] in consumed else fqn
 
 
 OUTPUT_SKIP = "output layer: excluded from channel pruning (pass prune_output=True to include it)"

@@ -6,7 +6,8 @@ the layer's format: ``sparsecore.backends.candidates``) on that input:
 
 1. a quick round (3 interleaved samples each) drops hopeless candidates: slower than 2x dense;
 2. the survivors are sampled in turn (a, b, b, a, ...) for as many rounds as ``budget_s`` allows
-   (5 to ``rep``); each round gives a paired ratio ``dense / candidate``;
+   (5 to ``rep``; on CUDA 3 rounds of ``do_bench`` medians); each round gives a paired ratio
+   ``dense / candidate``;
 3. a sparse backend wins only when it is faster beyond the noise: the median-time speedup exceeds
    ``1 + margin`` *and* the lower quartile of its paired ratios exceeds 1;
 4. a surprising outcome is measured again, dense against that one backend: a sparse choice (it must win
@@ -51,6 +52,7 @@ _PLANNER_VERSION = 2  # in every cache key: decisions of an earlier decision rul
 _QUICK_ROUNDS = 3
 _HOPELESS = 2.0    # quick-round time / dense time above which a candidate is dropped
 _MIN_ROUNDS = 5
+_CUDA_ROUNDS = 3
 _SURPRISE = 1.5    # a median speedup this large that noise kept from winning is measured again
 
 
@@ -212,7 +214,9 @@ def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int, cuda_graph
             continue
         ok[name] = impl
     # 1. quick round: drop the hopeless
-    quick = _samples(mod, ok, x, _QUICK_ROUNDS, 1, cuda_graphs, entry)
+    # CUDA: each sample is itself a do_bench median over many runs, so fewer rounds are needed
+    cuda = _on_cuda(x)
+    quick = _samples(mod, ok, x, 1 if cuda else _QUICK_ROUNDS, 0 if cuda else 1, cuda_graphs, entry)
     med = {n: quantiles(s)[1] for n, s in quick.items()}
     for name in list(ok):
         if name != _DENSE and med[name] > _HOPELESS * med[_DENSE]:
@@ -221,7 +225,7 @@ def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int, cuda_graph
             del ok[name]
     # 2. main rounds, as many as the budget allows
     per_round_s = sum(med[n] for n in ok) / 1e3
-    entry.rounds = max(_MIN_ROUNDS, min(rep, int(budget_s / max(per_round_s, 1e-9))))
+    entry.rounds = _CUDA_ROUNDS if cuda else max(_MIN_ROUNDS, min(rep, int(budget_s / max(per_round_s, 1e-9))))
     samples = _samples(mod, ok, x, entry.rounds, 0, cuda_graphs, entry)
     for name, s in samples.items():
         entry.times_ms[name] = quantiles(s)[1]
@@ -234,7 +238,7 @@ def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int, cuda_graph
     # 4. re-check a sparse choice, or a large speedup that noise kept out
     again = best if best is not None else (surprise if surprise and entry.speedup[surprise] >= _SURPRISE else None)
     if again is not None:
-        rounds = max(_MIN_ROUNDS, entry.rounds * len(ok) // 4)  # two contenders, about half the main budget
+        rounds = _CUDA_ROUNDS if cuda else max(_MIN_ROUNDS, entry.rounds * len(ok) // 4)  # ~half the main budget
         second = _samples(mod, {_DENSE: dense, again: ok[again]}, x, rounds, 0, cuda_graphs, entry)
         speed, spread = _ratios(second, again)
         confirmed = _wins(speed, spread, margin)

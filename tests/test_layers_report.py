@@ -137,3 +137,10 @@ def test_layers_helpers_reject_nothing_silently():
     assert layers.skip_reason(nn.Conv2d(3, 3, 3, padding_mode="reflect"), "unstructured") is not None
     assert layers.skip_reason(nn.Linear(6, 4), "nm") == "N:M needs K % 4 == 0; K = 6"
     assert layers.skip_reason(nn.Linear(8, 4), "nm") is None
+
+
+def test_output_layer_is_a_head_not_a_residual_blocks_last_projection():
+    from sparsecore.models.transformer import DecoderBlock
+    assert layers.output_layer(DecoderBlock(32, 48, 2)) is None  # down_proj feeds the residual stream
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 8), nn.Linear(8, 5))
+    assert layers.output_layer(cnn) == "3"
