@@ -11,21 +11,22 @@ Providers: ``nn.Linear`` / ``nn.Conv2d`` (dense, the yardstick), ``SparseLinear[
 ``SparseConv2d[<backend>]`` (a forced backend through the module: checks, dispatch, launch), and the
 kernel functions called directly (``nm_matmul``, ``spmm``: their full argument checks included).
 
-On a CPU the Triton kernels cannot be timed (the interpreter is a test vehicle), so each kernel launch
-is replaced by a no-op that still evaluates the launch grid: ``host_us`` is then sparsecore's own Python
-per call, *without* Triton's launcher, and ``gpu_us`` is empty. CUDA rows include everything.
+On a CPU the Triton kernels cannot be timed (the interpreter is a test vehicle), so the runs go through
+``sparsecore.kernels._host.dry_launches``: each launch only evaluates its grid, and ``host_us`` is
+sparsecore's own Python per call, *without* Triton's launcher; ``gpu_us`` is empty. CUDA rows include
+everything.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
 import sparsecore as sc
+from sparsecore.kernels._host import dry_launches
 from sparsecore.masks import keep_n_of_m
 from sparsecore.timing import host_ms, time_ms
 
@@ -34,46 +35,6 @@ from .common import bench_parser, env_info, write_table
 # (out, in, M) for linears; (C_in = C_out, H = W, batch) for the 3x3 conv. GPU: decode shapes.
 GPU_LINEAR, GPU_CONV = (4096, 4096, 1), (256, 14, 1)
 CPU_LINEAR, CPU_CONV = (256, 256, 1), (16, 8, 1)
-
-
-class _NoLaunch:
-    """Stands in for a Triton kernel on CPU: ``kernel[grid](*args, **meta)`` evaluates the grid, launches nothing."""
-
-    def __init__(self, meta: dict) -> None:
-        self.meta = meta
-        self.best_config = type("Cfg", (), {"kwargs": meta})()
-        self.fn = self
-
-    def __getitem__(self, grid: Callable | tuple) -> Callable:
-        def launch(*args: object, **kwargs: object) -> None:
-            if callable(grid):
-                grid({**self.meta, **kwargs})
-        return launch
-
-
-@contextlib.contextmanager
-def _cpu_stubs() -> Iterator[None]:
-    """On CPU: no-op kernel launches, and the Triton backends allowed on CPU tensors (restored on exit)."""
-    stubs = {("sparsecore.kernels.nm_matmul", "_nm_matmul_kernel"): {"BLOCK_N": 8, "BLOCK_M": 1},
-             ("sparsecore.kernels.spmm", "_spmm_autotuned"): {"SPLIT_K": 1},
-             ("sparsecore.kernels.spmm", "_spmm_kernel"): {"SPLIT_K": 1},
-             ("sparsecore.kernels.sell_matmul", "_sell_matmul_kernel"): {"BLOCK_M": 1, "BLOCK_J": 64},
-             ("sparsecore.kernels.channel_conv", "_channel_conv_kernel"): {"BLOCK_M": 64, "BLOCK_N": 64}}
-    allow = {(name, "triton_why_not"): lambda x: None
-             for name in ("sparsecore.backends.nm", "sparsecore.backends.unstructured", "sparsecore.backends.channel")}
-    # these two launchers refuse CPU tensors unless they believe they run under the interpreter
-    allow.update({(f"sparsecore.kernels.{name}", "_INTERPRET"): True for name in ("spmm", "sell_matmul", "channel_conv")})
-    patches = {key: _NoLaunch(meta) for key, meta in stubs.items()} | allow
-    saved = []
-    try:
-        for (mod_name, attr), value in patches.items():
-            mod = importlib.import_module(mod_name)
-            saved.append((mod, attr, getattr(mod, attr)))
-            setattr(mod, attr, value)
-        yield
-    finally:
-        for mod, attr, value in reversed(saved):
-            setattr(mod, attr, value)
 
 
 def _linear_providers(n_out: int, k: int, dtype: torch.dtype, device: torch.device, g: torch.Generator
@@ -121,7 +82,7 @@ def run(device: torch.device, rep: int) -> list[dict]:
              ("conv3x3", f"{c}->{c} {hw}x{hw} batch={batch}", _conv_providers(c, dtype, device, g),
               torch.randn(batch, c, hw, hw, generator=g).to(dtype).to(device))]
     env, rows = env_info(device), []
-    stubs = contextlib.nullcontext() if cuda else _cpu_stubs()
+    stubs = contextlib.nullcontext() if cuda else dry_launches()
     with torch.no_grad(), stubs:
         for op, shape, providers, x in cases:
             calls = {name: (lambda fn=fn: fn(x)) for name, (fn, _) in providers.items()}

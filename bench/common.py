@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import datetime as _dt
 import platform
 import re
@@ -61,6 +62,22 @@ def device_name(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def cpu_info() -> dict[str, object]:
+    """``cpu`` (model name from /proc/cpuinfo, else the platform's), ``cores`` (usable by this process), ``threads``
+    (torch's intra-op threads now): the CPU columns of a CPU table, beside ``env_info``'s."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return {"cpu": model, "cores": cores, "threads": torch.get_num_threads()}
 
 
 def git_commit() -> str:

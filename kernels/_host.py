@@ -1,27 +1,104 @@
-"""Host-side integer helpers for the launchers, kept off Triton's Python API on the hot path.
+"""Host side of the launchers: the interpreter switch, buffer allocation and the one launch call.
 
-``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects in Triton >= 3.6: a
-call from Python unwraps every argument and costs ~2.7 us on the 2-core CI machine, against ~10 ns for
-the integer expression. A decode launch used seven of them, more than the whole GPU time of a
-4096 x 4096 2:4 GEMV, so the launchers use these instead (same results, see tests/test_host_path.py).
+The launchers take ``cdiv`` and ``next_pow2`` from here (``sparsecore.intmath``), never Triton's
+``constexpr_function`` versions, whose Python calls cost more than a decode launch can afford (see
+tests/test_host_path.py; figures in ``bench/results/overhead_*``).
+
+Every kernel launch goes through ``launch`` so that ``dry_launches`` can turn them into grid evaluations:
+the seam ``bench.bench_overhead`` uses to time sparsecore's own host path on a machine without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["cdiv", "next_pow2", "num_sms", "needs_op"]
+from sparsecore.intmath import cdiv, next_pow2
+
+__all__ = ["cdiv", "next_pow2", "num_sms", "needs_op", "interpreting", "cpu_launch_ok", "dry_launches", "launch",
+           "launched_config", "empty", "poisoned_buffers", "dry_active"]
 
 
-def cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for ints, ``b > 0``."""
-    return -(-a // b)
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1``). ``triton.jit`` reads the variable when a kernel is
+    decorated, so the kernel modules read this once at import (their configs depend on it)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def next_pow2(n: int) -> int:
-    """Smallest power of two >= ``n`` (1 for ``n <= 1``)."""
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+class _Dry:
+    active = False
+
+
+def cpu_launch_ok(interpreted: bool) -> bool:
+    """A launcher may take CPU tensors: its kernel module was imported under the interpreter
+    (``interpreted``, fixed at import as ``triton.jit`` fixes it), or inside ``dry_launches``."""
+    return interpreted or _Dry.active
+
+
+def dry_active() -> bool:
+    """True inside ``dry_launches``."""
+    return _Dry.active
+
+
+@contextlib.contextmanager
+def dry_launches() -> Iterator[None]:
+    """Inside: launchers check their inputs and allocate as usual, evaluate the launch grid with the kernel's
+    first config, and launch nothing (outputs are left as allocated); Triton backends accept CPU tensors.
+
+    For timing sparsecore's own host path per call on a machine without a GPU (``bench.bench_overhead``);
+    the outputs are meaningless.
+    """
+    previous, _Dry.active = _Dry.active, True
+    try:
+        yield
+    finally:
+        _Dry.active = previous
+
+
+class _Poison:
+    active = False
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a launcher allocates comes from here (NaN-filled inside ``poisoned_buffers``)."""
+    if _Poison.active:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def poisoned_buffers() -> Iterator[None]:
+    """Inside: launcher buffers (outputs, split-K partials) start as NaN, so a test sees any element a kernel
+    leaves unwritten."""
+    previous, _Poison.active = _Poison.active, True
+    try:
+        yield
+    finally:
+        _Poison.active = previous
+
+
+def _first_config(kernel: Any) -> dict:
+    configs = getattr(kernel, "configs", None)
+    return dict(configs[0].kwargs) if configs else {}
+
+
+def launch(kernel: Any, grid: Callable[[dict], tuple] | tuple, *args: Any, **meta: Any) -> None:
+    """``kernel[grid](*args, **meta)``, or only the grid's evaluation inside ``dry_launches``."""
+    if _Dry.active:
+        if callable(grid):
+            grid({**_first_config(kernel), **meta})
+        return
+    kernel[grid](*args, **meta)
+
+
+def launched_config(kernel: Any) -> dict:
+    """The constexpr config an autotuned ``kernel`` ran with last (its first config inside ``dry_launches``)."""
+    if _Dry.active:
+        return _first_config(kernel)
+    return kernel.best_config.kwargs
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,14 +16,13 @@ Channels-last is the fast one on GPU: the gathered K axis (channels) is contiguo
 store of a ``[BLOCK_M, BLOCK_N]`` tile writes runs of kept channels, and cuDNN's fp16 fast path
 is NHWC too, so a channels-last model never pays a layout conversion. NCHW runs correctly (loads are
 contiguous along M instead) and is the slower layout. ``values`` may have any strides: the
-``ChannelConvWeight`` layout the backend prepares is ``[kh, kw, n_in, n_out]`` in memory, which makes
+layout the TRITON_CHANNEL backend prepares (``sparsecore/backends/channel.py``) is ``[kh, kw, n_in, n_out]`` in memory, which makes
 the weight tile loads contiguous along N.
 
 Offsets are int32 inside a sample and int64 across the batch: one sample must stay under 2^31 elements.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
@@ -31,11 +30,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._host import cdiv, needs_op
+from ._host import cdiv, cpu_launch_ok, interpreting, launch, needs_op
 
 __all__ = ["channel_conv", "channel_conv_ref", "fill_indices", "conv_out_size"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # fixed at import, as triton.jit fixes it
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); small-M configs serve batch 1 at 7x7 / 14x14 maps.
@@ -181,7 +180,8 @@ def _launch(x: torch.Tensor, values: torch.Tensor, in_idx: torch.Tensor, out_idx
     def grid(meta):
         return (cdiv(m, meta["BLOCK_M"]), cdiv(n_out, meta["BLOCK_N"]) + cdiv(n_fill, meta["BLOCK_N"]))
 
-    _channel_conv_kernel[grid](
+    launch(
+        _channel_conv_kernel, grid,
         x, values, bias if bias is not None else y, y, in_idx, out_idx, fill_idx,
         m, h, w, oh, ow, n_in, n_out, n_fill,
         *x.stride(), *values.stride(), *y.stride(),
@@ -233,7 +233,7 @@ def channel_conv(x: torch.Tensor, values: torch.Tensor, in_idx: torch.Tensor, ou
     if not isinstance(c_out_full, int) or c_out_full < 1:
         raise ValueError(f"c_out_full must be a positive int, got {c_out_full!r}")
     _check(x, values, in_idx, out_idx, c_out_full, bias, fill_idx)
-    if x.device.type != "cuda" and not _INTERPRET:
+    if x.device.type != "cuda" and not cpu_launch_ok(_INTERPRET):
         raise RuntimeError("channel_conv runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); "
                            "use channel_conv_ref on CPU")
     if fill_idx is None:
@@ -262,3 +262,18 @@ def channel_conv_ref(x: torch.Tensor, values: torch.Tensor, in_idx: torch.Tensor
         y += bias.view(1, -1, 1, 1)
     y.index_add_(1, out_idx.long(), part)
     return y
+
+
+def compile_spec(block_m: int, block_n: int, block_k: int) -> tuple:
+    """Launch spec of a 3x3 fp16 conv on channels-last x and the backend's ``[kh, kw, n_in, n_out]`` weight,
+    as ``_launch`` calls the kernel: ``(kernel, signature, constexprs, args divisible by 16)`` for
+    ``sparsecore.compile_check``."""
+    fn = _channel_conv_kernel.fn
+    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": "*fp16", "w_ptr": "*fp16", "bias_ptr": "*fp16",
+                                              "y_ptr": "*fp16", "in_idx_ptr": "*i32", "out_idx_ptr": "*i32",
+                                              "fill_idx_ptr": "*i32"}
+    const = dict(KH=3, KW=3, HAS_BIAS=True, DOT_FP32=False, IS_NHWC=True, BLOCK_M=block_m, BLOCK_N=block_n,
+                 BLOCK_K=block_k, stride_xc=1, stride_wn=1)
+    aligned = ["x_ptr", "w_ptr", "bias_ptr", "y_ptr", "in_idx_ptr", "out_idx_ptr", "fill_idx_ptr", "stride_xb",
+               "stride_xh", "stride_xw", "stride_wc", "stride_wr", "stride_ws", "stride_yb", "stride_yh", "stride_yw"]
+    return fn, sig, const, aligned

@@ -24,28 +24,27 @@ element) leaves ~12 instructions, ~6 of them integer, per element. Two paths:
   the 2-bit fields in-thread and builds the tile's 4 columns with one compare-and-select per slot; other
   patterns use the general ``_expand_slots``.
 
-Counted offline from the sm_90 PTX of the main loop (triton 3.6): ~10 instructions (5 integer) per weight
-element for the gather at M = 1, 8-10 (5.3-6.6 integer) for the m = 4 tensor-core path on full tiles (the
-first expansion took 41-47). When even 16-row blocks of N
+Both paths stay within that budget in the sm_90 PTX of their main loops (``bench/results/ptx_counts_sm90_triton*.md``). When even 16-row
+blocks of N
 cannot fill the GPU (N < ~16 * #SMs), K is split over ``SPLIT_K`` programs writing fp32 partials that are
 summed in a fixed order afterwards (deterministic; no atomics). Configs are autotuned per (M bucket, N, K,
 n, m, SPLIT_K, dtype); under ``TRITON_INTERPRET=1`` one small config runs (``INTERPRET_GATHER`` picks the path).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, needs_op, next_pow2, num_sms
+from sparsecore.formats.nm import check_nm_params, position_bits, positions_row_bytes, unpack_positions
+
+from ._host import cdiv, empty, interpreting, launch, needs_op, next_pow2, num_sms
 
 __all__ = ["nm_matmul", "nm_matmul_prechecked", "check_packed", "nm_matmul_ref", "choose_split_k"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_BITS = {4: 2, 8: 3}
+_INTERPRET = interpreting()  # fixed at import, as triton.jit fixes it
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Which path the interpreter runs (on a GPU the autotuner tries both where both apply); tests flip it.
 INTERPRET_GATHER = False
@@ -58,11 +57,10 @@ def _autotune_bucket(m_rows: int) -> int:
 
 def _configs() -> list[triton.Config]:
     """Candidate tiles. Chosen offline (no GPU needed) by compiling for sm_90 with ptxas and counting the
-    main loop's PTX instructions per weight element, since at decode sizes instruction issue, not DRAM,
-    is what a careless expansion runs out of: the gather path takes ~10 per element at M = 1, the m = 4
-    tensor-core path 8-10 for up to 16 rows (a broadcast-multiply-and-reduce on CUDA cores took 47-134,
-    and was dropped). fp16/bf16 tiles do not spill; fp32 ``tl.dot`` in "ieee" precision does (FMA dot
-    layout): fp32 is supported for correctness, not tuned."""
+    main loop's PTX instructions per weight element (``bench/results/ptx_counts_sm90_triton*.md``), since at decode sizes instruction issue, not
+    DRAM, is what a careless expansion runs out of; a broadcast-multiply-and-reduce on CUDA cores costs
+    several times more than either path and is not a candidate. fp16/bf16 tiles do not spill; fp32 ``tl.dot``
+    in "ieee" precision does (FMA dot layout): fp32 is supported for correctness, not tuned."""
     cfgs = []
     # Gather tiles for M <= 4: no dense tile; each kept value meets x[:, its column].
     for bm, bn, bk, warps in ((1, 8, 256, 4), (1, 8, 512, 4), (1, 16, 256, 4), (1, 4, 512, 4), (1, 8, 1024, 8),
@@ -142,8 +140,8 @@ def _expand_m4(v_ptr, p_ptr, offs_n, n_ok, k0, g_end, stride_vn, stride_pn, row_
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
     """Dense (BN, BK) tile for m = 4 and n in (1, 2): each row's position bytes for the tile in one contiguous
     load, split in-thread into 2-bit fields, then per dense element one compare-and-select per slot
-    (counted offline for sm_90: ~4x fewer instructions than ``_expand_slots``, whose 4-D compare and
-    reduction dominate a decode loop). ``k0`` must be a multiple of 32, so the tile starts on a byte (one
+    (far fewer sm_90 instructions than ``_expand_slots``, whose 4-D compare and reduction dominate a decode
+    loop). ``k0`` must be a multiple of 32, so the tile starts on a byte (one
     byte holds 4 fields: 2 groups of 2:4, 4 of 1:4); ``EVEN`` (full tile) drops the masks. A gather of one
     byte per group instead fails to compile (triton 3.6, sm_90) for 64/128-row blocks."""
     BLOCK_G: tl.constexpr = BLOCK_K // 4
@@ -298,8 +296,7 @@ def choose_split_k(m_rows: int, n_out: int, k_dim: int, m: int, num_sms: int) ->
 
 def _check(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
            bias: Optional[torch.Tensor], dtypes: tuple[torch.dtype, ...] = _DTYPES) -> tuple[int, int, int]:
-    if not (isinstance(n, int) and isinstance(m, int)) or m not in _BITS or not 0 < n < m:
-        raise ValueError(f"n:m must be ints with m in (4, 8) and 0 < n < m, got n={n!r}, m={m!r}")
+    check_nm_params(n, m)
     for name, t in (("x", x), ("values", values), ("positions", positions)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -318,7 +315,7 @@ def _check(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: in
     if k_dim % m or slots != k_dim // m * n:
         raise ValueError(f"x has K={k_dim}; {n}:{m} values need K % {m} == 0 and shape [N, {k_dim // m * n}], "
                          f"got values {tuple(values.shape)}")
-    row_bytes = (slots * _BITS[m] + 7) // 8
+    row_bytes = positions_row_bytes(slots, m)
     if tuple(positions.shape) != (n_out, row_bytes):
         raise ValueError(f"positions must have shape {(n_out, row_bytes)}, got {tuple(positions.shape)}")
     if not values.is_contiguous() or not positions.is_contiguous():
@@ -333,15 +330,10 @@ def _check(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: in
     return m_rows, n_out, k_dim
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the launcher allocates comes from here (tests swap in a NaN-filled version)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
             bias: Optional[torch.Tensor], split_k: int) -> torch.Tensor:
     m_rows, n_out, k_dim = x.shape[0], values.shape[0], x.shape[1]
-    y = _empty((m_rows, n_out), x.dtype, x.device)
+    y = empty((m_rows, n_out), x.dtype, x.device)
     if m_rows == 0 or n_out == 0:
         return y
     if k_dim == 0:
@@ -352,7 +344,7 @@ def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: i
     k_per_split = cdiv(cdiv(k_dim, split_k), 32) * 32
     split_k = cdiv(k_dim, k_per_split)
     partial = split_k > 1
-    out = _empty((split_k, m_rows, n_out), torch.float32, x.device) if partial else y
+    out = empty((split_k, m_rows, n_out), torch.float32, x.device) if partial else y
 
     def grid(meta: dict) -> tuple[int, int, int]:
         return cdiv(n_out, meta["BLOCK_N"]), split_k, cdiv(m_rows, meta["BLOCK_M"])
@@ -361,16 +353,16 @@ def _launch(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: i
             m_rows, n_out, k_dim, k_per_split, _autotune_bucket(m_rows), split_k,
             x.stride(0), x.stride(1), values.stride(0), positions.stride(0),
             out.stride(0) if partial else 0, out.stride(-2))
-    meta = dict(NS=n, NS_P2=next_pow2(n), MS=m, BITS=_BITS[m],
+    meta = dict(NS=n, NS_P2=next_pow2(n), MS=m, BITS=position_bits(m),
                 HAS_BIAS=bias is not None, PARTIAL=partial,
                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                 DOT_UPCAST=_INTERPRET and x.dtype == torch.bfloat16)
     if _INTERPRET:
         # Triton 3.6's autotuner benchmarks even a lone config, which needs a GPU driver: launch it directly.
         (cfg,) = _prune(_configs(), {"M_BUCKET": _autotune_bucket(m_rows), "MS": m, "NS": n})
-        _nm_matmul_kernel.fn[grid](*args, **meta, **cfg.kwargs)
+        launch(_nm_matmul_kernel.fn, grid, *args, **meta, **cfg.kwargs)
     else:
-        _nm_matmul_kernel[grid](*args, **meta)
+        launch(_nm_matmul_kernel, grid, *args, **meta)
     if partial:
         acc = out.sum(0)  # fixed-order reduction of the fp32 partials: deterministic
         if bias is not None:
@@ -429,22 +421,19 @@ def nm_matmul_prechecked(x: torch.Tensor, values: torch.Tensor, positions: torch
 
 def check_packed(values: torch.Tensor, positions: torch.Tensor, n: int, m: int) -> None:
     """Validate the packed tensors alone (what ``nm_matmul_prechecked`` relies on); raises like ``nm_matmul``."""
-    if not isinstance(values, torch.Tensor) or values.dim() != 2 or not isinstance(m, int) or m not in _BITS:
-        raise ValueError(f"values must be a 2-D tensor and m one of {sorted(_BITS)}, got "
-                         f"{type(values).__name__} {tuple(getattr(values, 'shape', ()))}, m={m!r}")
-    if not isinstance(n, int) or not 0 < n < m or values.shape[1] % n:
-        raise ValueError(f"n must be an int in (0, {m}) dividing values' {values.shape[1]} slots, got {n!r}")
+    check_nm_params(n, m)
+    if not isinstance(values, torch.Tensor) or values.dim() != 2:
+        raise ValueError(f"values must be a 2-D tensor, got {type(values).__name__} "
+                         f"{tuple(getattr(values, 'shape', ()))}")
+    if values.shape[1] % n:
+        raise ValueError(f"n must divide values' {values.shape[1]} slots, got n={n}")
     k_dim = values.shape[1] // n * m
     _check(values.new_empty((0, k_dim)), values, positions, n, m, None)
     n_out, slots = values.shape
     if n_out and slots and n > 1:  # canonical form: each group's positions strictly increasing
-        bits, shifts = _BITS[m], torch.arange(8, dtype=torch.uint8, device=positions.device)
-        chunk = max(1, (1 << 22) // positions.shape[1])  # rows per step: a few tens of MB of temporaries
+        chunk = max(1, (1 << 22) // positions.shape[1])  # rows per step: bounds the unpacking temporaries
         for r0 in range(0, n_out, chunk):
-            stream = (positions[r0: r0 + chunk, :, None] >> shifts) & 1                     # (R, bytes, 8)
-            fields = stream.reshape(stream.shape[0], -1)[:, : slots * bits].reshape(-1, slots, bits)
-            pos = (fields.to(torch.int32) << torch.arange(bits, device=positions.device, dtype=torch.int32)).sum(-1)
-            pos = pos.reshape(-1, slots // n, n)
+            pos = unpack_positions(positions[r0: r0 + chunk], slots, m).reshape(-1, slots // n, n)
             bad = (pos[..., 1:] <= pos[..., :-1]).any(-1)
             if bool(bad.any()):
                 r, g = (int(i) for i in bad.nonzero()[0])
@@ -468,11 +457,7 @@ def nm_matmul_ref(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
     _check(x, values, positions, n, m, bias, _DTYPES + (torch.float64,))
     n_out, slots = values.shape
     groups = slots // n
-    shifts = torch.arange(8, device=positions.device)
-    stream = ((positions.to(torch.int64)[..., None] >> shifts) & 1).reshape(n_out, -1)
-    bits = _BITS[m]
-    used = stream[:, : slots * bits].reshape(n_out, slots, bits)
-    pos = (used << torch.arange(bits, device=positions.device)).sum(-1).reshape(n_out, groups, n)
+    pos = unpack_positions(positions, slots, m).reshape(n_out, groups, n)
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = torch.zeros(n_out, groups, m, dtype=cdt, device=values.device)
     w.scatter_(-1, pos, values.reshape(n_out, groups, n).to(cdt))
@@ -480,3 +465,18 @@ def nm_matmul_ref(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
     if bias is not None:
         y = y + bias.to(cdt)
     return y.to(x.dtype)
+
+
+def compile_spec(kw: dict, *, n: int = 2, m: int = 4, even: bool = True, dtype: str = "*fp16") -> tuple:
+    """Launch spec of config ``kw`` (BLOCK_M/N/K, GATHER) for ``n:m``, as ``_launch`` calls the kernel:
+    ``(kernel, signature, constexprs, args Triton may assume divisible by 16)`` for
+    ``sparsecore.compile_check``. ``even``: whole tiles (sizes and strides divisible by 16, no masks)."""
+    fn = _nm_matmul_kernel.fn.fn  # autotuner -> heuristics -> kernel
+    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": dtype, "v_ptr": dtype, "p_ptr": "*u8", "b_ptr": dtype,
+                                              "y_ptr": dtype}
+    const = dict(stride_xk=1, stride_ys=0, SPLIT_K=1, NS=n, NS_P2=next_pow2(n), MS=m, BITS=position_bits(m), HAS_BIAS=True,
+                 PARTIAL=False, DOT_PRECISION="tf32", DOT_UPCAST=False, EVEN=even, **kw)
+    aligned = ["x_ptr", "v_ptr", "p_ptr", "b_ptr", "y_ptr"]
+    if even:
+        aligned += ["N", "K", "K_PER_SPLIT", "stride_xm", "stride_vn", "stride_pn", "stride_ym"]
+    return fn, sig, const, aligned

@@ -9,7 +9,7 @@ block of values and columns (row segments are 16-element aligned, so these are 1
 ``x[:, col]`` (x is a few KB per row: it stays in L1/L2) and accumulates the products element-wise,
 reduced once after the loop (no cross-lane traffic inside it). For M > 1 the launcher passes x^T padded to
 whole row blocks (one small copy), so a kept value's ``BLOCK_M`` x values are one vector load with no row
-mask: 78 PTX instructions (15 integer) per kept value at M = 16 instead of 210 (70). Work
+mask, a fraction of the instructions per kept value that masked row loads take (``bench/results/ptx_counts_sm90_triton*.md``). Work
 and bytes are proportional to the kept values, not to the dense size (see the layout's docstring for why
 the bitmap kernel cannot do that). Entries past a row's length are masked, so padding is never read and
 a non-finite ``x`` at a column whose weights were all pruned does not reach ``y`` (pruned weights are
@@ -18,7 +18,6 @@ absent, not zeros that multiply). Configs are autotuned per (M bucket, N, K, C);
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -27,11 +26,11 @@ import triton.language as tl
 
 from sparsecore.formats.sell import ALIGN, MAX_K, SellLayout
 
-from ._host import cdiv, needs_op, next_pow2
+from ._host import cdiv, cpu_launch_ok, empty, interpreting, launch, needs_op, next_pow2
 
 __all__ = ["sell_matmul", "sell_matmul_ref", "check_layout"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # fixed at import, as triton.jit fixes it
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # BLOCK_M * C * BLOCK_J elements of the gathered x block live in registers: at most 64 per thread and 8192
 # in all (compiled offline for sm_90: larger blocks spill with 2 warps under triton 3.9).
@@ -151,7 +150,7 @@ def sell_matmul(x: torch.Tensor, layout: SellLayout, bias: Optional[torch.Tensor
                              or bias.stride(0) != 1):
         raise ValueError(f"bias must be a contiguous {x.dtype} [{layout.n}] tensor on {x.device}, got "
                          f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")
-    if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
+    if not (x.is_cuda or (cpu_launch_ok(_INTERPRET) and x.device.type == "cpu")):
         raise ValueError(f"sell_matmul: Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), x is on {x.device}")
     args = (x, layout.values, layout.cols, layout.row_len, layout.base, layout.width, bias, layout.slice_rows)
     if needs_op(x, bias):
@@ -165,16 +164,11 @@ def _interpreter_config(bucket: int, slice_rows: int) -> dict:
     return dict(cfg.kwargs)
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output allocation; a module-level hook so tests can poison it with NaN."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _launch(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_len: torch.Tensor, base: torch.Tensor,
             width: torch.Tensor, bias: Optional[torch.Tensor], slice_rows: int) -> torch.Tensor:
     m, k = x.shape
     n = row_len.shape[0]
-    y = _empty((m, n), x.dtype, x.device)
+    y = empty((m, n), x.dtype, x.device)
     if m == 0 or n == 0:
         return y
     if values.numel() == 0:  # every row empty: the kernel's loops are empty, but give it valid pointers
@@ -185,7 +179,7 @@ def _launch(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_len: 
         # x^T with its rows padded to a multiple of 16, which every BLOCK_M (a power of two <= 16) divides, so
         # no row needs a mask; a kept value's BLOCK_M x values are contiguous, and a row stride divisible by
         # 16 lets Triton prove the alignment that makes them one vector load.
-        xt = _empty((k, cdiv(m, 16) * 16), x.dtype, x.device)
+        xt = empty((k, cdiv(m, 16) * 16), x.dtype, x.device)
         xt[:, :m].copy_(x.t())
         x = xt.t()
 
@@ -196,9 +190,9 @@ def _launch(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_len: 
             m, n, k, next_pow2(m), x.stride(0), x.stride(1), y.stride(0))
     meta = dict(C=slice_rows, ALIGN_=ALIGN, HAS_BIAS=bias is not None)
     if _INTERPRET:  # Triton 3.6's autotuner benchmarks even a lone config (needs a driver): launch it directly
-        _sell_matmul_kernel.fn[grid](*args, **meta, **_interpreter_config(next_pow2(m), slice_rows))
+        launch(_sell_matmul_kernel.fn, grid, *args, **meta, **_interpreter_config(next_pow2(m), slice_rows))
     else:
-        _sell_matmul_kernel[grid](*args, **meta)
+        launch(_sell_matmul_kernel, grid, *args, **meta)
     return y
 
 
@@ -232,3 +226,19 @@ def sell_matmul_ref(x: torch.Tensor, layout: SellLayout, bias: Optional[torch.Te
     if bias is not None:
         y = y + bias.to(cdt)
     return y.to(x.dtype)
+
+
+def compile_spec(kw: dict) -> tuple:
+    """Launch spec of config ``kw`` (BLOCK_M, BLOCK_J) on 16-row slices, as ``_launch`` calls the kernel:
+    M = 1 reads x as given (unit K stride), M > 1 the launcher's x^T padded to 16 rows (unit M stride).
+    ``(kernel, signature, constexprs, args divisible by 16)`` for ``sparsecore.compile_check``."""
+    fn = _sell_matmul_kernel.fn
+    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": "*fp16", "v_ptr": "*fp16", "c_ptr": "*i16", "len_ptr": "*i32",
+                                              "base_ptr": "*i64", "width_ptr": "*i32", "b_ptr": "*fp16",
+                                              "y_ptr": "*fp16"}
+    one_row = kw["BLOCK_M"] == 1
+    const = dict(M=1, M_BUCKET=1, stride_xk=1) if one_row else dict(stride_xm=1)
+    const.update(C=16, ALIGN_=16, HAS_BIAS=True, **kw)
+    aligned = ["x_ptr", "v_ptr", "c_ptr", "len_ptr", "base_ptr", "width_ptr", "b_ptr", "y_ptr", "N", "K",
+               "stride_xm" if one_row else "stride_xk", "stride_ym"]
+    return fn, sig, const, aligned

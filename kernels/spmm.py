@@ -14,15 +14,13 @@ registers and reduces once at the end; from M = 3 up ``tl.dot`` runs on a 16/32/
 ``SPLIT_K > 1`` gives enough programs at M = 1 (N = 4096 has only 256 tile rows for 132 SMs) and
 accumulates fp32 partials with atomics into a zeroed workspace that is cast once at the end.
 
-Cost (``python -m bench.ptx_counts``, sm_90, triton 3.6): 12 PTX instructions per dense weight element at
-M = 1, 6 of them integer (was 44-66 with a prefix sum over every entry); 12 (6.5) for the 16-row
-tensor-core block on whole K tiles. The work is per *dense* entry, so it does not shrink with sparsity:
-from about 75% sparsity the TRITON_SELL backend (work per kept value) is the faster decode; below that
-this kernel's bytes win.
+Cost: a fixed number of instructions per *dense* weight element, so the work does not shrink with
+sparsity: at high sparsity the TRITON_SELL backend (work per kept value) is the faster decode; below that
+this kernel's bytes win, and the planner measures where the crossover lies. Instructions per element per
+path: ``bench/results/ptx_counts_sm90_triton*.md`` (``python -m bench.ptx_counts``).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -31,11 +29,11 @@ from triton.language.extra import libdevice
 
 from sparsecore.formats.unstructured import MAX_TILE_ELEMS, TILE_K_CHOICES, TILE_N_CHOICES, decode_matrix
 
-from ._host import cdiv, needs_op, next_pow2
+from ._host import cdiv, cpu_launch_ok, empty, interpreting, launch, launched_config, needs_op, next_pow2
 
 __all__ = ["spmm", "spmm_prechecked", "check_packed", "spmm_ref"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # fixed at import, as triton.jit fixes it
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -168,9 +166,9 @@ _spmm_autotuned = triton.autotune(configs=_configs(), key=["m_bucket", "N", "K",
 
 
 def _block_m(m: int) -> int:
-    """Rows per program: 1-2 decode in registers; from 3 rows a 16-row tensor-core block is cheaper (sm_90
-    PTX, default 32 x 128 tiles: 12.3 instructions, 6.5 integer, per element against 23.1 and 11.5 for a 4-row
-    register decode, which needs 8 warps to hold its accumulators)."""
+    """Rows per program: 1-2 decode in registers; from 3 rows a 16-row tensor-core block takes fewer
+    instructions per element than a 4-row register decode, which also needs 8 warps to hold its
+    accumulators (``bench/results/ptx_counts_sm90_triton*.md``, the 4-row and 16-row spmm rows)."""
     if m <= 2:
         return m
     return 16 if m <= 16 else (32 if m <= 32 else 64)
@@ -179,11 +177,6 @@ def _block_m(m: int) -> int:
 def _autotune_bucket(m: int, block_m: int) -> int:
     """Power-of-two count of row blocks: the autotuner keys on it (not on every distinct M)."""
     return next_pow2(cdiv(m, block_m))
-
-
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output allocation; a module-level hook so tests can poison it with NaN."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _check(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torch.Tensor, n: int,
@@ -221,7 +214,7 @@ def _check(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_off
             raise ValueError(f"spmm: {name} is on {t.device}, x on {x.device}")
         if not t.is_contiguous():
             raise ValueError(f"spmm: {name} must be contiguous (pack it once, do not pass views)")
-    if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
+    if not (x.is_cuda or (cpu_launch_ok(_INTERPRET) and x.device.type == "cpu")):
         raise ValueError(f"spmm: Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), x is on {x.device}")
 
 
@@ -229,10 +222,10 @@ def _launch(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_of
             bias: torch.Tensor | None, split_k: int) -> torch.Tensor:
     m, k = x.shape
     _, n_k_tiles, tile_n, words = bitmap.shape
-    out = _alloc((m, n), x.dtype, x.device)
+    out = empty((m, n), x.dtype, x.device)
     if m == 0 or n == 0:
         return out
-    ws = _alloc((m, n), torch.float32, x.device)
+    ws = empty((m, n), torch.float32, x.device)
     if values.numel() == 0:  # 100% sparse: every load is masked, but give the kernel a valid pointer
         values = torch.zeros(1, dtype=x.dtype, device=x.device)
     block_m = _block_m(m)
@@ -251,11 +244,11 @@ def _launch(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_of
             ws.zero_()
         # the warps _prune would leave: 8 where 4 would hold too many decode accumulators per thread
         warps = 8 if block_m < 16 and block_m * tile_n * 32 * words > _MAX_ACC_PER_THREAD * 32 * 4 else 4
-        _spmm_kernel[grid](*args, SPLIT_K=split_k, num_warps=warps, **meta)
+        launch(_spmm_kernel, grid, *args, SPLIT_K=split_k, num_warps=warps, **meta)
         used = split_k
     else:
-        _spmm_autotuned[grid](*args, **meta)
-        used = _spmm_autotuned.best_config.kwargs["SPLIT_K"]
+        launch(_spmm_autotuned, grid, *args, **meta)
+        used = launched_config(_spmm_autotuned)["SPLIT_K"]
     if used > 1:
         out.copy_(ws)
     return out
@@ -346,3 +339,20 @@ def _check_ref(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, n: i
     tk, tile_k = bitmap.shape[1], 32 * bitmap.shape[3]
     if -(-x.shape[1] // tile_k) != tk or -(-n // bitmap.shape[2]) != bitmap.shape[0]:
         raise ValueError(f"spmm_ref: x [M, {x.shape[1]}] and n={n} do not match bitmap {tuple(bitmap.shape)}")
+
+
+def compile_spec(block_m: int, tile_n: int, tile_k: int) -> tuple:
+    """Launch spec on whole K tiles of ``tile_n x tile_k`` with ``block_m`` rows per program (M = 1 when 1),
+    as ``_launch`` calls the kernel: ``(kernel, signature, constexprs, args divisible by 16)`` for
+    ``sparsecore.compile_check``."""
+    fn = _spmm_kernel
+    sig = {a: "i32" for a in fn.arg_names} | {"x_ptr": "*fp16", "bitmap_ptr": "*i32", "values_ptr": "*fp16",
+                                              "offsets_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
+                                              "ws_ptr": "*fp32"}
+    const = dict(stride_xk=1, HAS_BIAS=True, TILE_N=tile_n, TILE_K=tile_k, BLOCK_M=block_m, SPLIT_K=1,
+                 DOT_PRECISION=None, DOT_UPCAST=False, HW_POPC=True, EVEN_K=True)
+    if block_m == 1:
+        const.update(M=1, m_bucket=1)
+    aligned = ["x_ptr", "bitmap_ptr", "values_ptr", "offsets_ptr", "bias_ptr", "out_ptr", "ws_ptr", "N", "K",
+               "n_k_tiles", "stride_xm", "stride_om"]
+    return fn, sig, const, aligned

@@ -19,12 +19,14 @@ import torch
 from torch import nn
 
 from . import io, planner
+from .cli.errors import check_device, positive
+from .compare import LatencyComparison, compare_latency
 from .config import SparsityConfig
+from .models.resnet import resnet18
 from .models.transformer import DecoderBlock
 from .pruning.base import masked_copy
 from .pruning.magnitude import magnitude_masks
 from .sparsify import sparse_modules, sparsify
-from .timing import time_interleaved_ms
 
 _TOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
@@ -34,8 +36,7 @@ class CaseResult:
     name: str
     dense_mb: float
     packed_mb: float
-    dense_ms: float
-    sparse_ms: float
+    latency: LatencyComparison
     max_err: float
     tol: float
     backends: str
@@ -78,8 +79,7 @@ def run_case(name: str, make_model, x: torch.Tensor, config: SparsityConfig, fil
         out = sparse(x)
         err = float((out.double() - ref).abs().max())
         tol = _TOL[x.dtype] * max(1.0, float(ref.abs().max()))
-        times = time_interleaved_ms({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, x.device, rep=rep)
-        dense_ms, sparse_ms = times["dense"], times["sparse"]
+        latency = compare_latency(dense, sparse, (x,), rep=rep)
         with tempfile.TemporaryDirectory() as tmp:
             path = io.save(sparse, Path(tmp) / f"{name}.safetensors", config=config)
             reloaded = io.load(path, make_model().eval()).to(x.device)
@@ -92,8 +92,8 @@ def run_case(name: str, make_model, x: torch.Tensor, config: SparsityConfig, fil
             # algorithm (e.g. oneDNN) for freshly allocated tensors.
             reloaded_equal = stored_exact and float((reloaded(x).double() - out.double()).abs().max()) <= tol
     chosen = sorted({d.chosen for d in decisions})
-    return CaseResult(name, _model_bytes(dense) / 2**20, _model_bytes(sparse) / 2**20, dense_ms,
-                      sparse_ms, err, tol, "+".join(chosen), reloaded_equal)
+    return CaseResult(name, _model_bytes(dense) / 2**20, _model_bytes(sparse) / 2**20, latency,
+                      err, tol, "+".join(chosen), reloaded_equal)
 
 
 def _cases(device: torch.device, small: bool):
@@ -108,40 +108,49 @@ def _cases(device: torch.device, small: bool):
         ("decoder unstructured 90%", block, tokens, SparsityConfig("unstructured", 0.9), None),
         ("decoder unstructured 50%", block, tokens, SparsityConfig("unstructured", 0.5), None),
     ]
-    try:
-        from .models.resnet import resnet18
-    except ImportError:
-        return cases
-    image = torch.randn(1, 3, 32 if small else 64, 32 if small else 64, device=device)
-    cases.append(("resnet18 unstructured 70%", lambda: resnet18(num_classes=10), image,
-                  SparsityConfig("unstructured", 0.7), None))
-    cases.append(("resnet18 channel 50% slim", lambda: resnet18(num_classes=10), image,
-                  SparsityConfig("channel", 0.5), lambda mod, fqn: fqn != "fc"))  # keep all 10 classes
+    side, width = (32, 16) if small else (64, 64)
+    image = torch.randn(1, 3, side, side, device=device)
+
+    def net() -> nn.Module:
+        return resnet18(num_classes=10, width=width)
+
+    cases.append(("resnet18 unstructured 70%", net, image, SparsityConfig("unstructured", 0.7), None))
+    cases.append(("resnet18 channel 50% slim", net, image, SparsityConfig("channel", 0.5),
+                  lambda mod, fqn: fqn != "fc"))  # keep all 10 classes
     return cases
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run every demo case; print a table; exit 1 if any output check fails."""
-    ap = argparse.ArgumentParser(prog="sparsecore demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--small", action="store_true", help="smaller models (seconds instead of a minute)")
-    ap.add_argument("--rep", type=int, default=20, help="timed repetitions per measurement (median)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The demo's options (shared by ``python -m sparsecore.demo`` and ``sparsecore demo``)."""
+    ap.add_argument("--small", action="store_true", help="smaller models and fewer repetitions (a quick run)")
+    ap.add_argument("--rep", type=positive, help="timed pairs (dense, sparse) per case (default 20; 8 with --small)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda[:N] (default: cuda when available)")
+    ap.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every demo case; print a table; return 1 if any output check fails."""
+    device = check_device(args.device)
+    rep = args.rep or (8 if args.small else 20)
     print(f"sparsecore demo on {device} (torch {torch.__version__}, {torch.get_num_threads()} CPU threads)")
-    header = f"{'case':<28}{'dense MB':>9}{'sparse MB':>10}{'dense ms':>10}{'sparse ms':>10}{'speedup':>8}  {'max err':>9}  backends"
+    header = (f"{'case':<28}{'dense MB':>9}{'sparse MB':>10}{'dense ms':>10}{'sparse ms':>10}{'speedup':>9}"
+              f"{'(IQR)':>13}  {'max err':>9}  backends")
     print(header)
     print("-" * len(header))
     failed = []
     for name, make_model, x, config, filter_fn in _cases(device, args.small):
-        r = run_case(name, make_model, x, config, filter_fn, args.rep)
+        r = run_case(name, make_model, x, config, filter_fn, rep)
         mark = "" if r.ok else "  <-- FAILED (" + ("error over tolerance" if r.max_err > r.tol else "reloaded model differs") + ")"
-        print(f"{r.name:<28}{r.dense_mb:>9.2f}{r.packed_mb:>10.2f}{r.dense_ms:>10.3f}{r.sparse_ms:>10.3f}"
-              f"{r.dense_ms / r.sparse_ms:>7.2f}x  {r.max_err:>9.2e}  {r.backends}{mark}")
+        t = r.latency
+        spread = f"{t.ratio_q1:.2f}-{t.ratio_q3:.2f}x"
+        print(f"{r.name:<28}{r.dense_mb:>9.2f}{r.packed_mb:>10.2f}{t.dense_ms:>10.3f}{t.sparse_ms:>10.3f}"
+              f"{t.ratio:>8.2f}x{spread:>13}  {r.max_err:>9.2e}  {r.backends}{mark}")
         if not r.ok:
             failed.append(name)
-    print("\nMB: all parameters and buffers of the model (what its file holds); latency: median of the whole")
-    print("model's forward pass, both measured in this run.")
+    print(f"\nMB: all parameters and buffers of the model (what its file holds); latency: medians of the whole")
+    print(f"model's forward pass over {rep} interleaved (dense, sparse) pairs; speedup: ratio of the medians,")
+    print("with the quartiles (IQR) of the per-pair ratios dense / sparse.")
     print("verification: sparse output vs the masked dense model in float64; after save/load every stored tensor")
     print("is compared bit for bit and the output again within tolerance.")
     if failed:
@@ -149,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print("all outputs verified")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sparsecore.demo [options]``: the same as ``sparsecore demo [options]``."""
+    from .cli import main as cli_main
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

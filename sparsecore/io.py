@@ -27,7 +27,7 @@ from torch import nn
 
 from . import __version__
 from .backends import Backend
-from .channel.slim import is_slimmed, mark_slimmed
+from .channel.slim import is_slimmed, mark_slimmed, set_channel_counts
 from .config import SparsityConfig
 from .formats import FORMATS
 from .formats.base import FormatError, PackedWeight
@@ -215,17 +215,8 @@ def _resize_like_file(model: nn.Module, tensors: dict[str, torch.Tensor], sparse
             setattr(mod, name, nn.Parameter(torch.empty_like(t), requires_grad=cur.requires_grad))
         else:
             setattr(mod, name, torch.empty_like(t))
-        if name != "weight":
-            continue
-        if isinstance(mod, nn.Linear):
-            mod.out_features, mod.in_features = t.shape
-        elif isinstance(mod, nn.Conv2d):
-            if mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:  # depthwise stays depthwise
-                mod.in_channels = mod.out_channels = mod.groups = t.shape[0]
-            else:
-                mod.out_channels, mod.in_channels = t.shape[0], t.shape[1] * mod.groups
-        else:
-            mod.num_features = t.shape[0]
+        if name == "weight":
+            set_channel_counts(mod, tuple(t.shape))
 
 
 def load(path: str | Path, model: nn.Module, device: torch.device | str | None = None) -> nn.Module:

@@ -139,7 +139,12 @@ def select(model: nn.Module, pattern: str, m: int = 4, filter_fn=None, prune_out
     ``filter_fn(module, fqn) -> bool`` narrows the selection; for the channel pattern the output layer is
     left out unless ``prune_output``.
     """
+    from .pruning.rules import rule_for
+
     ok, skipped = candidate_layers(model, pattern, m)
+    fits = rule_for(pattern).fits
+    for fqn in [f for f, mod in ok.items() if not fits(mod, m)]:
+        skipped[fqn] = (ok.pop(fqn), f"does not fit the {pattern!r} selection rule")
     # a lone layer is the user's explicit target, not a head to protect
     head = output_layer(model) if pattern == "channel" and not prune_output and len(ok) > 1 else None
     selected = {}

@@ -65,8 +65,8 @@ def from_matrix(mat: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch
         if tuple(mat.shape) != (c_out, kh * kw * c_in):
             raise ValueError(f"matrix shape {tuple(mat.shape)} does not match conv shape {shape}")
         # clone, not .contiguous(): for 1x1 kernels the permuted view already counts as contiguous but keeps
-        # channels-last strides, which oneDNN/cuDNN then propagate to every later activation (measured 5-7%
-        # slower ResNet-50 on CPU). The clone has the standard strides of a freshly made weight.
+        # channels-last strides, which oneDNN/cuDNN then propagate to every later activation, slowing the whole
+        # model. The clone has the standard strides of a freshly made weight.
         return mat.reshape(c_out, kh, kw, c_in).permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
     raise ValueError(f"expected a 2-D or 4-D shape, got {shape}")
 

@@ -49,12 +49,12 @@ def pack(weight: torch.Tensor, mask: torch.Tensor, config: SparsityConfig | str,
          ) -> PackedWeight:
     """Pack ``weight`` under ``mask`` in the format ``config.pattern`` names, with the parameters it declares.
 
-    ``config`` may also be a pattern name (a registered format kind) with ``n``/``m`` for N:M.
+    ``config`` may also be a pattern name (a registered format kind), with ``n``/``m`` for N:M.
     """
     if isinstance(config, str):
         if config not in FORMATS:
             raise ValueError(f"pattern must be one of {sorted(FORMATS)}, got {config!r}")
-        config = SparsityConfig(config, n=n, m=m) if config == "nm" else SparsityConfig(config)
+        config = SparsityConfig(config, n=n, m=m)
     if not isinstance(config, SparsityConfig):
         raise TypeError(f"config must be a SparsityConfig or a pattern name, got {type(config).__name__}")
     fmt = config.format

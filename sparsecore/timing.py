@@ -8,23 +8,30 @@ from typing import Callable
 import torch
 
 
-def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 3, rep: int = 20) -> float:
-    """Median wall time of ``fn()`` in milliseconds; warm-up runs are not timed.
+_now = time.perf_counter  # the host clock (seconds); tests swap in a fake one
 
-    CUDA: ``triton.testing.do_bench`` (median, L2 cache flushed between runs). CPU: median of ``rep``
-    ``time.perf_counter`` samples after ``warmup`` untimed calls.
+
+def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int | None = None,
+            rep: int | None = None) -> float:
+    """Median time of ``fn()`` in milliseconds; warm-up runs are not timed.
+
+    CPU: median of ``rep`` (default 20) host-clock samples after ``warmup`` (default 3) untimed calls.
+    CUDA: ``triton.testing.do_bench`` (median, L2 cache flushed between runs), which sizes its warm-up and
+    timed runs to fill ``warmup`` and ``rep`` *milliseconds* (default 25 and 100): on a GPU a count of
+    runs that suits a 10 us kernel does not suit a 10 ms one.
     """
     device = torch.device(device)
     if device.type == "cuda":
         from triton.testing import do_bench
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    for _ in range(warmup):
+        return float(do_bench(fn, warmup=25 if warmup is None else warmup, rep=100 if rep is None else rep,
+                              return_mode="median"))
+    for _ in range(3 if warmup is None else warmup):
         fn()
     samples = []
-    for _ in range(rep):
-        t0 = time.perf_counter()
+    for _ in range(20 if rep is None else rep):
+        t0 = _now()
         fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
+        samples.append((_now() - t0) * 1e3)
     return statistics.median(samples)
 
 
@@ -53,9 +60,9 @@ def host_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int
     with torch.cuda.device(device):
         for _ in range(rep):
             torch.cuda._sleep(_BUSY_CYCLES)  # the stream is busy for ~1 ms: issuing cannot block on the GPU
-            t0 = time.perf_counter()
+            t0 = _now()
             fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+            samples.append((_now() - t0) * 1e3)
     torch.cuda.synchronize(device)
     return statistics.median(samples)
 
@@ -103,9 +110,9 @@ def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.devi
     order = list(fns.items())
     for i in range(rep):
         for name, fn in (order if i % 2 == 0 else order[::-1]):  # a, b, b, a, ...: no contender always goes first
-            t0 = time.perf_counter()
+            t0 = _now()
             fn()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
+            samples[name].append((_now() - t0) * 1e3)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from helpers import seeded  # noqa: E402,F401  (re-exported fixture)
+from helpers import poisoned, seeded  # noqa: E402,F401  (re-exported fixtures)
 
 
 @pytest.fixture(autouse=True)

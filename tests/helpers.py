@@ -32,6 +32,15 @@ def nonzero_randn(*shape: int, dtype: torch.dtype = torch.float32, generator: to
 
 
 @pytest.fixture
+def poisoned():
+    """Every buffer a kernel launcher allocates starts as NaN, so unwritten elements fail the comparison."""
+    from sparsecore.kernels._host import poisoned_buffers
+
+    with poisoned_buffers():
+        yield
+
+
+@pytest.fixture
 def seeded(request) -> torch.Generator:
     """A freshly seeded generator per test; the seed is printed so a failure can be replayed."""
     seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF

@@ -1,7 +1,5 @@
 """The ``sparsecore`` command, run in-process: prune -> file -> inspect, numbers checked against the file's model."""
 import json
-import sys
-import types
 
 import pytest
 import torch
@@ -9,10 +7,12 @@ from safetensors.torch import save_file
 
 import sparsecore as sc
 from sparsecore import cli
+from sparsecore.cli import cmd_prune, methods, zoo
 from sparsecore.models.resnet import resnet18
 from sparsecore.models.transformer import DecoderBlock
 
 DEC = ["--model", "decoder", "--dim", "32", "--hidden", "48", "--heads", "2"]
+RND = [*DEC, "--random-init"]
 CASES = [(["--pattern", "nm"], sc.SparsityConfig("nm", n=2, m=4), "float32"),
          (["--pattern", "nm", "--n", "1", "--m", "8"], sc.SparsityConfig("nm", n=1, m=8), "float32"),
          (["--pattern", "unstructured", "--sparsity", "0.8"], sc.SparsityConfig("unstructured", 0.8), "float16"),
@@ -39,15 +39,18 @@ def _seed(gen: torch.Generator) -> int:
 def test_prune_then_inspect_matches_the_saved_model(tmp_path, capsys, seeded, args, config, dtype):
     seed, out = _seed(seeded), tmp_path / "m.safetensors"
     torch.manual_seed(seed)
-    rc, text, err = _run(capsys, "prune", *DEC, *args, "--dtype", dtype, "--out", out)
+    rc, text, err = _run(capsys, "prune", *RND, *args, "--dtype", dtype, "--out", out)
     assert rc == 0, err
     # The same random init, pruned by the library directly, is what the file must hold.
     torch.manual_seed(seed)
-    ref = DecoderBlock(32, 48, 2).to(cli.DTYPES[dtype])
+    ref = DecoderBlock(32, 48, 2).to(cmd_prune.DTYPES[dtype])
     masks = sc.magnitude_masks(ref, config)
     loaded = sc.load(out, DecoderBlock(32, 48, 2))
     mods = sc.sparse_modules(loaded)
     assert set(mods) == set(masks) and len(mods) == 7
+    rebuilt = sc.load(out, cli.skeleton_from_file(out))  # the skeleton the file records
+    assert rebuilt.state_dict().keys() == loaded.state_dict().keys()
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in loaded.state_dict().items())
     for fqn, mod in mods.items():
         w = ref.get_submodule(fqn).weight
         assert torch.equal(mod.dense_weight(), torch.where(masks[fqn], w, torch.zeros_like(w))), fqn
@@ -82,7 +85,7 @@ def test_prune_then_inspect_matches_the_saved_model(tmp_path, capsys, seeded, ar
 
 def test_conv_model_channel_and_exclude(tmp_path, capsys):
     out = tmp_path / "r.safetensors"
-    rc, text, err = _run(capsys, "prune", "--model", "resnet18", "--width", "4", "--num-classes", "5", "--pattern",
+    rc, text, err = _run(capsys, "prune", "--model", "resnet18", "--width", "4", "--num-classes", "5", "--random-init", "--pattern",
                          "channel", "--sparsity", "0.5", "--exclude", "fc", "--exclude", "conv1", "--out", out)
     assert rc == 0, err
     mods = sc.sparse_modules(sc.load(out, resnet18(num_classes=5, width=4)))
@@ -116,7 +119,7 @@ def test_checkpoint_is_what_gets_pruned(tmp_path, capsys, seeded):
 
 def test_plan_reports_a_backend_per_layer(tmp_path, capsys):
     out = tmp_path / "m.safetensors"
-    rc, text, err = _run(capsys, "prune", *DEC, "--pattern", "unstructured", "--sparsity", "0.9", "--plan",
+    rc, text, err = _run(capsys, "prune", *RND, "--pattern", "unstructured", "--sparsity", "0.9", "--plan",
                          "--batch", "2", "--out", out)
     assert rc == 0, err
     header, *rows = [ln for ln in text.splitlines() if ln.startswith(("layer ", "attn.", "gate", "up", "down"))]
@@ -153,9 +156,11 @@ def bad_files(tmp_path):
     ckpt_bad = tmp_path / "ckpt.safetensors"
     save_file({"nonsense": torch.zeros(2)}, str(ckpt_bad))
     return {"junk": junk, "foreign": foreign, "trunc": trunc, "ckpt": ckpt_bad, "missing": tmp_path / "nope",
+            "good": good,
             "bogus": bogus, "badshape": badshape}
 
 
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 BAD = [
     (["inspect", "{missing}"], "no such file"),
     (["inspect", "{junk}"], "not a readable safetensors"),
@@ -163,74 +168,94 @@ BAD = [
     (["inspect", "{trunc}"], "truncated or corrupt"),
     (["inspect", "{bogus}"], "layer 'gate_proj': unknown packed format 'bogus'"),
     (["inspect", "{badshape}"], "layer 'gate_proj'"),
+    (["inspect", "{tmp}"], "is a directory"),
     (["prune", *DEC, "--pattern", "nm", "--checkpoint", "{ckpt}", "--out", "{out}"], "does not fit this model"),
     (["prune", *DEC, "--pattern", "nm", "--checkpoint", "{missing}", "--out", "{out}"], "does not exist"),
-    (["prune", "--model", "gpt5", "--pattern", "nm", "--out", "{out}"], "invalid choice"),
-    (["prune", *DEC, "--pattern", "unstructured", "--sparsity", "1.5", "--out", "{out}"], "in [0, 1]"),
-    (["prune", *DEC, "--pattern", "unstructured", "--out", "{out}"], "--sparsity is required"),
-    (["prune", *DEC, "--pattern", "nm", "--sparsity", "0.9", "--out", "{out}"], "contradicts 2:4"),
-    (["prune", *DEC, "--pattern", "nm", "--n", "3", "--m", "5", "--out", "{out}"], "m in (4, 8)"),
-    (["prune", *DEC, "--pattern", "nm", "--method", "oracle", "--out", "{out}"], "unknown pruning method 'oracle'"),
-    (["prune", *DEC, "--width", "8", "--pattern", "nm", "--out", "{out}"], "does not take --width"),
-    (["prune", *DEC, "--pattern", "nm", "--exclude", "*", "--out", "{out}"], "no layer of 'decoder'"),
-    (["prune", *DEC, "--pattern", "nm", "--backend", "triton_nm", "--plan", "--out", "{out}"], "triton"),
-    (["prune", *DEC, "--pattern", "nm", "--batch", "0", "--out", "{out}"], "positive integer"),
+    (["prune", "--model", "gpt5", "--random-init", "--pattern", "nm", "--out", "{out}"], "unknown model 'gpt5'"),
+    (["prune", *RND, "--pattern", "unstructured", "--sparsity", "1.5", "--out", "{out}"], "in [0, 1]"),
+    (["prune", *RND, "--pattern", "unstructured", "--out", "{out}"], "--sparsity is required"),
+    (["prune", *RND, "--pattern", "nm", "--sparsity", "0.9", "--out", "{out}"], "contradicts 2:4"),
+    (["prune", *RND, "--pattern", "nm", "--n", "3", "--m", "5", "--out", "{out}"], "m in (4, 8)"),
+    (["prune", *RND, "--pattern", "nm", "--method", "oracle", "--out", "{out}"], "invalid choice: 'oracle'"),
+    (["prune", *RND, "--pattern", "nm", "--method", "gmp", "--out", "{out}"], "choose from 'magnitude'"),
+    (["prune", *RND, "--width", "8", "--pattern", "nm", "--out", "{out}"], "does not take --width"),
+    (["prune", *RND, "--pattern", "nm", "--exclude", "*", "--out", "{out}"], "no layer of 'decoder'"),
+    (["prune", *RND, "--pattern", "nm", "--backend", "triton_nm", "--plan", "--out", "{out}"], "triton"),
+    (["prune", *RND, "--pattern", "nm", "--batch", "0", "--out", "{out}"], "positive integer"),
+    (["prune", *DEC, "--pattern", "nm", "--out", "{out}"], "--random-init"),
+    (["prune", *RND, "--checkpoint", "{ckpt}", "--pattern", "nm", "--out", "{out}"], "give one of"),
+    (["prune", *RND, "--pattern", "nm", "--calibration", "{ckpt}", "--out", "{out}"], "magnitude is data-free"),
+    (["prune", *RND, "--pattern", "nm", "--device", "tpu", "--out", "{out}"], "--device must be cpu"),
+    pytest.param(["prune", *RND, "--pattern", "nm", "--device", "cuda", "--out", "{out}"], "no CUDA device",
+                 marks=NO_CUDA),
+    (["prune", *RND, "--pattern", "nm", "--out", "{tmp}/no/such/dir/o.safetensors"], "does not exist"),
+    (["prune", *RND, "--pattern", "nm", "--out", "{tmp}"], "is a directory"),
+    (["prune", *RND, "--pattern", "nm", "--out", "{junk}/o.safetensors"], "is not a directory"),
+    (["prune", "--model", "{tmp}", "--pattern", "nm", "--out", "{out}"], "no config.json"),
+    (["bench", "{missing}"], "does not exist"),
+    (["bench", "{good}", "--out", "{out}"], "records no skeleton"),
+    (["bench", "{good}", "--rep", "0"], "positive integer"),
+    (["bench", "{good}", "--device", "tpu", "--out", "{out}"], "--device must be cpu"),
+    (["bench", "{good}", "--out", "{tmp}/no/such/dir/o.csv"], "does not exist"),
+    (["demo", "--rep", "0"], "positive integer"),
+    (["demo", "--device", "tpu"], "--device must be cpu"),
+    pytest.param(["demo", "--device", "cuda"], "no CUDA device", marks=NO_CUDA),
+    (["demo", "--steps", "2"], "unrecognized arguments"),
     (["frobnicate"], "invalid choice"),
 ]
 
 
-@pytest.mark.parametrize("argv,message", BAD, ids=[f"{a[0]}-{i}" for i, (a, _) in enumerate(BAD)])
-def test_bad_arguments_and_files_exit_2_with_a_message(tmp_path, capsys, bad_files, argv, message):
-    paths = {**{k: str(v) for k, v in bad_files.items()}, "out": str(tmp_path / "o.safetensors")}
+def _ids(case) -> str:
+    argv = case.values[0] if hasattr(case, "values") else case[0]
+    return argv[0]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[f"{_ids(c)}-{i}" for i, c in enumerate(BAD)])
+def test_bad_arguments_and_files_exit_2_with_one_line(tmp_path, capsys, bad_files, argv, message):
+    paths = {**{k: str(v) for k, v in bad_files.items()}, "out": str(tmp_path / "o.safetensors"),
+             "tmp": str(tmp_path)}
+    before = sorted(tmp_path.rglob("*"))
     rc, out, err = _run(capsys, *[a.format(**paths) for a in argv])
     assert rc == 2
     assert message.lower() in err.lower(), err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("sparsecore: error: "), err
     assert "Traceback" not in err and "Traceback" not in out
-    assert not (tmp_path / "o.safetensors").exists()
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, nothing left behind
 
 
-def test_training_methods_are_listed_not_run(tmp_path, capsys):
-    methods = cli.available_methods()
-    assert methods["magnitude"] is sc.magnitude_masks
-    for name, fn in methods.items():
-        if fn is None:  # e.g. gmp: needs a training loop
-            rc, _, err = _run(capsys, "prune", *DEC, "--pattern", "nm", "--method", name, "--out", tmp_path / "o")
-            assert rc == 2 and "needs training data" in err and "magnitude" in err
+@pytest.mark.parametrize("out", ["{tmp}/missing/o.safetensors", "{tmp}"])
+def test_bad_out_is_reported_before_any_work(tmp_path, capsys, monkeypatch, out):
+    calls = []
+    monkeypatch.setattr(zoo, "build", lambda *a, **k: calls.append("build"))
+    monkeypatch.setitem(methods.ONESHOT, "magnitude", methods.Method("magnitude", "recording", False,
+                                                                      lambda *a: calls.append("prune") or {}))
+    monkeypatch.setattr(sc, "sparsify", lambda *a, **k: calls.append("sparsify"))
+    rc, _, err = _run(capsys, "prune", *RND, "--pattern", "nm", "--out", out.format(tmp=tmp_path))
+    assert rc == 2 and calls == [] and list(tmp_path.iterdir()) == []
 
 
-def test_bench_dispatch_forwards_arguments(monkeypatch, capsys, tmp_path):
-    seen, results = [], [tmp_path / "table.md", 3]  # benches return a table path (success) or an exit code
-    fake = types.ModuleType("bench.bench_models")
-    fake.main = lambda argv: seen.append(argv) or results.pop(0)
-    monkeypatch.syspath_prepend(str(cli._bench_root()))  # bench/ is a top-level folder, not in the package
-    import bench
-    monkeypatch.setitem(sys.modules, "bench.bench_models", fake)
-    monkeypatch.setattr(bench, "bench_models", fake, raising=False)
-    rc, _, err = _run(capsys, "bench", "models", "--quick", "--rep", "3")
-    assert rc == 0, err
-    assert seen == [["--quick", "--rep", "3"]]
-    assert _run(capsys, "bench", "models")[0] == 3 and seen[1] == []
-    monkeypatch.setitem(cli.BENCHES, "models", "bench_does_not_exist")
-    rc, _, err = _run(capsys, "bench", "models")
-    assert rc == 2 and "not present" in err
-
-
-def test_demo_calls_the_demo_main(monkeypatch, capsys):
-    seen = []
-    fake = types.ModuleType("sparsecore.demo")
-    fake.main = lambda argv=None: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "sparsecore.demo", fake)
-    rc, _, err = _run(capsys, "demo", "--steps", "2")
-    assert rc == 0 and seen == [["--steps", "2"]], err
+@pytest.mark.parametrize("command,options", [
+    ([], ["prune", "inspect", "bench", "demo", "--traceback"]),
+    (["prune"], ["--model", "--pattern", "--method", "magnitude", "GMP", "PSAP", "--random-init", "--checkpoint",
+                 "--weights", "torchvision", "transformers", "--out", "--plan", "--exclude"]),
+    (["inspect"], ["file", "--json"]),
+    (["bench"], ["file", "--batch", "--rep", "--out", "--device"]),
+    (["demo"], ["--small", "--rep", "--device"]),
+])
+def test_help_lists_each_subcommands_options(capsys, command, options):
+    rc, out, err = _run(capsys, *command, "--help")
+    assert rc == 0 and err == ""
+    for opt in options:
+        assert opt in out, (opt, out)
 
 
 @pytest.mark.parametrize("model,args,skeleton", [
-    ("mlp", ["--pattern", "nm", "--hidden", "32"], lambda: cli._mlp(hidden=32)),
-    ("cnn", ["--pattern", "unstructured", "--sparsity", "0.7", "--width", "4"], lambda: cli._cnn(width=4)),
+    ("mlp", ["--pattern", "nm", "--hidden", "32"], lambda: zoo._mlp(hidden=32)),
+    ("cnn", ["--pattern", "unstructured", "--sparsity", "0.7", "--width", "4"], lambda: zoo._cnn(width=4)),
 ])
 def test_small_models_round_trip(tmp_path, capsys, model, args, skeleton):
     out = tmp_path / "s.safetensors"
-    rc, _, err = _run(capsys, "prune", "--model", model, *args, "--plan", "--batch", "3", "--out", out)
+    rc, _, err = _run(capsys, "prune", "--model", model, *args, "--random-init", "--plan", "--batch", "3", "--out", out)
     assert rc == 0, err
     mods = sc.sparse_modules(sc.load(out, skeleton()))
     rows = {r["layer"]: r for r in cli.file_report(out)["layers"]}
@@ -239,3 +264,50 @@ def test_small_models_round_trip(tmp_path, capsys, model, args, skeleton):
         dense = mod.dense_weight()
         assert rows[fqn]["sparsity"] == pytest.approx(1 - int(torch.count_nonzero(dense)) / dense.numel())
         assert rows[fqn]["packed_bytes"] == mod.packed.nbytes
+
+
+@pytest.fixture
+def recording_method(monkeypatch):
+    """A one-shot method that uses activations: records its calibration and prunes by magnitude."""
+    seen = []
+
+    def masks(model, config, filter_fn, calibration):
+        seen.append(calibration)
+        return sc.magnitude_masks(model, config, filter_fn)
+
+    monkeypatch.setitem(methods.ONESHOT, "actaware", methods.Method("actaware", "test", True, masks))
+    return seen
+
+
+def test_calibration_file_reaches_the_method(tmp_path, capsys, recording_method, seeded):
+    inputs = torch.randn(5, 64, generator=seeded, dtype=torch.float64)
+    calib = tmp_path / "calib.safetensors"
+    save_file({"inputs": inputs, "weights": torch.ones(5)}, str(calib))
+    rc, _, err = _run(capsys, "prune", "--model", "mlp", "--random-init", "--pattern", "nm", "--method", "actaware",
+                      "--calibration", calib, "--out", tmp_path / "m.safetensors")
+    assert rc == 0, err
+    (args, kwargs), = recording_method
+    assert len(args) == 1 and args[0].dtype == torch.float32 and torch.equal(args[0], inputs.float())
+    assert list(kwargs) == ["weights"] and torch.equal(kwargs["weights"], torch.ones(5))
+    rc, _, err = _run(capsys, "prune", "--model", "mlp", "--random-init", "--pattern", "nm", "--method", "actaware",
+                      "--batch", "3", "--out", tmp_path / "n.safetensors")
+    assert rc == 0, err
+    (args, kwargs) = recording_method[1]  # no file: the random example batch
+    assert args[0].shape == (3, 64) and kwargs == {}
+
+
+@pytest.mark.parametrize("tensors,message", [({"x": torch.zeros(2, 64)}, "no tensor named 'inputs'"),
+                                             ({"inputs": torch.zeros(2, 64), "m": torch.zeros(3)}, "has 3 rows"),
+                                             (None, "not a readable safetensors")])
+def test_bad_calibration_file_is_reported_before_any_work(tmp_path, capsys, monkeypatch, recording_method,
+                                                           tensors, message):
+    calib = tmp_path / "calib.safetensors"
+    if tensors is None:
+        calib.write_bytes(b"junk")
+    else:
+        save_file(tensors, str(calib))
+    monkeypatch.setattr(zoo, "build", lambda *a, **k: pytest.fail("built a model before checking --calibration"))
+    rc, _, err = _run(capsys, "prune", "--model", "mlp", "--random-init", "--pattern", "nm", "--method", "actaware",
+                      "--calibration", calib, "--out", tmp_path / "m.safetensors")
+    assert rc == 2 and message in err and len(err.splitlines()) == 1
+    assert recording_method == [] and sorted(p.name for p in tmp_path.iterdir()) == ["calib.safetensors"]

@@ -20,14 +20,6 @@ pytestmark = pytest.mark.interpreter  # Triton on CPU tensors; the gpu-marked te
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every buffer the launcher allocates (output and split-K partials) starts as NaN."""
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(mod, "_empty", nan_empty)
-
-
 def make_case(g, n_out, k_dim, n, m, dtype, keep_frac=1.0, device="cpu"):
     """(dense weight, mask, packed): mask from keep_n_of_m on random scores, optionally thinned."""
     w = nonzero_randn(n_out, k_dim, dtype=dtype, generator=g)

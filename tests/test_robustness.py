@@ -116,8 +116,10 @@ def test_malformed_or_stale_cache_entries_are_remeasured(tmp_path, seeded):
     for bad in ("x", {"chosen": ["dense"]}, {"chosen": "triton_spmm"}, {"chosen": "cusparselt"}):
         path.write_text(json.dumps({key: bad}))
         again = sc.plan(model, (x,), cache_path=path, rep=3)
-        assert not again[0].cached and again[0].chosen in ("dense", "torch_csr"), bad
-    assert first[0].chosen in ("dense", "torch_csr")
+        # re-measured: the choice is one of the backends just timed on this CPU, never the stale entry
+        assert not again[0].cached and again[0].chosen in again[0].times_ms, bad
+        assert again[0].chosen not in ("triton_spmm", "cusparselt"), bad
+    assert first[0].chosen in first[0].times_ms
 
 
 @pytest.mark.parametrize("padding,kernel,dilation", [("same", 3, 1), ("valid", 3, 1), ("same", 5, 2)])

@@ -120,12 +120,6 @@ def test_pack_and_check_reject_bad_input(seeded):
 
 # ---- kernel ------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    monkeypatch.setattr(kmod, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                              device=device))
-
-
 CASES = [  # (M, N, K, sparsity, dtype, bias)
     (1, 37, 70, 0.9, torch.float16, True), (3, 33, 100, 0.5, torch.bfloat16, False),
     (5, 20, 64, 0.95, torch.float32, True), (17, 9, 40, 0.7, torch.float16, True),

@@ -210,16 +210,13 @@ def resolve(op: str, backend: Backend | str, packed: PackedWeight, x: torch.Tens
     return impl
 
 
-def interpret_mode() -> bool:
-    """True when Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``), read per call."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def triton_why_not(x: torch.Tensor) -> str | None:
     """Triton kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
+    from ..kernels._host import dry_active, interpreting  # torch only: the kernel modules stay unimported
+
     if x.is_cuda:
         return None
-    if interpret_mode() and x.device.type == "cpu":
+    if (interpreting() or dry_active()) and x.device.type == "cpu":
         return None
     return f"Triton needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); input is on {x.device}"
 

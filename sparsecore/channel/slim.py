@@ -259,7 +259,7 @@ def _slice_(mod: nn.Module, keep_out: torch.Tensor | None, keep_in: torch.Tensor
         for name in ("running_mean", "running_var"):
             if getattr(mod, name) is not None:
                 setattr(mod, name, _index(getattr(mod, name), keep_out, 0))
-        mod.num_features = int(keep_out.sum())
+        set_channel_counts(mod, (int(keep_out.sum()),))
         return
     w = mod.weight
     if keep_out is not None:
@@ -269,13 +269,25 @@ def _slice_(mod: nn.Module, keep_out: torch.Tensor | None, keep_in: torch.Tensor
     if keep_in is not None:
         w = _index(w, keep_in, 1)
     set_param("weight", w)
-    if isinstance(mod, nn.Conv2d):
-        if mod.groups > 1:  # depthwise: in == out == groups
-            mod.in_channels = mod.out_channels = mod.groups = w.shape[0]
+    set_channel_counts(mod, tuple(w.shape))
+
+
+def set_channel_counts(mod: nn.Module, weight_shape: tuple[int, ...]) -> None:
+    """Make a narrowed layer's size attributes match its new ``weight_shape`` (``[out, ...]``; BatchNorm:
+    ``(num_features,)``): Linear ``out/in_features``; Conv2d ``out/in_channels`` (``in = shape[1] * groups``; a
+    depthwise conv stays depthwise, its ``groups`` following the channel count); BatchNorm ``num_features``.
+    The one narrowing rule of slimming (``apply_plan``) and of loading a slimmed file (``sparsecore.io``)."""
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        mod.num_features = int(weight_shape[0])
+    elif isinstance(mod, nn.Conv2d):
+        if mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:
+            mod.in_channels = mod.out_channels = mod.groups = int(weight_shape[0])
         else:
-            mod.out_channels, mod.in_channels = w.shape[0], w.shape[1]
+            mod.out_channels, mod.in_channels = int(weight_shape[0]), int(weight_shape[1]) * mod.groups
+    elif isinstance(mod, nn.Linear):
+        mod.out_features, mod.in_features = int(weight_shape[0]), int(weight_shape[1])
     else:
-        mod.out_features, mod.in_features = w.shape[0], w.shape[1]
+        raise TypeError(f"cannot narrow a {type(mod).__name__}: Linear, Conv2d and BatchNorm only")
 
 
 def apply_plan(model: nn.Module, plan: SlimPlan) -> nn.Module:

@@ -7,6 +7,7 @@ everything it is handed, so a corrupt file raises ``FormatError`` instead of run
 """
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,7 +18,7 @@ from ..masks import check_mask
 if TYPE_CHECKING:
     from ..config import SparsityConfig
 
-__all__ = ["FormatError", "PackedWeight", "FORMATS", "register_format", "check_weight_and_mask", "SUPPORTED_DTYPES"]
+__all__ = ["FormatError", "PackedWeight", "FORMATS", "register_format", "unregister_format", "check_weight_and_mask", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -80,6 +81,17 @@ class PackedWeight(ABC):
         tensors, _ = self.state()
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
+    @functools.cached_property
+    def nonzeros(self) -> int:
+        """Non-zero entries of the dense weight (``count_nonzero(to_dense())``; a kept 0.0 does not count),
+        counted once per object. Formats whose ``values`` tensor holds every dense non-zero and nothing else
+        but zeros count over it (``_nonzeros_from_values``), without a dense copy."""
+        if self._nonzeros_from_values:
+            return int(torch.count_nonzero(self.values))
+        return int(torch.count_nonzero(self.to_dense()))
+
+    _nonzeros_from_values: ClassVar[bool] = False
+
     @property
     def device(self) -> torch.device:
         tensors, _ = self.state()
@@ -115,6 +127,12 @@ def register_format(cls: type[PackedWeight]) -> type[PackedWeight]:
         raise ValueError(f"format kind {cls.kind!r} registered twice")
     FORMATS[cls.kind] = cls
     return cls
+
+
+def unregister_format(cls: type[PackedWeight]) -> None:
+    """Remove a format registered with ``register_format`` (tests and plugins that install one temporarily)."""
+    if FORMATS.get(cls.kind) is cls:
+        del FORMATS[cls.kind]
 
 
 def check_weight_and_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:

@@ -50,6 +50,7 @@ class ChannelWeight(PackedWeight):
 
     kind = "channel"
     version = 1
+    _nonzeros_from_values = True  # values: every kept entry, plus +0.0 fillers at most
     mask_rule = "channel"
 
     @classmethod

@@ -31,13 +31,15 @@ from ..masks import PatternError, as_matrix, check_nm, from_matrix
 from .base import (FormatError, PackedWeight, check_weight_and_mask, dtype_from_name, dtype_name, expect_tensor,
                    meta_shape, register_format, expect_state)
 
-__all__ = ["NMWeight", "pack_positions", "unpack_positions", "position_bits", "check_nm_params"]
+__all__ = ["NMWeight", "pack_positions", "unpack_positions", "position_bits", "positions_row_bytes",
+           "check_nm_params"]
 
-_BITS = {4: 2, 8: 3}
+_BITS = {4: 2, 8: 3}  # the storable group sizes m and their bits per position, log2(m)
 
 
 def check_nm_params(n: Any, m: Any, error: type[Exception] = ValueError) -> None:
-    """Raise ``error`` unless ``m`` in {4, 8} and ``0 < n < m`` are ints."""
+    """Raise ``error`` unless ``m`` in {4, 8} and ``0 < n < m`` are ints: the one N:M rule for configs, this
+    format and the N:M kernel (mask selection alone, ``sparsecore.masks.keep_n_of_m``, takes any ``n <= m``)."""
     ok = (isinstance(n, int) and isinstance(m, int) and not isinstance(n, bool) and not isinstance(m, bool)
           and m in _BITS and 0 < n < m)
     if not ok:
@@ -51,6 +53,11 @@ def position_bits(m: int) -> int:
 
 def _row_bytes(slots: int, bits: int) -> int:
     return (slots * bits + 7) // 8
+
+
+def positions_row_bytes(slots: int, m: int) -> int:
+    """Bytes of one row of packed positions: ``ceil(slots * log2(m) / 8)``."""
+    return _row_bytes(slots, _BITS[m])
 
 
 def pack_positions(pos: torch.Tensor, m: int) -> torch.Tensor:
@@ -69,10 +76,10 @@ def _unpack_stream(packed: torch.Tensor, slots: int, m: int) -> tuple[torch.Tens
     """(positions int64 [out, S], padding bits [out, R*8 - S*b])."""
     bits = position_bits(m)
     out = packed.shape[0]
-    stream = (packed.to(torch.int64)[..., None] >> torch.arange(8, device=packed.device)) & 1
+    stream = (packed[..., None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1  # uint8 bits
     stream = stream.reshape(out, -1)
-    used = stream[:, : slots * bits].reshape(out, slots, bits)
-    pos = (used << torch.arange(bits, device=packed.device)).sum(-1)
+    used = stream[:, : slots * bits].reshape(out, slots, bits).to(torch.int32)
+    pos = (used << torch.arange(bits, dtype=torch.int32, device=packed.device)).sum(-1, dtype=torch.int64)
     return pos, stream[:, slots * bits:]
 
 
@@ -93,6 +100,7 @@ class NMWeight(PackedWeight):
 
     kind = "nm"
     version = 1
+    _nonzeros_from_values = True  # values: every kept entry, plus +0.0 fillers at most
     mask_rule = "nm"
 
     @classmethod

@@ -2,9 +2,9 @@
 
 Why a second layout. The tiled bitmap (``UnstructuredWeight``) is the smallest format below 97% sparsity,
 but a kernel must visit every *dense* position of a tile (shift, popcount, masked load) to find the kept
-ones: at M = 1 that is ~12 PTX instructions (6 integer; sm_90, triton 3.6) per dense element whatever
-the sparsity, which an H100 issues in about the time dense fp16 takes to stream 1.2 B, so at 90% it
-cannot reach the 4x that its 0.33 B per element promise. SELL stores each kept value with its column, so work is per kept value:
+ones: a fixed instruction count per dense element whatever the sparsity (``bench/results/ptx_counts_sm90_triton*.md``), which on an H100 takes
+about as long to issue as dense fp16 takes to stream, so at 90% it cannot reach the 4x that its 0.33 B
+per element promise. SELL stores each kept value with its column, so work is per kept value:
 
 * bytes per dense element (fp16, ``s`` = sparsity, ~5-10% padding for random masks): ``4 (1 - s)``
   -> 0.42 B at 90% (ceiling ~4.8x vs 2 B dense), 0.21 B at 95%, 1.2 B at 70%, 2.1 B at 50% (no gain);
@@ -30,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ..intmath import cdiv
 
 __all__ = ["SellLayout", "pack_sell", "ALIGN", "MAX_K"]
 
@@ -88,7 +90,7 @@ def pack_sell(weight: torch.Tensor, mask: torch.Tensor, slice_rows: int = 16) ->
         raise ValueError(f"SELL stores 16-bit columns: K must be <= {MAX_K}, got {k}")
     dev = weight.device
     c = slice_rows
-    n_slices = -(-n // c)
+    n_slices = cdiv(n, c)
     row_len = mask.sum(dim=1, dtype=torch.int64)                                   # [N]
     lens_padded = torch.zeros(n_slices * c, dtype=torch.int64, device=dev)
     lens_padded[:n] = row_len

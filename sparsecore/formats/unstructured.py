@@ -11,9 +11,8 @@ Why this layout (bytes per dense element, fp16, ``s`` = sparsity):
 The bitmap wins on bytes at every sparsity below 97% and is the only one that beats dense at 50%: a
 kernel program reads one contiguous bitmap block and one contiguous run of values per tile and finds each
 value's slot on chip (a popcount of the bits before it in its 32-bit word, plus a scan over the tile's
-words). That costs work per *dense* element (~12 PTX instructions, 6 of them integer, in
-``kernels/spmm.py``'s decode loop, counted offline for sm_90 with triton 3.6; 17-18 with 3.9), so
-from about 75% sparsity the TRITON_SELL backend (``sparsecore.formats.sell``), which trades some bytes
+words). That costs work per *dense* element (``kernels/spmm.py``'s decode loop; counts in
+``bench/results/ptx_counts_sm90_triton*.md``), so at high sparsity the TRITON_SELL backend (``sparsecore.formats.sell``), which trades some bytes
 for work per kept value, is the faster decode. Files always store this format.
 
 Tiling. The ``[N, K]`` matrix view (``masks.as_matrix``: Conv2d K is ordered (kh, kw, C_in)) is padded
@@ -46,6 +45,7 @@ from typing import Any
 
 import torch
 
+from ..intmath import cdiv
 from ..masks import as_matrix, from_matrix
 from .base import (FormatError, PackedWeight, check_weight_and_mask, dtype_from_name, dtype_name, expect_tensor,
                    meta_shape, register_format, expect_state)
@@ -59,10 +59,6 @@ TILE_N_CHOICES = (16, 32, 64, 128)
 TILE_K_CHOICES = (32, 64, 128, 256, 512, 1024)
 MAX_TILE_ELEMS = 8192
 _INT32_MAX = 2**31 - 1
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check_tiles(tile_n: Any, tile_k: Any, exc: type[Exception]) -> None:
@@ -114,6 +110,7 @@ class UnstructuredWeight(PackedWeight):
     __doc__ = __doc__  # the module docstring is the format's byte-layout specification
     kind = "unstructured"
     version = 1
+    _nonzeros_from_values = True  # values: every kept entry, plus +0.0 fillers at most
 
     def __init__(self, bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torch.Tensor,
                  shape: tuple[int, ...], tile_n: int, tile_k: int):
@@ -145,8 +142,7 @@ class UnstructuredWeight(PackedWeight):
         """Pack ``weight`` ``[out, in]`` or ``[C_out, C_in, kh, kw]`` under a bool ``mask`` of its shape.
 
         ``tile_n`` x ``tile_k`` is the tile the kernel streams. The default 32 x 128 costs the fewest sm_90
-        instructions per element over M = 1-16 (``bench.ptx_counts``, triton 3.6: 12.1 at M = 1 and 12.3 at
-        M = 16, against 12.4 and 14.9 for 16 x 256).
+        instructions per element over M = 1-16 among the tile choices (``bench/results/ptx_counts_sm90_triton*.md``).
 
         >>> w = torch.randn(8, 40); p = UnstructuredWeight.from_dense(w, w.abs() > 1)
         >>> torch.equal(p.to_dense(), torch.where(w.abs() > 1, w, 0))
@@ -156,7 +152,7 @@ class UnstructuredWeight(PackedWeight):
         check_weight_and_mask(weight, mask)
         w, m = as_matrix(weight), as_matrix(mask)
         n, k = w.shape
-        tn, tk = _cdiv(n, tile_n), _cdiv(k, tile_k)
+        tn, tk = cdiv(n, tile_n), cdiv(k, tile_k)
         if int(m.sum()) > _INT32_MAX:
             raise ValueError(f"{int(m.sum())} kept values overflow the format's int32 tile offsets")
         pad_w = torch.zeros(tn * tile_n, tk * tile_k, dtype=w.dtype, device=w.device)
@@ -191,7 +187,7 @@ class UnstructuredWeight(PackedWeight):
         tile_n, tile_k = meta.get("tile_n"), meta.get("tile_k")
         _check_tiles(tile_n, tile_k, FormatError)
         n, k = shape[0], math.prod(shape[1:])
-        tn, tk = _cdiv(n, tile_n), _cdiv(k, tile_k)
+        tn, tk = cdiv(n, tile_n), cdiv(k, tile_k)
         bitmap = expect_tensor(tensors, "bitmap", torch.int32, (tn, tk, tile_n, tile_k // 32))
         offsets = expect_tensor(tensors, "tile_offsets", torch.int32, (tn * tk + 1,))
         values = expect_tensor(tensors, "values", dtype, (tensors["values"].numel(),))

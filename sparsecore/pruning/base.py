@@ -12,17 +12,19 @@ import copy
 import torch
 from torch import nn
 
-from ..masks import as_matrix, channel_to_weight_mask, check_mask, keep_channels, keep_n_of_m, keep_topk
+from ..masks import as_matrix, channel_to_weight_mask, check_mask
 from .magnitude import FilterFn, prunable_layers, select_layers  # noqa: F401  (re-exported)
 
-from ..config import PATTERNS  # noqa: F401  (re-exported)
+from ..config import patterns
+from .rules import rule_for
 
-__all__ = ["Pruner", "FixedMasks", "PATTERNS", "check_pattern", "select_layers", "select_mask", "apply_masks", "masked_copy",
+__all__ = ["Pruner", "FixedMasks", "check_pattern", "select_layers", "select_mask", "apply_masks", "masked_copy",
            "masks_sparsity", "weight_of"]
 
 
-def check_pattern(pattern: str, allowed: tuple[str, ...] = PATTERNS) -> str:
-    """Validate a pattern name against ``allowed``; returns it."""
+def check_pattern(pattern: str, allowed: tuple[str, ...] | None = None) -> str:
+    """Validate a pattern name against ``allowed`` (default: every registered format kind); returns it."""
+    allowed = patterns() if allowed is None else allowed
     if pattern not in allowed:
         raise ValueError(f"pattern must be one of {allowed}, got {pattern!r}")
     return pattern
@@ -52,11 +54,7 @@ def select_mask(scores: torch.Tensor, pattern: str, keep: int, n: int = 2, m: in
     For ``nm`` ``keep`` is ignored (``n`` of every ``m`` along K). Returns a weight-shaped bool mask except
     for channel, which returns the ``[out]`` channel mask (broadcast it with ``channel_to_weight_mask``).
     """
-    if pattern == "nm":
-        return keep_n_of_m(scores, n, m)
-    if pattern == "channel":
-        return keep_channels(scores, keep)
-    return keep_topk(scores, keep)
+    return rule_for(pattern).select(scores, keep, n, m)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from torch import nn
 
 from .base import FilterFn, Pruner, check_fraction, check_pattern, full_masks, select_layers, weight_of
 from .magnitude import magnitude_layer_mask
+from .rules import rule_for
 
 __all__ = ["gmp_sparsity", "GMP"]
 
@@ -55,6 +56,7 @@ class GMP(Pruner):
                  per_layer: dict[str, float] | None = None, filter_fn: FilterFn | None = None) -> None:
         super().__init__(model)
         self.pattern = check_pattern(pattern)
+        self.rule = rule_for(pattern).name  # the selection rule the pattern's masks follow
         self.s_f = check_fraction("sparsity", sparsity)
         self.s_i = check_fraction("s_i", s_i)
         if n < 1 or dt < 1 or t0 < 0:
@@ -66,7 +68,7 @@ class GMP(Pruner):
         unknown = set(self.per_layer) - set(self.layers)
         if unknown:
             raise KeyError(f"per_layer names layers that are not pruned: {sorted(unknown)}")
-        self.zero_bias = pattern == "channel"
+        self.zero_bias = self.rule == "channel"
         self.masks = full_masks(self.layers)
         self.t = 0                       # the step the next ``step()`` call stands for
         self._last_index: int | None = None  # grid index of the last update (None: none yet)
@@ -79,7 +81,7 @@ class GMP(Pruner):
     @property
     def frozen(self) -> bool:
         """True once the last update of the window has happened."""
-        return self._last_index == self.n or (self.pattern == "nm" and self._last_index is not None)
+        return self._last_index == self.n or (self.rule == "nm" and self._last_index is not None)
 
     @torch.no_grad()
     def step(self, t: int | None = None) -> bool:

@@ -8,8 +8,8 @@ from torch import nn
 
 from .. import layers
 from ..config import SparsityConfig
-from ..masks import channel_to_weight_mask, keep_channels, keep_count, keep_n_of_m, keep_topk
-from .scores import channel_norm, channel_rms, magnitude
+from ..masks import keep_count, keep_topk
+from .rules import rule_for
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -24,8 +24,8 @@ def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict
 
 def select_layers(model: nn.Module, pattern: str, m: int = 4, filter_fn: FilterFn | None = None,
                   prune_output: bool = False) -> dict[str, nn.Module]:
-    """Prunable layers for ``pattern`` (``sparsecore.layers.select``): for N:M only layers whose K is a
-    multiple of ``m``; for channels not the output layer unless ``prune_output``. GPT-2 ``Conv1D`` layers
+    """Prunable layers for ``pattern`` (``sparsecore.layers.select``: e.g. for N:M only layers whose K is a
+    multiple of ``m``; for channels not the output layer unless ``prune_output``). GPT-2 ``Conv1D`` layers
     (weight ``[in, out]``) are left to the one-shot pruners, which score their ``[out, in]`` view."""
     chosen = layers.select(model, pattern, m, filter_fn, prune_output)[0]
     return {fqn: mod for fqn, mod in chosen.items() if not layers.is_conv1d_t(mod)}
@@ -33,27 +33,21 @@ def select_layers(model: nn.Module, pattern: str, m: int = 4, filter_fn: FilterF
 
 def magnitude_layer_mask(weight: torch.Tensor, pattern: str, sparsity: float, n: int = 2, m: int = 4) -> torch.Tensor:
     """One layer's magnitude mask (weight-shaped bool): n of every m along K, the ``round(sparsity * out)``
-    lowest-L2 output channels pruned, or the ``round(sparsity * numel)`` smallest |w| pruned."""
-    if pattern == "nm":
-        return keep_n_of_m(magnitude(weight), n, m)
-    if pattern == "channel":
-        ch = keep_channels(channel_norm(weight), keep_count(weight.shape[0], sparsity))
-        return channel_to_weight_mask(ch, weight.shape)
-    return keep_topk(magnitude(weight), keep_count(weight.numel(), sparsity))
+    lowest-L2 output channels pruned, or the ``round(sparsity * numel)`` smallest |w| pruned (the pattern's
+    selection rule, ``sparsecore.pruning.rules``)."""
+    return rule_for(pattern).layer_mask(weight, sparsity, n, m)
 
 
 def _global_masks(weights: dict[str, torch.Tensor], config: SparsityConfig) -> dict[str, torch.Tensor]:
-    if config.pattern == "channel":
-        scores = [channel_rms(w) for w in weights.values()]
-    else:
-        scores = [magnitude(w).reshape(-1) for w in weights.values()]
+    rule = rule_for(config.pattern)
+    scores = [rule.global_score(w) for w in weights.values()]
     flat = torch.cat([s.cpu() for s in scores])
     keep = keep_topk(flat, keep_count(flat.numel(), config.sparsity))
     masks, offset = {}, 0
     for (fqn, w), s in zip(weights.items(), scores):
         part = keep[offset: offset + s.numel()].to(w.device)
         offset += s.numel()
-        masks[fqn] = channel_to_weight_mask(part, w.shape) if config.pattern == "channel" else part.reshape(w.shape)
+        masks[fqn] = rule.to_weight_mask(part, tuple(w.shape))
     return masks
 
 

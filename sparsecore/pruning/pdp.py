@@ -20,8 +20,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..masks import as_matrix, channel_to_weight_mask, from_matrix, keep_count
-from .base import FilterFn, Pruner, apply_masks, check_fraction, check_pattern, select_layers, select_mask
+from ..masks import as_matrix, from_matrix, keep_count
+from .base import FilterFn, Pruner, apply_masks, check_fraction, check_pattern, select_layers
+from .magnitude import magnitude_layer_mask
+from .rules import rule_for
 from .scores import channel_norm, magnitude
 
 __all__ = ["pdp_threshold", "pdp_soft_mask", "pdp_target", "PDP"]
@@ -76,7 +78,7 @@ class _SoftMask(nn.Module):
         if t is None:
             return w
         tau = owner.tau if owner.tau is not None else owner.tau_rel * t.detach() ** 2 + 1e-30
-        if owner.pattern == "channel":
+        if owner.rule == "channel":
             m = pdp_soft_mask(score, t, tau)
             view = (-1,) + (1,) * (w.dim() - 1)
             return (m.reshape(view) * w.float()).to(w.dtype)
@@ -104,11 +106,12 @@ class PDP(Pruner):
                  tau_rel: float = 0.1, filter_fn: FilterFn | None = None) -> None:
         super().__init__(model)
         self.pattern = check_pattern(pattern)
+        self.rule = rule_for(pattern).name  # the selection rule the pattern's masks follow
         self.r_final = check_fraction("sparsity", sparsity, upper_open=True)
         if tau is not None and tau <= 0 or tau_rel <= 0 or eps <= 0:
             raise ValueError(f"tau, tau_rel and eps must be > 0, got tau={tau}, tau_rel={tau_rel}, eps={eps}")
         self.nm, self.warmup, self.eps, self.tau, self.tau_rel = (int(nm[0]), int(nm[1])), warmup, eps, tau, tau_rel
-        self.zero_bias = pattern == "channel"
+        self.zero_bias = self.rule == "channel"
         self.layers = select_layers(model, pattern, self.nm[1], filter_fn)
         self.epoch = 0
         for fqn, mod in self.layers.items():
@@ -126,10 +129,10 @@ class PDP(Pruner):
         return pdp_target(self.epoch, 1.0, self.warmup, self.eps)
 
     def _keep(self, fqn: str, w: torch.Tensor, frac: float) -> int:
-        if self.pattern == "nm":
+        if self.rule == "nm":
             n, m = self.nm
             return m - int(round(frac * (m - n)))   # per-group keep count, from m down to n
-        total = w.shape[0] if self.pattern == "channel" else w.numel()
+        total = w.shape[0] if self.rule == "channel" else w.numel()
         return keep_count(total, frac * self.r_final)
 
     @torch.no_grad()
@@ -141,10 +144,10 @@ class PDP(Pruner):
         """
         frac = self.progress() if frac is None else frac
         keep = self._keep(fqn, w, frac)
-        if self.pattern == "nm":
+        if self.rule == "nm":
             m = self.nm[1]
             return (None, None) if keep >= m else (None, _nm_threshold(magnitude(w), keep, m))
-        if self.pattern == "channel":
+        if self.rule == "channel":
             if keep >= w.shape[0]:
                 return None, None
             t = pdp_threshold(channel_norm(w), keep)
@@ -161,13 +164,7 @@ class PDP(Pruner):
         masks = {}
         for fqn, mod in self.layers.items():
             w = mod.parametrizations.weight.original if self._attached else mod.weight
-            if self.pattern == "nm":
-                masks[fqn] = select_mask(magnitude(w), "nm", 0, *self.nm)
-            elif self.pattern == "channel":
-                keep = select_mask(channel_norm(w), "channel", keep_count(w.shape[0], self.r_final))
-                masks[fqn] = channel_to_weight_mask(keep, w.shape)
-            else:
-                masks[fqn] = select_mask(magnitude(w), "unstructured", keep_count(w.numel(), self.r_final))
+            masks[fqn] = magnitude_layer_mask(w, self.pattern, self.r_final, *self.nm)
         return masks
 
     def finalize(self) -> dict[str, torch.Tensor]:

