@@ -8,8 +8,8 @@ the layer's format: ``sparsecore.backends.candidates``) on that input:
 2. the survivors are sampled in turn (a, b, b, a, ...) for as many rounds as ``budget_s`` allows
    (5 to ``rep``; on CUDA 3 rounds of ``do_bench`` medians); each round gives a paired ratio
    ``dense / candidate``;
-3. a sparse backend wins only when it is faster beyond the noise: the median-time speedup exceeds
-   ``1 + margin`` *and* the lower quartile of its paired ratios exceeds 1;
+3. a sparse backend wins only when it is faster beyond the noise: its median time is under
+   ``(1 - margin)`` x dense's *and* the lower quartile of its paired ratios exceeds 1;
 4. a surprising outcome is measured again, dense against that one backend: a sparse choice (it must win
    the second round too), or a dense choice while a candidate showed a median speedup of 1.5x or more.
 
@@ -186,8 +186,11 @@ def _ratios(samples: dict[str, list[float]], name: str) -> tuple[float, tuple[fl
     return quantiles(dense)[1] / max(quantiles(mine)[1], 1e-9), (q25, q75)
 
 
-def _wins(speedup: float, spread: tuple[float, float], margin: float) -> bool:
-    return speedup > 1.0 + margin and spread[0] > 1.0
+def _wins(samples: dict[str, list[float]], name: str, margin: float) -> bool:
+    """Faster beyond the noise: median time under ``(1 - margin)`` x dense's, and the lower quartile of the
+    paired dense/candidate ratios above 1."""
+    _, spread = _ratios(samples, name)
+    return quantiles(samples[name])[1] < (1.0 - margin) * quantiles(samples[_DENSE])[1] and spread[0] > 1.0
 
 
 def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int, cuda_graphs: bool = False,
@@ -232,7 +235,7 @@ def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int, cuda_graph
         if name != _DENSE:
             entry.speedup[name], entry.spread[name] = _ratios(samples, name)
     # 3. decide: faster beyond the noise
-    contenders = [n for n in entry.speedup if _wins(entry.speedup[n], entry.spread[n], margin)]
+    contenders = [n for n in entry.speedup if _wins(samples, n, margin)]
     best = max(contenders, key=entry.speedup.get, default=None)
     surprise = max(entry.speedup, key=entry.speedup.get, default=None)
     # 4. re-check a sparse choice, or a large speedup that noise kept out
@@ -241,7 +244,7 @@ def _measure(fqn: str, mod, x: torch.Tensor, margin: float, rep: int, cuda_graph
         rounds = _CUDA_ROUNDS if cuda else max(_MIN_ROUNDS, entry.rounds * len(ok) // 4)  # ~half the main budget
         second = _samples(mod, {_DENSE: dense, again: ok[again]}, x, rounds, 0, cuda_graphs, entry)
         speed, spread = _ratios(second, again)
-        confirmed = _wins(speed, spread, margin)
+        confirmed = _wins(second, again, margin)
         entry.rechecked = (f"{again}: {speed:.2f}x [{spread[0]:.2f}-{spread[1]:.2f}] on re-check, "
                            f"{'confirmed' if confirmed else 'not confirmed'}")
         if confirmed and best is not None:  # a confirmed winner: record the pooled figures
