@@ -16,7 +16,9 @@ The FLOP ceiling of 50% in x 50% out is 4x.
 Model level: ResNet-50 (torchvision layout, random weights, eval) dense vs slimmed with 50% of every
 prunable channel group kept (L1 scores, ``round_to=8``), batch 1 and 32; the slimmed output is checked
 against the masked dense model (``max_rel_err_vs_masked_ref``). ``sparsity_pct`` there is the share of
-output channels pruned. Column vocabulary: ``bench.common``.
+output channels pruned. Column vocabulary: ``bench.common``. ``--layers-only`` skips the model, ``--batches``
+sets the conv batch sizes; the layer table is rewritten after every (layer, batch), and a provider that raises
+gets a row with the reason in ``error`` (exit 1 when it is one of sparsecore's).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import BEST_DENSE_MS, bench_parser, SPEEDUP, TIME_MS, env_info, speedup_columns, time_ms, write_table
+from bench.common import (BEST_DENSE_MS, ERROR, SPEEDUP, TIME_MS, Table, bench_parser, env_info, error_row, failed,
+                          ints_arg, speedup_columns, time_ms, write_table)
 from sparsecore.backends import Backend, ConvParams, resolve
 from sparsecore.channel import channel_groups, masked_reference, plan_slim, apply_plan
 from sparsecore.formats.channel import ChannelWeight
@@ -52,7 +55,10 @@ def _half_mask(c_out: int, c_in: int, k: int, g: torch.Generator) -> torch.Tenso
     return (keep_out[:, None] & keep_in[None, :])[:, :, None, None].expand(c_out, c_in, k, k).contiguous()
 
 
-def bench_layers(device: torch.device, dtype: torch.dtype, batches: list[int], shapes: list, scale: int) -> list[dict]:
+def bench_layers(device: torch.device, dtype: torch.dtype, batches: list[int], shapes: list, scale: int,
+                 table: Table | None = None) -> list[dict]:
+    """Rows of every (layer, batch, layout, provider); each (layer, batch) is added to ``table`` as soon as
+    it is measured. A provider that raises gets a row with the reason in ``error``."""
     rows, g = [], torch.Generator().manual_seed(0)
     env = env_info(device)
     for name, c_in, c_out, h, w, k, stride in shapes:
@@ -67,7 +73,7 @@ def bench_layers(device: torch.device, dtype: torch.dtype, batches: list[int], s
         for batch in batches:
             x = torch.randn(batch, c_in, h, w, generator=g).to(device, dtype)
             x_small = x.index_select(1, packed.in_idx.long())
-            dense_best, case_rows = None, []
+            dense_best, case_rows, errors = None, [], []
             for layout in ("channels_last", "nchw"):
                 fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
                 xl, xsl = x.contiguous(memory_format=fmt), x_small.contiguous(memory_format=fmt)
@@ -86,8 +92,16 @@ def bench_layers(device: torch.device, dtype: torch.dtype, batches: list[int], s
                     providers[label] = (lambda impl=impl, state=state: impl.run(state, xl, None, conv))
                 times = {}
                 for label, fn in providers.items():
-                    fn()  # compile / autotune / oneDNN primitive creation, kept apart from timing
-                    times[label] = time_ms(fn, device)
+                    try:
+                        fn()  # compile / autotune / oneDNN primitive creation, kept apart from timing
+                        times[label] = time_ms(fn, device)
+                    except Exception as e:  # noqa: BLE001  (one provider's failure is one row, not a lost run)
+                        print(f"!! {label} ({name}, {layout}, batch {batch}): {type(e).__name__}: {e}")
+                        errors.append(error_row({"layer": name, "C_in": c_in, "C_out": c_out, "H": h, "W": w, "k": k,
+                                                 "batch": batch, "dtype": str(dtype).removeprefix("torch."),
+                                                 "layout": layout}, label, e, env))
+                if "dense" not in times:
+                    continue
                 dense_best = min(times["dense"], dense_best or float("inf"))
                 h_out = (h + 2 * (k // 2) - k) // stride + 1
                 w_out = (w + 2 * (k // 2) - k) // stride + 1
@@ -100,7 +114,10 @@ def bench_layers(device: torch.device, dtype: torch.dtype, batches: list[int], s
                                       TIME_MS: t, "useful_TFLOP_per_s": kept_flops / (t * 1e-3) / 1e12,
                                       "speedup_vs_dense_same_layout": times["dense"] / t})
             # The best dense layout is known only once both layouts ran.
-            rows += [{**r, **speedup_columns(r[TIME_MS], dense_best), **env} for r in case_rows]
+            done = [{**r, **speedup_columns(r[TIME_MS], dense_best), **env} for r in case_rows] + errors
+            if table is not None:
+                table.add(done)
+            rows += done
     return rows
 
 
@@ -152,6 +169,8 @@ def bench_model(device: torch.device, dtype: torch.dtype, batches: list[int], si
 def main(argv: list[str] | None = None) -> int:
     ap = bench_parser("bench.bench_channel", __doc__, "a small subset (the CPU default)")
     ap.add_argument("--out", dest="out_dir", type=Path, help=argparse.SUPPRESS)  # the former name of --out-dir
+    ap.add_argument("--batches", type=ints_arg, help="conv batch sizes (default: 1,32 on GPU, 32 with --quick)")
+    ap.add_argument("--layers-only", action="store_true", help="the conv layers only, not ResNet-50 end to end")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
@@ -160,17 +179,23 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: fp32 CPU subset at reduced sizes; channel_conv (Triton) needs CUDA and is skipped")
     dtype = torch.float16 if on_gpu else torch.float32
     shapes = [SHAPES[0], SHAPES[4]] if quick else SHAPES
-    layer_rows = bench_layers(device, dtype, [1] if not on_gpu else ([1, 32] if not args.quick else [32]),
-                              shapes, scale=1 if on_gpu else 4)
-    print(write_table("channel_conv", layer_rows, device, args.out_dir))
-    model_rows = bench_model(device, dtype, [1, 32] if on_gpu else [1], size=224 if on_gpu else 64,
-                             width=64 if on_gpu else 16)
-    print(write_table("channel_resnet50", model_rows, device, args.out_dir))
+    batches = args.batches or ([1] if not on_gpu else ([1, 32] if not args.quick else [32]))
+    table = Table("channel_conv", device, args.out_dir)
+    layer_rows = bench_layers(device, dtype, batches, shapes, scale=1 if on_gpu else 4, table=table)
+    print(table.path)
+    model_rows = []
+    if not args.layers_only:
+        model_rows = bench_model(device, dtype, [1, 32] if on_gpu else [1], size=224 if on_gpu else 64,
+                                 width=64 if on_gpu else 16)
+        print(write_table("channel_resnet50", model_rows, device, args.out_dir))
     for r in layer_rows + model_rows:
+        if r.get(ERROR):
+            continue
         key = r.get("layer", r.get("model"))
         print(f"{key:14s} b={r['batch']:<3d} {r['layout']:13s} {r['provider']:15s} {r[TIME_MS]:8.3f} ms  "
               f"x{r[SPEEDUP]:.2f} vs best dense ({r[BEST_DENSE_MS]:.3f} ms)")
-    return 0
+    bad = failed(layer_rows, ("sliced_dense", "channel_conv"))  # sparsecore's own providers
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ against the float64 reference), or ``graph_error`` when capture failed. Memory
 (GPU: peak allocated during a forward pass plus resident model bytes; CPU: parameter + buffer +
 backend-state bytes), and the max abs error against the masked dense model run
 in float64 (the dense row: against itself in float64, the yardstick of the dtype's rounding).
-fp16 on GPU, fp32 on CPU; GPU dims are the real ones, CPU dims reduced.
+fp16 on GPU, fp32 on CPU; GPU dims are the real ones, CPU dims reduced. Eager rows are timed under
+``torch.no_grad()``, as the planner measures. ``--batches 1,16`` replaces the batch sizes. The table is
+rewritten after every batch; a variant that fails to build, plan or run gets a row with the reason in
+``error`` (and the bench exits 1).
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from sparsecore.pruning.magnitude import FilterFn
 
 from sparsecore.timing import capture_cuda_graph, time_interleaved_ms, time_ms
 
-from .common import bench_parser, env_info, speedup_columns, write_table
+from .common import BEST_DENSE_MS, ERROR, SPEEDUP, TIME_MS, Table, bench_parser, env_info, ints_arg, speedup_columns
 
 VARIANTS = {"dense": None, "2:4": sc.SparsityConfig("nm", n=2, m=4),
             "unstructured90": sc.SparsityConfig("unstructured", 0.9), "channel50": sc.SparsityConfig("channel", 0.5)}
@@ -177,39 +180,59 @@ def _graph_columns(model: nn.Module, name: str, x: torch.Tensor, want: torch.Ten
                 "graph_error": f"{type(e).__name__}: {e}"[:200]}
 
 
+def _error(spec: ModelSpec, name: str, batch: int, dtype: torch.dtype, e: BaseException) -> dict:
+    """The row of a variant that failed to build, plan or run at this batch: the reason, no timings."""
+    print(f"!! {spec.name} b={batch} {name}: {type(e).__name__}: {e}")
+    return {"model": spec.name, "dims": spec.dims, "provider": name, "batch": batch,
+            "sparsity_pct": sparsity_pct(VARIANTS[name]), "dtype": str(dtype).replace("torch.", ""),
+            TIME_MS: "", BEST_DENSE_MS: "", SPEEDUP: "", ERROR: f"{type(e).__name__}: {e}"[:300]}
+
+
+@torch.no_grad()  # inference, as the planner measures it: no autograd bookkeeping in the eager timings
 def bench_model(spec: ModelSpec, variants: Sequence[str], device: torch.device, dtype: torch.dtype, rep: int,
                 log: Callable[[str], None] = print, cache_path: Path | None = None,
-                graphs: bool = False) -> list[dict]:
+                graphs: bool = False, on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Rows for one model: every batch size x variant, dense first.
 
     ``cache_path``: the planner's decision cache. Give a fresh file per run: layers of one shape are then
     measured once in this run (as a deployment would) and no decision comes from an earlier run.
     ``graphs``: also time each variant captured in a CUDA graph (CUDA only; see the module docstring).
+    ``on_rows``: called with each batch's rows as soon as they are measured (the bench writes its table).
+    A sparse variant that fails to build, plan or run gets a row with the reason in ``error``.
     """
     torch.manual_seed(0)
     dense = spec.build().eval().to(device=device, dtype=dtype)
     x_plan = spec.make_input(spec.batches[0]).to(device=device, dtype=dtype)
     dense64 = copy.deepcopy(dense).double()
-    built = {}
+    built, broken = {}, {}
     for name in variants:
         if VARIANTS[name] is not None:
             t0 = time.perf_counter()
-            model, ref, how = _sparse_variant(spec, dense, VARIANTS[name], x_plan)
+            try:
+                model, ref, how = _sparse_variant(spec, dense, VARIANTS[name], x_plan)
+            except Exception as e:  # noqa: BLE001  (a row that says why beats a lost run)
+                broken[name] = e
+                continue
             built[name] = (model.eval(), ref.eval(), how, time.perf_counter() - t0)
     rows = []
     for batch in spec.batches:
         x = spec.make_input(batch).to(device=device, dtype=dtype)
-        plans = {}
+        plans, errors = {}, {**broken}
         for name in variants:
-            if name != "dense":
+            if name != "dense" and name not in errors:
                 t0 = time.perf_counter()
-                entries = sc.plan(built[name][0], (x,), use_cache=cache_path is not None, cache_path=cache_path,
-                                  rep=rep)
+                try:
+                    entries = sc.plan(built[name][0], (x,), use_cache=cache_path is not None, cache_path=cache_path,
+                                      rep=rep)
+                    built[name][0](x)  # runs at all: a failure here must not sink the interleaved timing
+                except Exception as e:  # noqa: BLE001
+                    errors[name] = e
+                    continue
                 plans[name] = (entries, time.perf_counter() - t0)
-        models = {name: dense if name == "dense" else built[name][0] for name in variants}
+        models = {name: dense if name == "dense" else built[name][0] for name in variants if name not in errors}
         times = time_interleaved_ms({name: (lambda m=m: m(x)) for name, m in models.items()}, device, rep=rep)
-        batch_rows = []
-        for name in variants:
+        batch_rows = [_error(spec, name, batch, dtype, e) for name, e in errors.items()]
+        for name in models:
             if name == "dense":
                 model, ref, how, prep_s, (entries, plan_s) = dense, dense64, "nn.Linear/Conv2d", 0.0, ([], 0.0)
             else:
@@ -226,7 +249,7 @@ def bench_model(spec: ModelSpec, variants: Sequence[str], device: torch.device, 
                    "peak_MB": "" if peak is None else (mb + peak) / 2**20,
                    "max_abs_err": err, "ref_max_abs": scale, "agrees": err <= AGREE[dtype] * max(1.0, scale),
                    "backends": _backends(entries), "build_s": prep_s, "plan_s": plan_s}
-            batch_rows.append(row)
+            batch_rows.insert(len(batch_rows) - len(errors), row)
             log(f"{spec.name:14s} b={batch:<3d} {name:15s} {ms:9.3f} ms  x{row['speedup_vs_best_dense']:.2f}  "
                 f"{row['model_MB']:8.2f} MB  err {err:.2e}  [{row['backends']}]")
             if graphs and device.type == "cuda":  # after the eager row: re-planning changes the model's plan
@@ -236,25 +259,40 @@ def bench_model(spec: ModelSpec, variants: Sequence[str], device: torch.device, 
         dense_graph = next(r.get("graph_time_ms") for r in batch_rows if r["provider"] == "dense")
         for row in batch_rows:
             if graphs and device.type == "cuda":
-                ok = isinstance(dense_graph, float) and isinstance(row["graph_time_ms"], float)
+                ok = isinstance(dense_graph, float) and isinstance(row.get("graph_time_ms"), float)
                 row["graph_speedup_vs_dense_graph"] = dense_graph / row["graph_time_ms"] if ok else ""
         rows += batch_rows
+        if on_rows is not None:
+            on_rows(batch_rows)
     return rows
 
 
 def run(preset: str, models: Sequence[str], variants: Sequence[str], device: torch.device, dtype: torch.dtype,
-        rep: int, log: Callable[[str], None] = print, trim_batches: bool = False, graphs: bool = False) -> list[dict]:
-    """All rows (each carrying ``env_info``) for the chosen models and variants."""
+        rep: int, log: Callable[[str], None] = print, trim_batches: bool = False, graphs: bool = False,
+        batches: Sequence[int] | None = None, table: Table | None = None) -> list[dict]:
+    """All rows (each carrying ``env_info``) for the chosen models and variants; ``batches`` replaces each
+    model's batch sizes; ``table`` gets each batch's rows as soon as they are measured."""
     env = env_info(device)
     chosen = [s for s in specs(preset) if s.name in models]
-    if trim_batches:  # --quick on GPU: real dims, only the smallest and largest batch
-        for s in chosen:
+    for s in chosen:
+        if batches:
+            s.batches = tuple(batches)
+        elif trim_batches:  # --quick on GPU: real dims, only the smallest and largest batch
             s.batches = tuple(sorted({s.batches[0], s.batches[-1]}))
-    rows = []
+    rows: list[dict] = []
+
+    def add(batch_rows: list[dict]) -> None:
+        rows.extend({**r, **env} for r in batch_rows)
+        if table is not None:
+            table.add({**r, **env} for r in batch_rows)
+
     with tempfile.TemporaryDirectory() as tmp:
         for spec in chosen:
             cache = Path(tmp) / "plans.json"
-            rows += [{**r, **env} for r in bench_model(spec, variants, device, dtype, rep, log, cache, graphs)]
+            try:
+                bench_model(spec, variants, device, dtype, rep, log, cache, graphs, on_rows=add)
+            except Exception as e:  # noqa: BLE001  (the dense model itself failed: one row, then the next model)
+                add([_error(spec, "dense", spec.batches[0], dtype, e)])
     return rows
 
 
@@ -270,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rep", type=int, help="timed repetitions on CPU (CUDA uses do_bench)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-graphs", action="store_true", help="CUDA: skip the CUDA-graph replay timings")
+    p.add_argument("--batches", type=ints_arg, help="batch sizes for every model (default: the preset's)")
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:
@@ -297,11 +336,15 @@ def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     rep = args.rep or (5 if args.quick else 20)
     if not on_gpu:
         print("CPU run: reduced dims; Triton backends need CUDA and are skipped by the planner")
-    rows = run(preset, models, variants, device, dtype, rep, trim_batches=args.quick and preset == "gpu",
-               graphs=on_gpu and not args.no_graphs)
     suffix = "" if preset in ("gpu", "cpu") else f"_{preset}"
-    print(f"wrote {write_table('models' + suffix, rows, device, args.out_dir)}")
-    return 0
+    table = Table("models" + suffix, device, args.out_dir)
+    run(preset, models, variants, device, dtype, rep, trim_batches=args.quick and preset == "gpu",
+        graphs=on_gpu and not args.no_graphs, batches=args.batches, table=table)
+    print(f"wrote {table.path}")
+    bad = [r for r in table.rows if r.get(ERROR)]
+    if bad:
+        print(f"!! {len(bad)} variant(s) failed: {sorted({(r['model'], r['provider']) for r in bad})}")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

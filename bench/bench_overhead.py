@@ -30,7 +30,7 @@ from sparsecore.kernels._host import dry_launches
 from sparsecore.masks import keep_n_of_m
 from sparsecore.timing import host_ms, time_ms
 
-from .common import bench_parser, env_info, write_table
+from .common import ERROR, Table, bench_parser, env_info, error_row
 
 # (out, in, M) for linears; (C_in = C_out, H = W, batch) for the 3x3 conv. GPU: decode shapes.
 GPU_LINEAR, GPU_CONV = (4096, 4096, 1), (256, 14, 1)
@@ -72,7 +72,9 @@ def _conv_providers(c: int, dtype: torch.dtype, device: torch.device, g: torch.G
     return out
 
 
-def run(device: torch.device, rep: int) -> list[dict]:
+def run(device: torch.device, rep: int, table: Table | None = None) -> list[dict]:
+    """Rows per (case, provider); each case is added to ``table`` once measured; a provider whose first call
+    raises gets a row with the reason in ``error``."""
     g = torch.Generator().manual_seed(0)
     cuda = device.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
@@ -85,21 +87,31 @@ def run(device: torch.device, rep: int) -> list[dict]:
     stubs = contextlib.nullcontext() if cuda else dry_launches()
     with torch.no_grad(), stubs:
         for op, shape, providers, x in cases:
-            calls = {name: (lambda fn=fn: fn(x)) for name, (fn, _) in providers.items()}
-            for call in calls.values():
-                call()  # first call: compile / autotune / prepare, not timed
+            calls, case_rows, errors = {}, [], []
+            for name, (fn, _) in providers.items():
+                try:
+                    fn(x)  # first call: compile / autotune / prepare, not timed
+                    calls[name] = (lambda fn=fn: fn(x))
+                except Exception as e:  # noqa: BLE001  (one provider's failure is one row, not a lost run)
+                    print(f"  !! {op} {shape} {name}: {type(e).__name__}: {e}")
+                    errors.append(error_row({"op": op, "shape": shape}, name, e, env))
             # Round-robin rounds, best median per provider: a noisy stretch of the machine hits all alike.
             host_rounds = [{name: host_ms(call, device, rep=rep) for name, call in calls.items()} for _ in range(5)]
             for name, (fn, sparsity) in providers.items():
+                if name not in calls:
+                    continue
                 call = calls[name]
                 host = min(r[name] for r in host_rounds) * 1e3
                 gpu = time_ms(call, device) * 1e3 if cuda else None
-                rows.append({"op": op, "shape": shape, "provider": name, "sparsity": sparsity, "dtype": str(dtype)[6:],
-                             "host_us": host, "gpu_us": gpu if gpu is not None else "",
-                             "launch_bound": "" if gpu is None else ("yes" if host > gpu else "no"),
-                             "triton_launch": "included" if cuda else "stubbed (CPU)", **env})
+                case_rows.append({"op": op, "shape": shape, "provider": name, "sparsity": sparsity,
+                                  "dtype": str(dtype)[6:], "host_us": host, "gpu_us": gpu if gpu is not None else "",
+                                  "launch_bound": "" if gpu is None else ("yes" if host > gpu else "no"),
+                                  "triton_launch": "included" if cuda else "stubbed (CPU)", **env})
                 print(f"  {op:8s} {shape:24s} {name:30s} host {host:8.1f} us"
                       + (f"  gpu {gpu:8.1f} us" if gpu is not None else ""))
+            rows += case_rows + errors
+            if table is not None:
+                table.add(case_rows + errors)
     return rows
 
 
@@ -109,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         print("no CUDA device: Triton launches are stubbed; host_us is sparsecore's own Python per call")
-    rows = run(device, rep=30 if args.quick else 100)
-    print(f"wrote {write_table('overhead', rows, device, args.out_dir)}")
-    return 0
+    table = Table("overhead", device, args.out_dir)
+    rows = run(device, rep=30 if args.quick else 100, table=table)
+    print(f"wrote {table.path}")
+    return 1 if any(r.get(ERROR) for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -18,17 +18,25 @@ Column vocabulary, the same in every kernel and model table (``bench.plots`` rea
                              N:M gives ``100 * (1 - n/m)``; channel pruning the share of output channels);
 * ``GB_per_s``, ``TFLOP_per_s``  bytes moved / time and dense-equivalent ``2 * M * N * K`` / time (kernels);
 * ``max_abs_err``            against a dense reference of higher precision (the table's docstring says which);
-* ``device``, ``torch``, ``triton``, ``commit``, ``date``  from ``env_info`` (``ENV_COLUMNS``).
+* ``error``                  empty, or why this provider has no timing in this case (``error_row``: it raised,
+                             or ``not run: <reason>`` where it does not apply);
+* ``device``, ``torch``, ``triton``, ``commit``, ``date``  from ``env_info`` (``ENV_COLUMNS``, always last).
+
+Tables are rewritten after every case (``Table``), so a run cut off by a time limit keeps what finished.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import os
 import datetime as _dt
+import functools
+import hashlib
+import io
+import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -46,6 +54,8 @@ M_ROWS = "M"
 BATCH = "batch"
 SPARSITY_PCT = "sparsity_pct"
 ENV_COLUMNS = ("device", "torch", "triton", "commit", "date")
+ERROR = "error"
+NOT_RUN = "not run: "  # prefix of an ``error`` that says why a provider does not apply (not a failure)
 
 
 def bench_parser(module: str, description: str, quick_help: str) -> argparse.ArgumentParser:
@@ -55,6 +65,51 @@ def bench_parser(module: str, description: str, quick_help: str) -> argparse.Arg
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out-dir", type=Path, default=None, help="where the tables go (default bench/results)")
     return parser
+
+
+def shapes_arg(text: str) -> list[tuple[int, int]]:
+    """``"4096x4096,11008x4096"`` -> ``[(4096, 4096), (11008, 4096)]`` (N x K, i.e. out x in)."""
+    try:
+        shapes = [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected shapes as NxK[,NxK...] with positive sizes, got {text!r}")
+    return shapes  # type: ignore[return-value]
+
+
+def ints_arg(text: str) -> list[int]:
+    """``"1,4,16"`` -> ``[1, 4, 16]`` (positive integers)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,4,16, got {text!r}")
+    return values
+
+
+def sparsities_arg(text: str) -> list[float]:
+    """``"50,70,90"`` (percent) or ``"0.5,0.9"`` (fractions) -> ``[0.5, 0.7, 0.9]``."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    values = [v / 100 if v > 1 else v for v in values]
+    if not values or not all(0 <= v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected sparsities in [0, 100) percent, like 50,90, got {text!r}")
+    return values
+
+
+def names_arg(choices: Sequence[str]):
+    """An argparse type for a comma-separated subset of ``choices``."""
+    def parse(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [n for n in names if n not in choices]
+        if not names or bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad or text!r}; choose from {', '.join(choices)}")
+        return names
+    return parse
 
 
 def device_name(device: torch.device | str) -> str:
@@ -80,15 +135,44 @@ def cpu_info() -> dict[str, object]:
     return {"cpu": model, "cores": cores, "threads": torch.get_num_threads()}
 
 
+# Source files whose content names the code when there is no git repository (e.g. a working-tree copy).
+_SOURCE_GLOBS = ("pyproject.toml", "sparsecore/**/*.py", "kernels/**/*.py", "kernels/**/*.cpp", "kernels/**/*.h",
+                 "bench/*.py", "bench/*.sh")
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
+
+
+def source_digest(root: Path | None = None) -> str:
+    """``files-<12 hex>``: sha256 over the relative paths and bytes of the sources (``_SOURCE_GLOBS``)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted({f for g in _SOURCE_GLOBS for f in root.glob(g) if f.is_file()}):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return "files-" + h.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=None)
 def git_commit() -> str:
+    """The code a row was measured with: ``$SPARSECORE_COMMIT`` if set (a copy without ``.git``, such as the
+    device tool's, is told the commit this way), else ``git rev-parse --short HEAD`` (``-dirty`` with
+    uncommitted changes to tracked files), else ``source_digest()`` with a warning on stderr saying so."""
+    override = os.environ.get("SPARSECORE_COMMIT", "").strip()
+    if override:
+        return override
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        head = _git("rev-parse", "--short", "HEAD")
+        if head.returncode == 0:
+            dirty = _git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+            return head.stdout.strip() + ("-dirty" if dirty else "")
+        why = (head.stderr.strip().splitlines() or ["git failed"])[-1]
+    except (OSError, subprocess.SubprocessError) as e:
+        why = f"{type(e).__name__}: {e}"
+    digest = source_digest()
+    print(f"commit column: no git commit here ({why}); recording {digest}, a hash of the source files; "
+          f"set SPARSECORE_COMMIT to record the commit instead", file=sys.stderr)
+    return digest
 
 
 def env_info(device: torch.device | str) -> dict[str, str]:
@@ -137,24 +221,69 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
+def error_row(case: dict, provider: str, error: BaseException | str, env: dict[str, str]) -> dict:
+    """The row of a provider that failed (or could not run) on ``case``: empty timings, the reason in
+    ``error``. A bench records it and carries on, so one provider's failure costs one row, not the run."""
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    return {**case, PROVIDER: provider, TIME_MS: "", BEST_DENSE_MS: "", SPEEDUP: "", ERROR: text[:300], **env}
+
+
+def failed(rows: Iterable[dict], providers: Sequence[str]) -> list[dict]:
+    """The rows of ``providers`` that carry an error: a bench exits non-zero when its own providers failed."""
+    return [r for r in rows if r.get(PROVIDER) in providers and r.get(ERROR) and not r[ERROR].startswith(NOT_RUN)]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_table(name: str, rows: Iterable[dict], device: torch.device | str, out_dir: Path | None = None) -> Path:
-    """Write rows to ``<out_dir>/<name>_<device-slug>.csv`` and ``.md``; returns the markdown path."""
+    """Write rows to ``<out_dir>/<name>_<device-slug>.csv`` and ``.md``; returns the markdown path.
+
+    Columns are the union over rows in first-seen order, ``error`` and the env columns last. Each file is
+    replaced in one rename, so a reader (or a run killed mid-write) sees the previous table or the new one,
+    never half of one.
+    """
     rows = list(rows)
     if not rows:
         raise ValueError(f"no rows to write for {name}")
     out_dir = Path(out_dir) if out_dir is not None else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{name}_{slug(device_name(device))[:40]}"
-    cols = list(rows[0].keys())
-    for r in rows[1:]:
+    cols: list[str] = []
+    for r in rows:
         cols += [c for c in r if c not in cols]
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+    last = (ERROR, *ENV_COLUMNS)
+    cols = [c for c in cols if c not in last] + [c for c in last if c in cols]
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    _atomic_write(stem.with_suffix(".csv"), buf.getvalue())
     md = stem.with_suffix(".md")
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    md.write_text("\n".join(lines) + "\n")
+    lines += ["| " + " | ".join(fmt(r.get(c, "")).replace("|", "/") for c in cols) + " |" for r in rows]
+    _atomic_write(md, "\n".join(lines) + "\n")
     return md
+
+
+class Table:
+    """A result table written again after every ``add``: a bench cut off by a time limit keeps every case
+    that finished. ``path``: the markdown file, once a row was added.
+
+    >>> table = Table("spmm", device, out_dir)
+    >>> for case in cases: table.add(rows_of(case))
+    """
+
+    def __init__(self, name: str, device: torch.device | str, out_dir: Path | None = None) -> None:
+        self.name, self.device, self.out_dir = name, device, out_dir
+        self.rows: list[dict] = []
+        self.path: Path | None = None
+
+    def add(self, rows: Iterable[dict]) -> None:
+        self.rows += list(rows)
+        if self.rows:
+            self.path = write_table(self.name, self.rows, self.device, self.out_dir)

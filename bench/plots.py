@@ -52,6 +52,8 @@ def plot_table(csv_path: Path, out_dir: Path, log=print) -> list[Path]:
     import matplotlib.pyplot as plt
 
     rows = list(csv.DictReader(csv_path.open()))
+    if rows and TIME_MS in rows[0]:  # rows without a timing (a provider's ``error`` row) have nothing to plot
+        rows = [r for r in rows if _num(r[TIME_MS]) is not None]
     if not rows:
         log(f"skip {csv_path.name}: empty table")
         return []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from typing import Any, Callable, Iterator
 
@@ -18,8 +19,8 @@ import torch
 
 from sparsecore.intmath import cdiv, next_pow2
 
-__all__ = ["cdiv", "next_pow2", "num_sms", "needs_op", "interpreting", "cpu_launch_ok", "dry_launches", "launch",
-           "launched_config", "empty", "poisoned_buffers", "dry_active"]
+__all__ = ["cdiv", "next_pow2", "sparsity_bucket", "num_sms", "needs_op", "interpreting", "cpu_launch_ok",
+           "dry_launches", "launch", "launched_config", "empty", "poisoned_buffers", "dry_active"]
 
 
 def interpreting() -> bool:
@@ -99,6 +100,17 @@ def launched_config(kernel: Any) -> dict:
     if _Dry.active:
         return _first_config(kernel)
     return kernel.best_config.kwargs
+
+
+def sparsity_bucket(kept: int, total: int) -> int:
+    """Autotuning key for the share of a weight kept: ``round(2 * log2(total / kept))``, half-octave steps.
+
+    0 when dense, 2 at 50% sparsity, 3 at 70%, 7 at 90%, 9 at 95%, 40 when nothing is kept: the best config
+    depends on the work per output (kept values per row), so a config tuned at 50% is not reused at 90%.
+    """
+    if kept <= 0 or total <= 0:
+        return 40
+    return min(40, round(2 * math.log2(max(total / kept, 1.0))))
 
 
 @functools.lru_cache(maxsize=None)

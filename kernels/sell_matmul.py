@@ -13,7 +13,8 @@ mask, a fraction of the instructions per kept value that masked row loads take (
 and bytes are proportional to the kept values, not to the dense size (see the layout's docstring for why
 the bitmap kernel cannot do that). Entries past a row's length are masked, so padding is never read and
 a non-finite ``x`` at a column whose weights were all pruned does not reach ``y`` (pruned weights are
-absent, not zeros that multiply). Configs are autotuned per (M bucket, N, K, C); one under the interpreter.
+absent, not zeros that multiply). Configs are autotuned per (M bucket, sparsity bucket, N, K, C); one under
+the interpreter.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import triton.language as tl
 
 from sparsecore.formats.sell import ALIGN, MAX_K, SellLayout
 
-from ._host import cdiv, cpu_launch_ok, empty, interpreting, launch, needs_op, next_pow2
+from ._host import cdiv, cpu_launch_ok, empty, interpreting, launch, needs_op, next_pow2, sparsity_bucket
 
 __all__ = ["sell_matmul", "sell_matmul_ref", "check_layout"]
 
@@ -53,11 +54,12 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return keep[:1] if _INTERPRET else keep
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "C"], prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "SPARSITY_BUCKET", "N", "K", "C"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=["SPARSITY_BUCKET"])  # an autotuning key only: no compile per value
 def _sell_matmul_kernel(
     x_ptr, v_ptr, c_ptr, len_ptr, base_ptr, width_ptr, b_ptr, y_ptr,
-    M, N, K, M_BUCKET, stride_xm, stride_xk, stride_ym,
+    M, N, K, M_BUCKET, SPARSITY_BUCKET, stride_xm, stride_xk, stride_ym,
     C: tl.constexpr, ALIGN_: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
@@ -186,8 +188,9 @@ def _launch(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_len: 
     def grid(meta: dict) -> tuple[int, int]:
         return n_slices, cdiv(m, meta["BLOCK_M"])
 
+    # The padded slots are the kernel's work, so the sparsity key counts them (host-side: values.numel()).
     args = (x, values, cols, row_len, base, width, bias if bias is not None else y, y,
-            m, n, k, next_pow2(m), x.stride(0), x.stride(1), y.stride(0))
+            m, n, k, next_pow2(m), sparsity_bucket(values.numel(), n * k), x.stride(0), x.stride(1), y.stride(0))
     meta = dict(C=slice_rows, ALIGN_=ALIGN, HAS_BIAS=bias is not None)
     if _INTERPRET:  # Triton 3.6's autotuner benchmarks even a lone config (needs a driver): launch it directly
         launch(_sell_matmul_kernel.fn, grid, *args, **meta, **_interpreter_config(next_pow2(m), slice_rows))

@@ -29,7 +29,8 @@ from triton.language.extra import libdevice
 
 from sparsecore.formats.unstructured import MAX_TILE_ELEMS, TILE_K_CHOICES, TILE_N_CHOICES, decode_matrix
 
-from ._host import cdiv, cpu_launch_ok, empty, interpreting, launch, launched_config, needs_op, next_pow2
+from ._host import (cdiv, cpu_launch_ok, empty, interpreting, launch, launched_config, needs_op, next_pow2,
+                    sparsity_bucket)
 
 __all__ = ["spmm", "spmm_prechecked", "check_packed", "spmm_ref"]
 
@@ -51,10 +52,10 @@ def _popcount(v, HW_POPC: tl.constexpr):
         return ((v * 0x01010101) >> 24).to(tl.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sparsity_key"])  # an autotuning key only: no compile per value
 def _spmm_kernel(
     x_ptr, bitmap_ptr, values_ptr, offsets_ptr, bias_ptr, out_ptr, ws_ptr,
-    M, N, K, n_k_tiles, m_bucket,
+    M, N, K, n_k_tiles, m_bucket, sparsity_key,
     stride_xm, stride_xk, stride_om,
     HAS_BIAS: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, BLOCK_M: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, HW_POPC: tl.constexpr,
@@ -161,7 +162,8 @@ def _configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
             for s in (1, 2, 4, 8) for w in (4, 8) for st in (2, 3)]
 
 
-_spmm_autotuned = triton.autotune(configs=_configs(), key=["m_bucket", "N", "K", "HAS_BIAS", "BLOCK_M", "TILE_N", "TILE_K"],
+_spmm_autotuned = triton.autotune(configs=_configs(), key=["m_bucket", "sparsity_key", "N", "K", "HAS_BIAS", "BLOCK_M",
+                                                           "TILE_N", "TILE_K"],
                                   prune_configs_by={"early_config_prune": _prune})(_spmm_kernel)
 
 
@@ -226,6 +228,7 @@ def _launch(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_of
     if m == 0 or n == 0:
         return out
     ws = empty((m, n), torch.float32, x.device)
+    sparsity = sparsity_bucket(values.numel(), n * k)
     if values.numel() == 0:  # 100% sparse: every load is masked, but give the kernel a valid pointer
         values = torch.zeros(1, dtype=x.dtype, device=x.device)
     block_m = _block_m(m)
@@ -233,7 +236,7 @@ def _launch(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_of
     # tiles go through an exact fp32 dot instead. GPUs always take the native bf16 dot.
     upcast = _INTERPRET and x.dtype == torch.bfloat16
     args = (x, bitmap, values, tile_offsets, bias if bias is not None else out, out, ws,
-            m, n, k, n_k_tiles, _autotune_bucket(m, block_m), x.stride(0), x.stride(1), out.stride(0))
+            m, n, k, n_k_tiles, _autotune_bucket(m, block_m), sparsity, x.stride(0), x.stride(1), out.stride(0))
     meta = dict(HAS_BIAS=bias is not None, TILE_N=tile_n, TILE_K=32 * words, BLOCK_M=block_m,
                 DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else None, DOT_UPCAST=upcast,
                 HW_POPC=not _INTERPRET, EVEN_K=k % (32 * words) == 0)  # whole K tiles: no K mask on x
@@ -273,9 +276,10 @@ def spmm(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, tile_offse
 
     fp16, bf16 or fp32 (values, x and bias share the dtype); fp32 accumulation. ``x`` may have any
     strides; packed tensors must be contiguous and on x's device. ``split_k`` forces the number of K
-    chunks (``None``: autotuned per (M block, N, K)). ``k``: the weight's K (``p.shape[1]``); pass it, since
-    the bitmap alone fixes K only up to a whole tile, so without it an ``x`` whose K differs from the
-    weight's but needs as many tiles is multiplied by the weight zero-extended (or cut) to that K.
+    chunks (``None``: autotuned per (M block, sparsity bucket, N, K)). ``k``: the weight's K
+    (``p.shape[1]``); pass it, since the bitmap alone fixes K only up to a whole tile, so without it an ``x``
+    whose K differs from the weight's but needs as many tiles is multiplied by the weight zero-extended (or
+    cut) to that K.
     Runs as the opaque op ``torch.ops.sparsecore.spmm`` under torch.compile or autograd.
 
     >>> p = UnstructuredWeight.from_dense(w, mask)                                  # w: (N, K) on CUDA

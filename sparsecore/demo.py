@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         t = r.latency
         spread = f"{t.ratio_q1:.2f}-{t.ratio_q3:.2f}x"
         print(f"{r.name:<28}{r.dense_mb:>9.2f}{r.packed_mb:>10.2f}{t.dense_ms:>10.3f}{t.sparse_ms:>10.3f}"
-              f"{t.ratio:>8.2f}x{spread:>13}  {r.max_err:>9.2e}  {r.backends}{mark}")
+              f"{t.ratio:>8.2f}x {spread:>12}  {r.max_err:>9.2e}  {r.backends}{mark}")
         if not r.ok:
             failed.append(name)
     print(f"\nMB: all parameters and buffers of the model (what its file holds); latency: medians of the whole")

@@ -30,8 +30,13 @@ def _read(path: Path) -> list[dict]:
 
 
 def _check_table(rows: list[dict], dense: tuple[str, ...], case_cols: tuple[str, ...]) -> None:
-    """Canonical columns and env columns present; speedup = best dense time of the same case / time."""
+    """Canonical columns and env columns present; speedup = best dense time of the same case / time.
+    Rows of providers that did not run carry the reason in ``error`` and no timing."""
     assert rows
+    for r in rows:
+        if r.get(common.ERROR):
+            assert r[common.TIME_MS] == r[common.SPEEDUP] == "", r
+    rows = [r for r in rows if not r.get(common.ERROR)]
     for col in VOCAB + common.ENV_COLUMNS:
         assert col in rows[0], col
     cases: dict[tuple, list[dict]] = {}
@@ -79,7 +84,10 @@ def test_bench_nm_main_writes_canonical_table(tmp_path, monkeypatch):
     (table,) = tmp_path.glob("nm_matmul_2x4_*.csv")
     rows = _read(table)
     _check_table(rows, bench_nm.DENSE, ("N", "K", "M"))
-    assert {r[common.PROVIDER] for r in rows} == {"dense", "reference"}
+    assert {r[common.PROVIDER] for r in rows if not r[common.ERROR]} == {"dense", "reference"}
+    not_run = {r[common.PROVIDER]: r[common.ERROR] for r in rows if r[common.ERROR]}
+    assert set(not_run) == {"dense_compile", "cusparselt", "cutlass", "triton_nm"}  # each says why
+    assert all(e.startswith(common.NOT_RUN) for e in not_run.values())
     assert {int(r["M"]) for r in rows} == {1, 3} and {r["sparsity_pct"] for r in rows} == {"50"}
     assert "time_us" not in rows[0]
 
@@ -91,8 +99,11 @@ def test_bench_spmm_main_writes_canonical_table(tmp_path, monkeypatch):
     (table,) = tmp_path.glob("spmm_*.csv")
     rows = _read(table)
     _check_table(rows, bench_spmm.DENSE_PROVIDERS, ("N", "K", "M", "sparsity_pct"))
-    assert {"dense", "reference"} <= {r[common.PROVIDER] for r in rows}
+    assert {"dense", "reference"} <= {r[common.PROVIDER] for r in rows if not r[common.ERROR]}
     for r in rows:
+        if r[common.ERROR]:
+            assert r[common.ERROR].startswith(common.NOT_RUN) and r[common.PROVIDER] != "dense"
+            continue
         assert float(r["pct_of_copy_bw"]) == pytest.approx(100 * float(r["GB_per_s"]) / 10.0)
 
 
@@ -146,3 +157,94 @@ def test_masked_copy_zeroes_pruned_weights_exactly(seeded):
         masked_copy(model, {"9": mask})
     with pytest.raises(ValueError, match="does not match weight shape"):
         masked_copy(model, {"0": mask[:, :6]})
+
+
+def test_table_is_rewritten_after_every_case_and_keeps_what_finished(tmp_path, monkeypatch):
+    """A bench cut off mid-run (here: interrupted while timing its second case) leaves the first case's
+    rows on disk, in a whole file (no ``.part`` left behind)."""
+    monkeypatch.setattr(bench_spmm, "copy_bandwidth_gb_s", lambda device: 10.0)
+    calls = iter(range(10_000))
+    real = bench_spmm.time_ms
+
+    def time_or_stop(fn, device):
+        if next(calls) == 3:  # dense, torch_csr, reference of case 1 timed; stop in case 2
+            raise KeyboardInterrupt
+        return real(fn, device)
+
+    monkeypatch.setattr(bench_spmm, "time_ms", time_or_stop)
+    with pytest.raises(KeyboardInterrupt):
+        bench_spmm.main(["--shapes", "24x40", "--ms", "1,2", "--sparsities", "50", "--out-dir", str(tmp_path)])
+    (table,) = tmp_path.glob("spmm_*.csv")
+    rows = _read(table)
+    assert {r["M"] for r in rows} == {"1"}
+    assert {r[common.PROVIDER] for r in rows if not r[common.ERROR]} == {"dense", "torch_csr", "reference"}
+    assert not list(tmp_path.glob("*.part"))
+    assert table.with_suffix(".md").read_text().count("\n") == len(rows) + 2
+
+
+def test_a_failing_provider_is_a_row_and_the_run_goes_on(tmp_path, monkeypatch):
+    import sparsecore.kernels.spmm as spmm_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(spmm_mod, "spmm_ref", broken)
+    monkeypatch.setattr(bench_spmm, "copy_bandwidth_gb_s", lambda device: 10.0)
+    code = bench_spmm.main(["--shapes", "24x40,16x32", "--ms", "1", "--sparsities", "50,90",
+                            "--providers", "dense,torch_csr,reference", "--out-dir", str(tmp_path)])
+    assert code == 1  # sparsecore's own provider failed: the exit status says so
+    rows = _read(next(tmp_path.glob("spmm_*.csv")))
+    cases = {(r["N"], r["sparsity_pct"]) for r in rows}
+    assert cases == {("24", "50"), ("24", "90"), ("16", "50"), ("16", "90")}  # every case still ran
+    errors = [r for r in rows if r[common.PROVIDER] == "reference"]
+    assert len(errors) == 4 and all(r[common.ERROR] == "RuntimeError: planted failure" for r in errors)
+    assert all(r[common.TIME_MS] == "" for r in errors)
+    _check_table(rows, bench_spmm.DENSE_PROVIDERS, ("N", "K", "M", "sparsity_pct"))
+    assert {r[common.PROVIDER] for r in rows} == {"dense", "torch_csr", "reference"}  # only those asked for
+
+
+def test_bench_options_reject_bad_values(capsys):
+    for argv in (["--shapes", "4096"], ["--ms", "0"], ["--sparsities", "100"], ["--providers", "dense,nope"]):
+        with pytest.raises(SystemExit) as exc:
+            bench_spmm.main(argv)
+        assert exc.value.code == 2
+    assert "nope" in capsys.readouterr().err
+    assert common.shapes_arg("4096x11008,8X16") == [(4096, 11008), (8, 16)]
+    assert common.sparsities_arg("50,0.9,95") == [0.5, 0.9, 0.95]
+
+
+def test_commit_column_override_git_and_no_git(monkeypatch, capsys, tmp_path):
+    common.git_commit.cache_clear()
+    monkeypatch.setenv("SPARSECORE_COMMIT", "abc1234")
+    try:
+        assert common.git_commit() == "abc1234"
+        common.git_commit.cache_clear()
+        monkeypatch.delenv("SPARSECORE_COMMIT")
+
+        def no_git(*args):
+            raise FileNotFoundError("git")
+
+        monkeypatch.setattr(common, "_git", no_git)
+        got = common.git_commit()
+        assert got == common.source_digest() and got.startswith("files-") and len(got) == len("files-") + 12
+        err = capsys.readouterr().err
+        assert "no git commit here" in err and "SPARSECORE_COMMIT" in err
+    finally:
+        common.git_commit.cache_clear()
+    # the digest names the content: one changed byte changes it
+    (tmp_path / "sparsecore").mkdir()
+    (tmp_path / "sparsecore" / "a.py").write_text("x = 1\n")
+    before = common.source_digest(tmp_path)
+    (tmp_path / "sparsecore" / "a.py").write_text("x = 2\n")
+    assert common.source_digest(tmp_path) != before
+
+
+def test_bench_overhead_main_times_every_path(tmp_path):
+    """On CPU the launches are stubbed: every sparse path must still resolve and run (host cost only)."""
+    from bench import bench_overhead
+    assert bench_overhead.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    rows = _read(next(tmp_path.glob("overhead_*.csv")))
+    timed = {r[common.PROVIDER] for r in rows if not r.get(common.ERROR)}
+    assert {"nn.Linear", "SparseLinear[triton_nm]", "SparseLinear[triton_spmm]", "SparseLinear[triton_sell]",
+            "nm_matmul()", "spmm()", "nn.Conv2d", "SparseConv2d[triton_channel]"} <= timed
+    assert all(float(r["host_us"]) > 0 for r in rows)

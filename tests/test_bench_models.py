@@ -108,3 +108,29 @@ def test_plots_from_tables(tmp_path, capsys):
     assert made == sorted([f"{stem}_vs_batch.png", f"{stem}_vs_sparsity.png", f"{models}_vs_batch.png"])
     assert all((tmp_path / "fig" / m).stat().st_size > 1000 for m in made)
     assert "skip nm: no nm_*.csv" in out and "skip junk_cpu.csv: no time_ms or provider column" in out
+
+
+def test_eager_rows_timed_without_autograd_and_a_failing_variant_is_a_row(tmp_path, monkeypatch):
+    real_build, real_time = bm._sparse_variant, bm.time_interleaved_ms
+    grad_on_while_timing = []
+
+    def build(spec, dense, config, x0):
+        if config.pattern == "unstructured":
+            raise RuntimeError("planted failure")
+        return real_build(spec, dense, config, x0)
+
+    def timed(fns, device, **kw):
+        grad_on_while_timing.append(torch.is_grad_enabled())
+        return real_time(fns, device, **kw)
+
+    monkeypatch.setattr(bm, "_sparse_variant", build)
+    monkeypatch.setattr(bm, "time_interleaved_ms", timed)
+    code = bm.main(["--preset", "tiny", "--models", "decoder_block", "--variants", "dense,2:4,unstructured90",
+                    "--batches", "3", "--rep", "2", "--out-dir", str(tmp_path)])
+    assert code == 1
+    assert grad_on_while_timing == [False]  # as the planner measures: no autograd bookkeeping
+    rows = list(csv.DictReader(next(tmp_path.glob("models_tiny_*.csv")).open()))
+    assert [(r["provider"], r["batch"]) for r in rows] == [("dense", "3"), ("2:4", "3"), ("unstructured90", "3")]
+    bad = rows[2]
+    assert bad["error"] == "RuntimeError: planted failure" and bad["time_ms"] == "" and bad["sparsity_pct"] == "90"
+    assert all(r["error"] == "" and float(r["time_ms"]) > 0 for r in rows[:2])

@@ -181,11 +181,21 @@ inline void columns_gemm_row(const ColumnWeight& w, const Activations& a, const 
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const float* xb = a.x + blk * a.kp * kLanes;
     __m256 lo[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, hi[2] = {lo[0], lo[0]};
-    for (int64_t j = w.row_ptr[r]; j < e; ++j) {
-      const __m256 v = _mm256_set1_ps(load_scalar<D>(w.values, j));
-      const float* xc = xb + w.cols[j] * kLanes;
-      lo[j & 1] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xc), lo[j & 1]);
-      hi[j & 1] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xc + 8), hi[j & 1]);
+    int64_t j = w.row_ptr[r];
+    for (; j + 2 <= e; j += 2) {  // two named accumulator pairs stay in registers
+      const __m256 va = _mm256_set1_ps(load_scalar<D>(w.values, j));
+      const __m256 vb = _mm256_set1_ps(load_scalar<D>(w.values, j + 1));
+      const float* xa = xb + w.cols[j] * kLanes;
+      const float* xc = xb + w.cols[j + 1] * kLanes;
+      lo[0] = _mm256_fmadd_ps(va, _mm256_loadu_ps(xa), lo[0]);
+      hi[0] = _mm256_fmadd_ps(va, _mm256_loadu_ps(xa + 8), hi[0]);
+      lo[1] = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xc), lo[1]);
+      hi[1] = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xc + 8), hi[1]);
+    }
+    if (j < e) {
+      const __m256 va = _mm256_set1_ps(load_scalar<D>(w.values, j));
+      lo[0] = _mm256_fmadd_ps(va, _mm256_loadu_ps(xb + w.cols[j] * kLanes), lo[0]);
+      hi[0] = _mm256_fmadd_ps(va, _mm256_loadu_ps(xb + w.cols[j] * kLanes + 8), hi[0]);
     }
     store_block(o, a, blk, r, _mm256_add_ps(lo[0], lo[1]), _mm256_add_ps(hi[0], hi[1]));
   }
@@ -288,12 +298,38 @@ inline void nm_gemm_row(const NMWeight& w, const Activations& a, const Output& o
     __m256 lo[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, hi[2] = {lo[0], lo[0]};
     for (int64_t s = 0; s < w.slots; s += 16) {
       const int count = static_cast<int>(w.slots - s < 16 ? w.slots - s : 16);
-      nm_columns(w, pos, s, count, idx);
-      for (int l = 0; l < count; ++l) {
-        const __m256 v = _mm256_set1_ps(load_scalar<D>(w.values, r * w.slots + s + l));
-        const float* xc = xb + idx[l] * kLanes;
-        lo[l & 1] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xc), lo[l & 1]);
-        hi[l & 1] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xc + 8), hi[l & 1]);
+      if (w.n == 2 && w.m == 4) {  // 2-bit positions of 16 slots: one 32-bit load, two 8-lane decodes
+        uint32_t pw = 0;
+        std::memcpy(&pw, pos + s / 4, (count * 2 + 7) / 8);
+        const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+        const __m256i base = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(s * 2)),
+                                              _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12));
+        const __m256i three = _mm256_set1_epi32(3);
+        const __m256i lo = _mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(pw), shifts), three), base);
+        const __m256i hi = _mm256_add_epi32(
+            _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(pw >> 16), shifts), three),
+            _mm256_add_epi32(base, _mm256_set1_epi32(16)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(idx), lo);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(idx + 8), hi);
+      } else {
+        nm_columns(w, pos, s, count, idx);
+      }
+      const int64_t v0 = r * w.slots + s;
+      int l = 0;
+      for (; l + 2 <= count; l += 2) {  // two named accumulator pairs stay in registers
+        const __m256 va = _mm256_set1_ps(load_scalar<D>(w.values, v0 + l));
+        const __m256 vb = _mm256_set1_ps(load_scalar<D>(w.values, v0 + l + 1));
+        const float* xa = xb + idx[l] * kLanes;
+        const float* xc = xb + idx[l + 1] * kLanes;
+        lo[0] = _mm256_fmadd_ps(va, _mm256_loadu_ps(xa), lo[0]);
+        hi[0] = _mm256_fmadd_ps(va, _mm256_loadu_ps(xa + 8), hi[0]);
+        lo[1] = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xc), lo[1]);
+        hi[1] = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xc + 8), hi[1]);
+      }
+      if (l < count) {
+        const __m256 va = _mm256_set1_ps(load_scalar<D>(w.values, v0 + l));
+        lo[0] = _mm256_fmadd_ps(va, _mm256_loadu_ps(xb + idx[l] * kLanes), lo[0]);
+        hi[0] = _mm256_fmadd_ps(va, _mm256_loadu_ps(xb + idx[l] * kLanes + 8), hi[0]);
       }
     }
     store_block(o, a, blk, r, _mm256_add_ps(lo[0], lo[1]), _mm256_add_ps(hi[0], hi[1]));

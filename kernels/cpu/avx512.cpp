@@ -230,6 +230,16 @@ inline void nm_columns(const NMWeight& w, const uint8_t* pos, int64_t s0, int co
   }
 }
 
+// Columns of 2:4 slots [s0, s0 + count) (s0 a multiple of 16): one 32-bit load of 2-bit positions.
+inline __m512i nm24_columns(const uint8_t* pos, int64_t s0, int count) {
+  uint32_t pw = 0;
+  std::memcpy(&pw, pos + s0 / 4, (count * 2 + 7) / 8);
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(s0 * 2)),
+                                        _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28));
+  return _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(pw), shifts), _mm512_set1_epi32(3)), base);
+}
+
 // ---- any N:M, m == 1: scalar-decoded columns, a 16-lane gather of x.
 template <DType D>
 inline void nm_gather_row(const NMWeight& w, const float* x, const Output& o, int64_t r) {
@@ -260,10 +270,35 @@ inline void nm_gemm_row(const NMWeight& w, const Activations& a, const Output& o
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t s = 0; s < w.slots; s += 16) {
       const int count = static_cast<int>(w.slots - s < 16 ? w.slots - s : 16);
-      nm_columns(w, pos, s, count, idx);
-      for (int l = 0; l < count; ++l) {
-        const float v = load_scalar<D>(w.values, r * w.slots + s + l);
-        acc[l & 3] = _mm512_fmadd_ps(_mm512_set1_ps(v), _mm512_loadu_ps(xb + idx[l] * kLanes), acc[l & 3]);
+      const int64_t v0 = r * w.slots + s;
+      if (count == 16 && w.n == 2 && w.m == 4) {  // columns decoded in registers from one 32-bit load
+        uint32_t pw;
+        std::memcpy(&pw, pos + s / 4, 4);
+        const float* xs = xb + 2 * s * kLanes;
+#pragma GCC unroll 16
+        for (int l = 0; l < 16; ++l) {
+          const int64_t c = (l >> 1) * 4 + ((pw >> (2 * l)) & 3);
+          acc[l & 3] = _mm512_fmadd_ps(_mm512_set1_ps(load_scalar<D>(w.values, v0 + l)),
+                                       _mm512_loadu_ps(xs + c * kLanes), acc[l & 3]);
+        }
+        continue;
+      }
+      if (w.n == 2 && w.m == 4) {
+        _mm512_store_si512(idx, nm24_columns(pos, s, count));
+      } else {
+        nm_columns(w, pos, s, count, idx);
+      }
+      if (count == 16) {  // fully unrolled so that the four accumulators stay in registers
+#pragma GCC unroll 16
+        for (int l = 0; l < 16; ++l) {
+          acc[l & 3] = _mm512_fmadd_ps(_mm512_set1_ps(load_scalar<D>(w.values, v0 + l)),
+                                       _mm512_loadu_ps(xb + idx[l] * kLanes), acc[l & 3]);
+        }
+      } else {
+        for (int l = 0; l < count; ++l) {
+          acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(load_scalar<D>(w.values, v0 + l)),
+                                   _mm512_loadu_ps(xb + idx[l] * kLanes), acc[0]);
+        }
       }
     }
     store_block(o, a, blk, r, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
