@@ -10,13 +10,14 @@ from torch import nn
 
 import sparsecore as sc
 from sparsecore.backends import REGISTRY, Backend, BackendImpl
-from sparsecore.backends.registry import lookup
+from sparsecore.backends.registry import backend_names, lookup
 
 
 @pytest.fixture
 def install(monkeypatch):
     """Fake contenders; the real native CPU backends leave the registry so each test controls every candidate."""
-    for key in [k for k in REGISTRY if k[1].startswith("cpu_")]:
+    backend_names()  # discovery first, so that nothing registers after the removal
+    for key in [k for k in REGISTRY if str(k[1]).startswith("cpu_")]:
         monkeypatch.delitem(REGISTRY, key)
 
     def put(name, run):
