@@ -112,12 +112,8 @@ def _tensor_bytes(obj, seen: set[int]) -> int:
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Resident bytes: parameters, buffers and the backends' prepared state (e.g. a CSR or dense copy)."""
-    seen: set[int] = set()
-    total = sum(_tensor_bytes(t, seen) for t in list(model.parameters()) + list(model.buffers()))
-    for mod in sc.sparse_modules(model).values():
-        total += _tensor_bytes(mod.prepared_states(), seen)
-    return total
+    """Resident bytes: parameters, buffers and the backends' prepared state (``sparsecore.resident_bytes``)."""
+    return sc.resident_bytes(model)
 
 
 def _peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:

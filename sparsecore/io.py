@@ -108,7 +108,7 @@ def save(model: nn.Module, path: str | Path, config: SparsityConfig | None = Non
 
     layers = {}
     for fqn, mod in sparse_modules(model).items():
-        entry: dict[str, Any] = {"type": mod.op, "packed": mod.packed.state()[1], "tensors": list(mod.packed_tensor_names),
+        entry: dict[str, Any] = {"type": mod.op, "packed": mod.format_meta, "tensors": list(mod.packed_tensor_names),
                                  "backend": mod.backend.value}
         if isinstance(mod, SparseConv2d):
             c = mod.conv

@@ -21,7 +21,8 @@ from torch import nn
 from .channel.heads import update_head_counts
 from .channel.slim import mark_slimmed, set_channel_counts
 from .io import FileFormatError, SavedModel, SkeletonMismatchError, packed_layer
-from .modules import SparseConv2d, SparseLinear, _explicit_padding
+from .layers import is_conv1d_t, linear_like, weight_matrix
+from .modules import SparseConv1D, SparseConv2d, SparseLinear, _explicit_padding
 from .sparsify import swap_module
 
 __all__ = ["fit"]
@@ -138,10 +139,11 @@ def _build_layer(fqn: str, entry: Any, tensors: dict[str, torch.Tensor], skel: n
     prefix = f"{fqn}." if fqn else ""
     bias = tensors.get(f"{prefix}bias")
     kind = entry["type"]
-    expect = (nn.Linear, SparseLinear) if kind == "linear" else (nn.Conv2d, SparseConv2d)
-    if not isinstance(skel, expect):
+    fits = (linear_like(skel) or isinstance(skel, SparseLinear)) if kind == "linear" else \
+        isinstance(skel, (nn.Conv2d, SparseConv2d))
+    if not fits:
         raise SkeletonMismatchError(f"layer {fqn!r}: the file holds a sparse {kind}, the model has {type(skel).__name__}")
-    shape = tuple(skel.weight.shape if hasattr(skel, "weight") else skel.packed.shape)
+    shape = tuple(weight_matrix(skel).shape if hasattr(skel, "weight") else skel.format_meta["shape"])
     # A slimmed model may have narrowed dims 0 and 1; otherwise, and always for kernel sizes, shapes match exactly.
     narrowed_ok = slimmed and len(shape) == len(packed.shape) and shape[2:] == tuple(packed.shape[2:]) and \
         all(f <= k for f, k in zip(packed.shape[:2], shape[:2]))
@@ -155,7 +157,8 @@ def _build_layer(fqn: str, entry: Any, tensors: dict[str, torch.Tensor], skel: n
         raise FileFormatError(f"layer {fqn!r}: bias shape {tuple(bias.shape)} != ({packed.shape[0]},)")
     try:
         if kind == "linear":
-            return SparseLinear(packed, bias, entry.get("backend", "auto"))
+            cls = SparseConv1D if is_conv1d_t(skel) or isinstance(skel, SparseConv1D) else SparseLinear
+            return cls(packed, bias, entry.get("backend", "auto"))
         stride, padding, dilation, groups, in_channels = _check_geometry(fqn, entry, skel, slimmed)
         return SparseConv2d(packed, bias, in_channels, stride, padding, dilation, groups, entry.get("backend", "auto"))
     except (KeyError, TypeError, ValueError) as e:

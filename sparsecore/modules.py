@@ -6,9 +6,24 @@ buffers, so ``.to(device)``, ``.half()`` and ``state_dict()`` carry them. Execut
 backend (see ``sparsecore.backends``): ``backend="auto"`` runs the planner's choice for the current
 batch size when the layer was planned, and the masked dense weight otherwise (never slower than dense by
 construction); any other value forces that backend and raises ``BackendUnavailable`` if it cannot run.
+
+One copy per layer. A layer holds what its plan runs, never the packed form *and* a dense copy for it:
+
+* packed-held (after construction or loading, and whenever no bucket of the plan runs dense): the
+  ``packed_*`` buffers, plus each planned backend's prepared state (e.g. a CSR copy);
+* dense-held (as soon as the layer runs dense: unplanned, forced ``"dense"`` or planned dense for some
+  bucket): the masked dense weight as the non-persistent buffer ``dense_weight_held`` plus the flat indices
+  of kept entries that are exactly +0.0 (``kept_zeros``, almost always empty), from which the mask and so
+  the packed form are rebuilt exactly: ``state_dict()`` (and so ``sparsecore.save``) still writes the
+  ``packed_*`` tensors, bit for bit those a packed-held layer holds. Resident bytes are those of dense.
+
+A plan mixing dense and a sparse backend over batch sizes holds both (dense plus that backend's state).
+While the planner measures (``planning()``) both forms are kept; on exit the layer settles to its plan.
 """
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -19,9 +34,13 @@ from .autograd import SparseOpGrad, needs_grad
 from .config import SparsityConfig
 from .backends import AUTO, Backend, BackendImpl, ConvParams, resolve
 from .formats import FORMATS, PackedWeight
+from .backends.registry import lookup
 from .formats.base import SUPPORTED_DTYPES, dtype_name
+from .layers import is_conv1d_t
 
-__all__ = ["SparseLinear", "SparseConv2d", "pack", "m_bucket"]
+__all__ = ["SparseLinear", "SparseConv1D", "SparseConv2d", "pack", "kept_mask", "m_bucket"]
+
+_META_FIXED = ("kind", "version", "shape", "dtype")
 
 _DENSE = "dense"  # what an AUTO layer runs at batch sizes the planner has not timed
 
@@ -40,6 +59,13 @@ def pack(weight: torch.Tensor, mask: torch.Tensor, config: SparsityConfig | str,
         raise TypeError(f"config must be a SparsityConfig or a pattern name, got {type(config).__name__}")
     fmt = config.format
     return fmt.from_dense(weight.detach(), mask, **fmt.pack_params(config))
+
+
+def kept_mask(packed: PackedWeight) -> torch.Tensor:
+    """The exact bool keep-mask of ``packed`` (kept +0.0 and -0.0 included), from its own index data."""
+    tensors, meta = packed.state()
+    ones = dict(tensors, values=torch.ones_like(tensors["values"]))
+    return FORMATS[meta["kind"]].from_state(ones, meta).to_dense() != 0
 
 
 def m_bucket(rows: int) -> int:
@@ -68,14 +94,35 @@ class _SparseBase(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.backend = backend
         self._plan: dict[int, Backend] = {}  # m_bucket -> backend, filled by sparsecore.planner
-        self._packed: PackedWeight = packed
+        self._packed: PackedWeight | None = packed  # None while dense-held
         self._prepared: dict[Backend, Any] = {}
         self._resolved: dict[tuple, tuple[BackendImpl, Any]] = {}
+        self._pinned = 0  # > 0 inside planning(): keep every representation, switch none
 
     # -- packed weight ---------------------------------------------------------------------------
     @property
     def packed(self) -> PackedWeight:
-        return self._packed
+        """The packed weight (rebuilt from the dense weight and its mask while dense-held)."""
+        return self._packed if self._packed is not None else self._pack_from_dense()
+
+    @property
+    def dense_held(self) -> bool:
+        """True when the layer holds its masked dense weight instead of the packed buffers (module docstring)."""
+        return self._packed is None
+
+    @property
+    def format_meta(self) -> dict[str, Any]:
+        """The packed format's metadata (``packed.state()[1]``) without rebuilding a dense-held layer's form."""
+        return dict(self._meta)
+
+    def kept_fraction(self) -> float:
+        """Kept entries / all entries of the weight."""
+        if self.dense_held:
+            w = self.dense_weight_held
+            kept = int(((w != 0) | torch.signbit(w)).sum()) + self.kept_zeros.numel()
+            return kept / max(w.numel(), 1)
+        p = self._packed
+        return p.state()[0]["values"].numel() / max(math.prod(p.shape), 1)
 
     @property
     def packed_tensor_names(self) -> tuple[str, ...]:
@@ -99,7 +146,84 @@ class _SparseBase(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The masked dense weight (``[out, in]`` or ``[C_out, C_in, kh, kw]``), materialised anew."""
-        return self._packed.to_dense()
+        return self.dense_weight_held.clone() if self.dense_held else self._packed.to_dense()
+
+    # -- storage: one copy per layer (module docstring) ----------------------------------------------
+    def _pack_from_dense(self) -> PackedWeight:
+        w = self.dense_weight_held
+        mask = (w != 0) | torch.signbit(w)  # pruned entries are +0.0; kept -0.0 has its sign bit
+        mask.view(-1)[self.kept_zeros] = True
+        params = {k: v for k, v in self._meta.items() if k not in _META_FIXED}
+        packed = FORMATS[self._meta["kind"]].from_dense(w, mask, **params)
+        if packed.state()[1] != self._meta:
+            raise RuntimeError(f"rebuilding the {self._meta['kind']} packed weight changed its metadata: "
+                               f"{packed.state()[1]} != {self._meta}")
+        return packed
+
+    def _hold_dense(self) -> None:
+        if self.dense_held:
+            return
+        p = self._packed
+        w = self._prepared.get(_DENSE)
+        if w is None:
+            w = p.to_dense()
+        zeros = (kept_mask(p) & (w == 0) & ~torch.signbit(w)).reshape(-1).nonzero().reshape(-1)
+        for name in self._tensor_names:
+            del self._buffers[f"packed_{name}"]
+        self.register_buffer("dense_weight_held", w, persistent=False)
+        self.register_buffer("kept_zeros", zeros, persistent=False)
+        self._packed = None
+        self._prepared.pop(_DENSE, None)
+        self._resolved.clear()
+
+    def _hold_packed(self) -> None:
+        if not self.dense_held:
+            return
+        packed = self._pack_from_dense()
+        dense = self.dense_weight_held
+        del self._buffers["dense_weight_held"], self._buffers["kept_zeros"]
+        tensors, _ = packed.state()
+        for name in self._tensor_names:
+            self.register_buffer(f"packed_{name}", tensors[name])
+        self._packed = packed
+        if self._pinned:
+            self._prepared[Backend(_DENSE)] = dense
+        self._resolved.clear()
+
+    def _runs(self) -> set[str]:
+        if self.backend != AUTO:
+            return {self.backend.value}
+        return {b.value for b in self._plan.values()} or {_DENSE}
+
+    def _settle(self) -> None:
+        """Hold what the plan runs (module docstring); drop prepared states no plan uses."""
+        if self._pinned:
+            return
+        runs = self._runs()
+        if _DENSE in runs:
+            self._hold_dense()
+        else:
+            self._hold_packed()
+        self._prepared = {b: st for b, st in self._prepared.items() if b in runs and b != _DENSE}
+        self._resolved.clear()
+
+    @contextmanager
+    def planning(self):
+        """Keep the packed form and every prepared state while the planner times backends; settle on exit."""
+        self._pinned += 1
+        try:
+            self._hold_packed()
+            yield self
+        finally:
+            self._pinned -= 1
+            self._settle()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.dense_held:  # state dicts (and so files) always carry the packed form
+            tensors, _ = self._pack_from_dense().state()
+            for name in self._tensor_names:
+                destination[f"{prefix}packed_{name}"] = tensors[name]
 
     def _rebuild(self) -> None:
         tensors = {name: getattr(self, f"packed_{name}") for name in self._tensor_names}
@@ -112,19 +236,24 @@ class _SparseBase(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() ... keep the packed view in sync
         # Probe the conversion on an empty tensor first, so an unsupported dtype leaves the module untouched.
-        probe = fn(torch.empty(0, dtype=self._packed.dtype, device=self.packed_device))
+        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=self.packed_device))
         if probe.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{type(self).__name__} holds float32/float16/bfloat16 weights; cannot convert to "
                             f"{probe.dtype} (keep a dense copy for float64 references)")
-        moved = (probe.dtype, probe.device) != (self._packed.dtype, self.packed_device)
+        moved = (probe.dtype, probe.device) != (self.weight_dtype, self.packed_device)
+        was_dense = self.dense_held
+        self._hold_packed()  # convert the packed form: a kept value rounding to +0.0 must stay kept
         super()._apply(fn, recurse)
         if not self._holds({name: getattr(self, f"packed_{name}") for name in self._tensor_names}):
             self._rebuild()  # a no-op move hands back the same tensors: the packed view is still valid
         if moved:
             self._plan.clear()  # timings were for another device or dtype: re-plan, run dense until then
+        elif was_dense:
+            self._settle()
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._hold_packed()
         # Loading the very tensors the packed view holds (``sparsecore.load`` builds the module from the file's
         # tensors, then assigns them) changes nothing: skip a second validation of the packed data.
         same = self._holds({name: state_dict.get(f"{prefix}packed_{name}") for name in self._tensor_names})
@@ -134,6 +263,8 @@ class _SparseBase(nn.Module):
 
     def _holds(self, tensors: dict[str, Any]) -> bool:
         """True when ``tensors`` are the very objects (not copies) the packed view is built on."""
+        if self._packed is None:
+            return False
         held = self._packed.state()[0]
         return held.keys() == tensors.keys() and all(held[n] is t for n, t in tensors.items())
 
@@ -146,8 +277,13 @@ class _SparseBase(nn.Module):
         hit = self._resolved.get((backend, x.device, x.dtype))
         if hit is None:
             self._check_input(x)
+            if backend == _DENSE and not self.dense_held:
+                self._settle()
             x_op = x.reshape(-1, x.shape[-1]) if self.op == "linear" else x  # backends see the 2-D view
-            impl = resolve(self.op, backend, self._packed, x_op)
+            if self.dense_held and backend == _DENSE:  # the dense baseline runs every format
+                impl = lookup(self.op, _DENSE, self._meta["kind"])
+            else:
+                impl = resolve(self.op, backend, self.packed, x_op)
             hit = self._resolved[(backend, x.device, x.dtype)] = (impl, self.prepared(impl))
         return hit
 
@@ -159,18 +295,13 @@ class _SparseBase(nn.Module):
     def set_plan(self, bucket: int, backend: Backend | str) -> None:
         """Record the planner's choice for ``m_bucket`` ``bucket``; drop prepared state no plan uses any more."""
         self._plan[bucket] = Backend(backend)
-        self._forget_unplanned()
+        self._settle()
 
     def load_plan(self, plan: Mapping[int, Backend | str]) -> None:
         """Replace the whole plan (e.g. with another module's ``plan``: plans are per machine and not saved)."""
         new = {int(bucket): Backend(backend) for bucket, backend in plan.items()}
         self._plan = new
-        self._forget_unplanned()
-
-    def _forget_unplanned(self) -> None:
-        keep = set(self._plan.values())
-        self._prepared = {b: st for b, st in self._prepared.items() if b in keep}
-        self._resolved.clear()
+        self._settle()
 
     def prepared_states(self) -> list[Any]:
         """The backends' one-time states held now (a dense copy, a CSR tensor, ...): for memory accounting."""
@@ -178,28 +309,39 @@ class _SparseBase(nn.Module):
 
     def prepared(self, impl: BackendImpl) -> Any:
         """The backend's one-time state (built on first use, dropped on device/dtype change)."""
+        if self.dense_held and impl.backend == _DENSE:
+            return self.dense_weight_held
         state = self._prepared.get(impl.backend)
         if state is None:
-            state = impl.prepare(self._packed)
+            state = impl.prepare(self.packed)
             self._prepared[impl.backend] = state
         return state
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.dense_weight_held.dtype if self.dense_held else self._packed.dtype
+
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dtype != self._packed.dtype:
+        if x.dtype != self.weight_dtype:
             raise TypeError(f"{type(self).__name__}: input dtype {x.dtype} does not match weight dtype "
-                            f"{self._packed.dtype}; cast the input or the module")
+                            f"{self.weight_dtype}; cast the input or the module")
         if x.device != self.packed_device:
             raise ValueError(f"{type(self).__name__}: input on {x.device}, weight on {self.packed_device}")
 
     @property
     def packed_device(self) -> torch.device:
+        if self.dense_held:
+            return self.dense_weight_held.device
         return getattr(self, f"packed_{self._tensor_names[0]}").device
 
     def extra_repr(self) -> str:
-        p = self._packed
-        dense = p.dense_nbytes
-        return (f"format={p.kind}, dtype={dtype_name(p.dtype)}, bytes={p.nbytes} ({p.nbytes / max(dense, 1):.3f} of "
-                f"dense), backend={self.backend.value}, bias={self.bias is not None}")
+        if self.dense_held:
+            held = "held=dense"
+        else:
+            p = self._packed
+            held = f"bytes={p.nbytes} ({p.nbytes / max(p.dense_nbytes, 1):.3f} of dense)"
+        return (f"format={self._meta['kind']}, dtype={dtype_name(self.weight_dtype)}, {held}, "
+                f"backend={self.backend.value}, bias={self.bias is not None}")
 
 
 class SparseLinear(_SparseBase):
@@ -222,7 +364,8 @@ class SparseLinear(_SparseBase):
     @classmethod
     def from_dense(cls, module: nn.Linear, mask: torch.Tensor, pattern: SparsityConfig | str, n: int = 2, m: int = 4,
                    backend: Backend | str = AUTO) -> "SparseLinear":
-        """Build from an ``nn.Linear`` and a bool keep-mask of its weight's shape (``pattern``: see ``pack``)."""
+        """Build from an ``nn.Linear`` (or a subclass keeping its forward) and a bool keep-mask of its weight's
+        shape (``pattern``: see ``pack``). GPT-2 ``Conv1D`` layers go through ``SparseConv1D.from_dense``."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense expects nn.Linear, got {type(module).__name__}")
         return cls(pack(module.weight, mask, pattern, n, m), module.bias, backend)
@@ -243,6 +386,32 @@ class SparseLinear(_SparseBase):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
+
+
+class SparseConv1D(SparseLinear):
+    """Sparse twin of transformers' GPT-2 ``Conv1D`` (``y = x @ W + b`` with ``W [nx, nf]``: a linear with a
+    transposed weight). Packed ``[nf, nx]`` like any linear; keeps ``nf`` and ``nx``.
+
+    The mask handed to ``from_dense`` has the Conv1D weight's own shape ``[nx, nf]``.
+    """
+
+    @property
+    def nf(self) -> int:
+        return self.out_features
+
+    @property
+    def nx(self) -> int:
+        return self.in_features
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, mask: torch.Tensor, pattern: SparsityConfig | str, n: int = 2, m: int = 4,
+                   backend: Backend | str = AUTO) -> "SparseConv1D":
+        if not is_conv1d_t(module):
+            raise TypeError(f"SparseConv1D.from_dense expects a transformers Conv1D, got {type(module).__name__}")
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(module.weight.shape):
+            raise ValueError(f"mask must have the Conv1D weight's shape {tuple(module.weight.shape)} ([nx, nf]), got "
+                             f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        return cls(pack(module.weight.t(), mask.t(), pattern, n, m), module.bias, backend)
 
 
 def _explicit_padding(padding, stride: tuple[int, int], dilation: tuple[int, int], kernel: tuple[int, int]):

@@ -1,4 +1,8 @@
-"""``sparsify``: prune (or take given masks), pack, and swap Linear/Conv2d modules in place."""
+"""``sparsify``: prune (or take given masks), pack, and swap linear-like and Conv2d modules in place.
+
+Which layers qualify, and why the others stay dense, is ``sparsecore.layers``; what happened to each layer
+is in ``sparsecore.last_report(model)``.
+"""
 from __future__ import annotations
 
 from typing import Callable, Mapping
@@ -6,9 +10,10 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from . import layers, report
 from .config import SparsityConfig
 from .masks import check_channel, check_mask
-from .modules import SparseConv2d, SparseLinear
+from .modules import SparseConv1D, SparseConv2d, SparseLinear
 from .pruning.magnitude import FilterFn, magnitude_masks
 
 __all__ = ["sparsify", "swap_module", "sparse_modules"]
@@ -34,14 +39,18 @@ def _check_pattern(fqn: str, mask: torch.Tensor, config: SparsityConfig) -> None
 def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | None = None,
              masks: dict[str, torch.Tensor] | None = None,
              example_inputs: tuple | None = None, progress: bool = False,
-             slim: bool | None = None, round_to: int | None = None, example_kwargs: dict | None = None) -> nn.Module:
-    """Swap every selected ``nn.Linear``/``nn.Conv2d`` of ``model`` for its sparse twin, in place.
+             slim: bool | None = None, round_to: int | None = None, example_kwargs: dict | None = None,
+             prune_output: bool = False) -> nn.Module:
+    """Swap every selected linear-like layer (``nn.Linear`` and subclasses, GPT-2 ``Conv1D``) and ``nn.Conv2d``
+    of ``model`` for its sparse twin, in place.
 
     masks: ``{fqn: bool mask shaped like the weight}`` from any pruner; when ``None``, one-shot magnitude
         pruning under ``config`` makes them (when slimming: group by group, so that channels tied by residual
         adds, concats, depthwise convs and attention heads are scored and pruned together; see
         ``sparsecore.channel.group_channel_masks``). Layers without a mask stay dense.
     filter_fn: ``filter_fn(module, fqn) -> bool`` selects layers (only used when ``masks`` is ``None``).
+    prune_output: channel pattern only: also prune the output layer (classifier, LM head), which is left
+        dense by default (``sparsecore.layers``).
     example_inputs: when given, the planner times the candidate backends per layer on these inputs
         (``model(*example_inputs)``) and keeps the fastest, dense included.
     slim: channel pattern only. Physically remove pruned channels where the model graph allows it
@@ -55,6 +64,8 @@ def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | Non
     a new, smaller model (``model`` is left untouched). Always use the return value.
     Called again on a sparsified model (say 0.5, then 0.9), the sparse layers are pruned again from their
     current weights; pruned weights never come back (see ``sparsecore.resparsify``).
+    ``sparsecore.last_report(result)`` lists every weight layer: sparse (format, kept fraction, planned
+    backend with its speed vs dense and spread) or skipped with the reason.
 
     >>> model = sparsify(nn.Sequential(nn.Linear(64, 64)), SparsityConfig("nm", n=2, m=4))
     """
@@ -65,16 +76,22 @@ def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | Non
     already = sparse_modules(model)
     if already:
         from .resparsify import resparsify
-        return resparsify(model, config, already, masks, lambda m: magnitude_masks(m, config, filter_fn),
+        return resparsify(model, config, already, masks,
+                          lambda m: magnitude_masks(m, config, filter_fn, prune_output=prune_output),
                           lambda m, mk: sparsify(m, config, filter_fn, mk, example_inputs, progress, slim, round_to,
-                                                 example_kwargs))
+                                                 example_kwargs, prune_output))
+    selected, skipped = layers.select(model, config.pattern, config.m, filter_fn, prune_output)
+    if masks is not None:
+        _check_masked_layers(model, masks, skipped)
+        skipped.update({f: (mod, "no mask given") for f, mod in selected.items() if f not in masks})
     if slim is None:
         slim = config.pattern == "channel" and example_inputs is not None
     if slim:
         model, masks = _slim(model, config, masks, example_inputs, round_to, filter_fn, example_kwargs)
     elif masks is None:
-        masks = magnitude_masks(model, config, filter_fn)
+        masks = magnitude_masks(model, config, filter_fn, prune_output=prune_output)
     if not masks:
+        report.record_skips(model, skipped)
         return model
     if "" in masks:  # a bare nn.Linear / nn.Conv2d: there is no parent to swap into, so return its twin
         if len(masks) != 1:
@@ -95,6 +112,7 @@ def sparsify(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | Non
     for fqn, new in twins.items():  # every layer packed before the first swap: a bad mask changes nothing
         for path in aliases.get(id(modules[fqn]), [fqn]):
             swap_module(model, path, new)
+    report.record_skips(model, {f: s for f, s in skipped.items() if f not in masks})
     if example_inputs is not None:
         from .planner import plan
         plan(model, example_inputs)
@@ -109,14 +127,22 @@ def _check_some_channel_kept(masks: dict[str, torch.Tensor]) -> None:
                              "model apart; lower the sparsity (below 1.0) or exclude the layer with filter_fn")
 
 
+def _check_masked_layers(model: nn.Module, masks: dict[str, torch.Tensor], skipped: dict[str, tuple]) -> None:
+    """A mask for a layer that cannot be made sparse correctly (e.g. MHA's ``out_proj``) raises with the reason."""
+    for fqn in masks:
+        if fqn in skipped and skipped[fqn][1] == layers.MHA_SKIP:
+            raise ValueError(f"mask for {fqn!r}: {layers.MHA_SKIP}")
+
+
 def _sparse_twin(fqn: str, mod: nn.Module | None, mask: torch.Tensor, config: SparsityConfig) -> nn.Module:
-    if mod is None:
-        raise ValueError(f"mask for {fqn!r}: the model has no module of that name")
-    if type(mod) not in (nn.Linear, nn.Conv2d):
-        raise ValueError(f"mask for {fqn!r}: expected an nn.Linear or nn.Conv2d there, found {type(mod).__name__}")
+    if mod is None or not (layers.linear_like(mod) or isinstance(mod, nn.Conv2d)):
+        reason = layers.skip_reason(mod, config.pattern, config.m) if mod is not None else None
+        raise ValueError(f"mask for {fqn!r}: expected an nn.Linear or nn.Conv2d (or GPT-2 Conv1D) there, found "
+                         f"{type(mod).__name__}" + (f" ({reason})" if reason else ""))
     check_mask(mask, mod.weight)
-    _check_pattern(fqn, mask, config)
-    cls: Callable = SparseLinear if isinstance(mod, nn.Linear) else SparseConv2d
+    _check_pattern(fqn, mask.t() if layers.is_conv1d_t(mod) else mask, config)  # patterns run along K of [out, K]
+    cls: Callable = SparseConv1D if layers.is_conv1d_t(mod) else SparseLinear if isinstance(mod, nn.Linear) \
+        else SparseConv2d
     try:
         new = cls.from_dense(mod, mask, config, backend=config.backend)
     except (ValueError, TypeError) as e:

@@ -114,3 +114,37 @@ def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.devi
             fn()
             samples[name].append((_now() - t0) * 1e3)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def interleaved_samples_ms(fns: dict[str, Callable[[], object]], *, warmup: int = 1, rounds: int = 10
+                           ) -> dict[str, list[float]]:
+    """``rounds`` wall-time samples (ms) of each CPU function, taken in turn (a, b, b, a, ...).
+
+    Sample ``i`` of every function comes from the same stretch of time, so ``dense[i] / other[i]`` is a
+    paired ratio that machine noise largely cancels out of (see ``quantiles``).
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns.items())
+    for i in range(rounds):
+        for name, fn in (order if i % 2 == 0 else order[::-1]):
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def quantiles(values: list[float]) -> tuple[float, float, float]:
+    """``(q25, median, q75)`` of ``values`` (linear interpolation; a single value repeats)."""
+    v = sorted(values)
+    if not v:
+        raise ValueError("quantiles of an empty list")
+
+    def q(p: float) -> float:
+        pos = p * (len(v) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(v) - 1)
+        return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+    return q(0.25), q(0.5), q(0.75)

@@ -57,7 +57,15 @@ def fake_timers(monkeypatch):
         fn()
         return table[current["name"]]
 
+    def samples(fns, *, warmup=1, rounds=10):  # the planner's interleaved CPU sampler, clockless
+        out = {}
+        for name, fn in fns.items():
+            fn()
+            out[name] = [table[name]] * rounds
+        return out
+
     monkeypatch.setattr(planner, "time_ms", timed)
+    monkeypatch.setattr(planner, "interleaved_samples_ms", samples)
     monkeypatch.setattr(sc.SparseLinear, "run_backend", run)
     return table
 

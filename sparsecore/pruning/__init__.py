@@ -1,6 +1,6 @@
 """Pruning methods: score functions plus budget rules producing bool keep-masks ``{fqn: mask}``.
 
-Methods: one-shot magnitude (``magnitude_masks``), gradual magnitude pruning (``GMP``), PQ Index + SAP
+Methods: one-shot magnitude (``magnitude_masks``), one-shot activation-aware Wanda (``wanda_masks``), gradual magnitude pruning (``GMP``), PQ Index + SAP
 (``SAP``, ``pq_index``), PDP (``PDP``), SNACS (``snacs_scores`` + ``snacs_masks``) and PSAP (``PSAP``, our
 interpretation). ``training.attach`` / ``training.train`` run them inside a training loop.
 """
@@ -15,6 +15,7 @@ from .sap import SAP, Rewinder, sap_round
 from .scores import channel_norm, channel_rms, magnitude
 from .snacs import SnacsResult, SnacsScores, balanced_indices, snacs_masks, snacs_scores
 from .training import attach, evaluate, train
+from .wanda import wanda_masks
 
 __all__ = [
     "FixedMasks", "Pruner", "apply_masks", "masked_copy", "channel_sparsity", "masks_sparsity",
@@ -28,4 +29,5 @@ __all__ = [
     "magnitude", "channel_norm", "channel_rms",
     "SnacsResult", "SnacsScores", "balanced_indices", "snacs_masks", "snacs_scores",
     "attach", "evaluate", "train",
+    "wanda_masks",
 ]

@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import layers
 from ..config import SparsityConfig
 from ..masks import keep_count, keep_topk
 from .rules import rule_for
@@ -16,21 +17,18 @@ __all__ = ["prunable_layers", "select_layers", "magnitude_layer_mask", "magnitud
 
 
 def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
-    """Linear and Conv2d modules of ``model`` by qualified name, filtered by ``filter_fn(module, fqn)``."""
-    layers = {}
-    for fqn, mod in model.named_modules():
-        if type(mod) in (nn.Linear, nn.Conv2d) and (filter_fn is None or filter_fn(mod, fqn)):
-            layers[fqn] = mod
-    return layers
+    """Linear-like and Conv2d modules of ``model`` by qualified name (``sparsecore.layers``), filtered by
+    ``filter_fn(module, fqn)``."""
+    return layers.select(model, "unstructured", filter_fn=filter_fn)[0]
 
 
-def select_layers(model: nn.Module, pattern: str, m: int = 4, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
-    """Prunable Linear/Conv2d layers for ``pattern``; for N:M only layers whose K is a multiple of ``m``.
-
-    Grouped convolutions are skipped for N:M (their K runs over one group); nothing else is skipped.
-    """
-    fits = rule_for(pattern).fits
-    return {f: mod for f, mod in prunable_layers(model, filter_fn).items() if fits(mod, m)}
+def select_layers(model: nn.Module, pattern: str, m: int = 4, filter_fn: FilterFn | None = None,
+                  prune_output: bool = False) -> dict[str, nn.Module]:
+    """Prunable layers for ``pattern`` (``sparsecore.layers.select``: e.g. for N:M only layers whose K is a
+    multiple of ``m``; for channels not the output layer unless ``prune_output``). GPT-2 ``Conv1D`` layers
+    (weight ``[in, out]``) are left to the one-shot pruners, which score their ``[out, in]`` view."""
+    chosen = layers.select(model, pattern, m, filter_fn, prune_output)[0]
+    return {fqn: mod for fqn, mod in chosen.items() if not layers.is_conv1d_t(mod)}
 
 
 def magnitude_layer_mask(weight: torch.Tensor, pattern: str, sparsity: float, n: int = 2, m: int = 4) -> torch.Tensor:
@@ -54,19 +52,25 @@ def _global_masks(weights: dict[str, torch.Tensor], config: SparsityConfig) -> d
 
 
 @torch.no_grad()
-def magnitude_masks(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | None = None) -> dict[str, torch.Tensor]:
+def magnitude_masks(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | None = None,
+                    prune_output: bool = False) -> dict[str, torch.Tensor]:
     """Bool keep-masks ``{fqn: mask shaped like weight}`` for every prunable layer.
 
     Layer scope prunes each layer to ``config.sparsity`` (N:M: n of every m along K); global scope ranks all
     layers together (channels by RMS norm so that layers of different K compare). Layers whose K is not a
-    multiple of m are skipped for N:M (they stay dense); nothing else is skipped silently.
+    multiple of m are skipped for N:M (they stay dense), and for channels the output layer unless
+    ``prune_output``; ``sparsecore.layers.select`` names every skipped layer with its reason. Masks are shaped
+    like each layer's ``weight`` (``[in, out]`` for GPT-2 ``Conv1D``).
 
     >>> masks = magnitude_masks(nn.Linear(8, 4), SparsityConfig("unstructured", 0.5))
     """
-    weights = {fqn: mod.weight for fqn, mod in select_layers(model, config.pattern, config.m, filter_fn).items()}
+    mods = layers.select(model, config.pattern, config.m, filter_fn, prune_output)[0]
+    weights = {fqn: layers.weight_matrix(mod) for fqn, mod in mods.items()}
     if not weights:
         return {}
     if config.scope == "global":
-        return _global_masks(weights, config)
-    return {fqn: magnitude_layer_mask(w, config.pattern, config.sparsity, config.n, config.m)
-            for fqn, w in weights.items()}
+        masks = _global_masks(weights, config)
+    else:
+        masks = {fqn: magnitude_layer_mask(w, config.pattern, config.sparsity, config.n, config.m)
+                 for fqn, w in weights.items()}
+    return {fqn: layers.mask_from_matrix(mods[fqn], mask) for fqn, mask in masks.items()}

@@ -43,8 +43,9 @@ def _any_layer(mod: nn.Module, m: int) -> bool:
 
 
 def _nm_fits(mod: nn.Module, m: int) -> bool:
-    # Grouped convolutions are skipped: their K runs over one group.
-    return as_matrix(mod.weight).shape[1] % m == 0 and getattr(mod, "groups", 1) == 1
+    # K of the [out, K] view: a grouped conv's K runs over its own group's inputs, N:M along it is well defined.
+    from ..layers import weight_matrix
+    return as_matrix(weight_matrix(mod)).shape[1] % m == 0
 
 
 def _reshape(selection: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
