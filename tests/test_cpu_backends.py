@@ -120,3 +120,20 @@ def test_why_not_reasons(built, seeded):
         resolve("linear", "cpu_bitmap", p, torch.randn(2, 63))
     with pytest.raises(BackendUnavailable, match="CPU tensor"):
         resolve("linear", "cpu_columns", p, torch.randn(2, 64, device="meta"))
+
+
+def test_a_dead_build_lock_is_cleared_and_a_live_one_kept(tmp_path):
+    import os
+    import time
+
+    from sparsecore.kernels import cpu as cpu_kernels
+
+    dead, live = tmp_path / "dead", tmp_path / "live"
+    dead.write_text("")
+    live.write_text("")
+    old = time.time() - cpu_kernels._STALE_LOCK_S - 60
+    os.utime(dead, (old, old))
+    cpu_kernels._clear_stale_lock(dead)
+    cpu_kernels._clear_stale_lock(live)
+    cpu_kernels._clear_stale_lock(tmp_path / "absent")
+    assert not dead.exists() and live.exists()

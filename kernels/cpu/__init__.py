@@ -36,6 +36,7 @@ import hashlib
 import os
 import platform
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -86,8 +87,22 @@ def _build() -> ModuleType:
     from torch.utils import cpp_extension
 
     cpp_extension.verify_ninja_availability()  # raises RuntimeError naming ninja
+    _clear_stale_lock(Path(cpp_extension._get_build_directory(_build_name(), False)) / "lock")
     return cpp_extension.load(_build_name(), [str(_DIR / s) for s in _SOURCES], extra_cflags=_CFLAGS,
                               extra_ldflags=_LDFLAGS, verbose=False)
+
+
+# torch's build lock is a file that a killed build leaves behind, and every later build then waits for it
+# forever. A build takes minutes at most, so a lock older than this belongs to a dead build.
+_STALE_LOCK_S = 15 * 60
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    try:
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
 
 
 _lock = threading.Lock()
