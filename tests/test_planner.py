@@ -118,10 +118,27 @@ def test_cached_plan_does_not_rebuild_the_dense_weight(tmp_path, seeded, monkeyp
     x = torch.randn(2, 64, generator=seeded)
     sc.plan(model, (x,), cache_path=tmp_path / "p.json", rep=3)  # the planned backends' state is prepared now
 
+    # The cache key (shape, dtype, kept count) must come from the packed form, not a rebuilt dense weight. Moving
+    # a layer between its held forms (one copy per layer) may decode; the key computation may not.
+    from sparsecore import planner
+
+    in_key = []
+    real_to_dense, real_key = UnstructuredWeight.to_dense, planner._layer_key
+
     def no_dense(self):
-        raise AssertionError("to_dense() called while planning from the cache")
+        if in_key:
+            raise AssertionError("to_dense() called while computing a plan's cache key")
+        return real_to_dense(self)
+
+    def key(*args):
+        in_key.append(True)
+        try:
+            return real_key(*args)
+        finally:
+            in_key.pop()
 
     monkeypatch.setattr(UnstructuredWeight, "to_dense", no_dense)
+    monkeypatch.setattr(planner, "_layer_key", key)
     again = sc.plan(model, (x,), cache_path=tmp_path / "p.json", rep=3)
     assert all(d.cached for d in again)
 

@@ -15,9 +15,10 @@ from sparsecore.backends.registry import backend_names, lookup
 
 @pytest.fixture
 def install(monkeypatch):
-    """Fake contenders; the real native CPU backends leave the registry so each test controls every candidate."""
+    """Fake contenders; the real CPU contenders (torch CSR, the native kernels) leave the registry so each test
+    controls every candidate that can run on its CPU tensors."""
     backend_names()  # discovery first, so that nothing registers after the removal
-    for key in [k for k in REGISTRY if str(k[1]).startswith("cpu_")]:
+    for key in [k for k in REGISTRY if str(k[1]) == "torch_csr" or str(k[1]).startswith("cpu_")]:
         monkeypatch.delitem(REGISTRY, key)
 
     def put(name, run):
