@@ -312,3 +312,28 @@ def test_bad_calibration_file_is_reported_before_any_work(tmp_path, capsys, monk
                       "--calibration", calib, "--out", tmp_path / "m.safetensors")
     assert rc == 2 and message in err and len(err.splitlines()) == 1
     assert recording_method == [] and sorted(p.name for p in tmp_path.iterdir()) == ["calib.safetensors"]
+
+
+
+@pytest.mark.parametrize("pattern", [["--pattern", "unstructured", "--sparsity", "0.6"], ["--pattern", "nm"]])
+def test_wanda_uses_the_calibration_file(tmp_path, capsys, seeded, pattern):
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=seeded))
+    inputs = torch.randn(20, 64, generator=seeded) * torch.rand(64, generator=seeded) * 4  # uneven feature norms
+    calib = tmp_path / "calib.safetensors"
+    save_file({"inputs": inputs}, str(calib))
+    out = tmp_path / "w.safetensors"
+    torch.manual_seed(seed)
+    rc, _, err = _run(capsys, "prune", "--model", "mlp", "--hidden", "32", "--random-init", *pattern,
+                      "--method", "wanda", "--calibration", calib, "--out", out)
+    assert rc == 0, err
+    torch.manual_seed(seed)
+    ref = zoo._mlp(hidden=32)
+    config = sc.SparsityConfig(pattern[1], float(pattern[3]) if len(pattern) > 2 else 0.5)
+    masks = sc.wanda_masks(ref, [inputs[:16], inputs[16:]], config)  # the CLI's 16-row batches
+    magnitude = sc.magnitude_masks(ref, config)
+    assert any(not torch.equal(m, magnitude[f]) for f, m in masks.items() if f in magnitude)  # calibration mattered
+    mods = sc.sparse_modules(sc.load(out, cli.skeleton_from_file(out)))
+    assert set(mods) == set(masks)
+    for fqn, mod in mods.items():
+        w = ref.get_submodule(fqn).weight
+        assert torch.equal(mod.dense_weight(), torch.where(masks[fqn], w, torch.zeros_like(w))), fqn

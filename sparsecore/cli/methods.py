@@ -7,6 +7,7 @@ to ``sparsecore.sparsify(model, config, masks=...)``.
 """
 from __future__ import annotations
 
+import inspect as _inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,8 +38,29 @@ def _magnitude(model, config, filter_fn, calibration):
     return magnitude_masks(model, config, filter_fn)
 
 
+def calibration_batches(model: nn.Module, calibration: Calibration, rows: int = 16) -> list:
+    """The calibration set as model-input batches of at most ``rows`` rows: tuples ``(inputs,)``, or dicts of
+    keyword inputs when there are keyword tensors (``inputs`` then goes under the name of the model's first
+    ``forward`` parameter, e.g. ``input_ids``)."""
+    (first, *rest), kwargs = calibration
+    if rest:
+        raise CLIError("calibration takes one positional input ('inputs') plus keyword tensors")
+    n = first.shape[0]
+    if not kwargs:
+        return [(first[i:i + rows],) for i in range(0, n, rows)]
+    name = next(iter(_inspect.signature(model.forward).parameters))
+    return [{name: first[i:i + rows], **{k: v[i:i + rows] for k, v in kwargs.items()}} for i in range(0, n, rows)]
+
+
+def _wanda(model, config, filter_fn, calibration):
+    from ..pruning.wanda import wanda_masks
+    return wanda_masks(model, calibration_batches(model, calibration), config, filter_fn)
+
+
 ONESHOT: dict[str, Method] = {
     "magnitude": Method("magnitude", "|w|: data-free, the default", False, _magnitude),
+    "wanda": Method("wanda", "|w| times the input feature's norm over calibration inputs, per output row; "
+                             "keeps pretrained models closer to dense, see --calibration", True, _wanda),
 }
 
 TRAINING_METHODS = ("GMP", "PDP", "SAP", "PSAP", "SNACS")
