@@ -11,6 +11,7 @@ from sparsecore import cli
 from sparsecore.cli import cmd_prune, methods, zoo
 from sparsecore.models.resnet import resnet18
 from sparsecore.models.transformer import DecoderBlock
+from cli_helpers import no_interpreter_in_plans, run_cli as _run  # noqa: F401  (autouse fixture)
 
 DEC = ["--model", "decoder", "--dim", "32", "--hidden", "48", "--heads", "2"]
 RND = [*DEC, "--random-init"]
@@ -20,16 +21,6 @@ CASES = [(["--pattern", "nm"], sc.SparsityConfig("nm", n=2, m=4), "float32"),
          (["--pattern", "channel", "--sparsity", "0.5"], sc.SparsityConfig("channel", 0.5), "bfloat16")]
 
 
-@pytest.fixture(autouse=True)
-def _no_interpreter_in_plans(monkeypatch):
-    # Planning here would otherwise time Triton kernels under the (slow) interpreter.
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-
-
-def _run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _seed(gen: torch.Generator) -> int:

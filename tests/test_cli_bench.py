@@ -11,21 +11,13 @@ import torch
 from torch import nn
 
 import sparsecore as sc
-from sparsecore import cli, demo
+from sparsecore import demo
 from sparsecore.compare import compare_latency, quartiles
+from cli_helpers import no_interpreter_in_plans, run_cli as _run  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _no_interpreter_in_plans(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-
-
-def _run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_bench_writes_to_the_cwd_or_out(tmp_path, capsys, monkeypatch):

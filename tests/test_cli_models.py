@@ -9,17 +9,9 @@ from torch import nn
 import sparsecore as sc
 from sparsecore import cli
 from sparsecore.cli import zoo
+from cli_helpers import no_interpreter_in_plans, run_cli as _run  # noqa: F401  (autouse fixture)
 
 
-@pytest.fixture(autouse=True)
-def _no_interpreter_in_plans(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-
-
-def _run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _tiny_net(num_classes: int = 10) -> nn.Module:
