@@ -94,23 +94,6 @@ def specs(preset: str) -> list[ModelSpec]:
     ]
 
 
-def _tensor_bytes(obj, seen: set[int]) -> int:
-    if isinstance(obj, torch.Tensor):
-        if obj.layout != torch.strided:  # sparse CSR and friends: count their component tensors
-            parts = [obj.crow_indices(), obj.col_indices(), obj.values()] if obj.layout == torch.sparse_csr else []
-            return sum(_tensor_bytes(p, seen) for p in parts)
-        key = obj.untyped_storage().data_ptr()
-        if key in seen:
-            return 0
-        seen.add(key)
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, (tuple, list)):
-        return sum(_tensor_bytes(o, seen) for o in obj)
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(o, seen) for o in obj.values())
-    return sum(_tensor_bytes(v, seen) for v in vars(obj).values()) if hasattr(obj, "__dict__") else 0
-
-
 def model_bytes(model: nn.Module) -> int:
     """Resident bytes: parameters, buffers and the backends' prepared state (``sparsecore.resident_bytes``)."""
     return sc.resident_bytes(model)

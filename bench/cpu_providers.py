@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsecore as sc
+from sparsecore.memory import object_bytes
 from sparsecore.backends import Backend, implementations
 from sparsecore.backends.registry import lookup
 from sparsecore.formats import PackedWeight
 
-from .bench_models import _tensor_bytes
 
 BSR_BLOCK = 16  # torch BSR block (16 and 32 measured alike on random masks: blocks are rarely empty)
 
@@ -137,11 +137,11 @@ def sparsecore_providers(packed: PackedWeight, x: torch.Tensor, *, plan_rep: int
         mod = sc.SparseLinear(packed, None, backend=impl.backend)
         with torch.no_grad():
             mod(x)  # prepares the backend's state, outside the timing
-        ready.append(Provider(name, "sparsecore", _no_grad(mod, x), _tensor_bytes(mod.prepared(impl), set())))
+        ready.append(Provider(name, "sparsecore", _no_grad(mod, x), object_bytes(mod.prepared(impl))))
     auto = sc.SparseLinear(packed, None, backend=Backend.AUTO)
     entries = sc.plan(nn.Sequential(auto), (x,), use_cache=False, rep=plan_rep)
     impl = lookup("linear", entries[0].chosen, packed.kind)
-    ready.append(Provider("sc_auto", "sparsecore", _no_grad(auto, x), _tensor_bytes(auto.prepared(impl), set()),
+    ready.append(Provider("sc_auto", "sparsecore", _no_grad(auto, x), object_bytes(auto.prepared(impl)),
                           f"planner chose {impl.name}"))
     return ready, skipped
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["resident_bytes"]
+__all__ = ["resident_bytes", "object_bytes"]
 
 
 def _tensor_bytes(obj: Any, seen: set[int]) -> int:
@@ -33,6 +33,14 @@ def _tensor_bytes(obj: Any, seen: set[int]) -> int:
     if hasattr(obj, "__dict__"):  # a packed weight or a backend's state object
         return sum(_tensor_bytes(v, seen) for v in vars(obj).values())
     return 0
+
+
+def object_bytes(obj: Any) -> int:
+    """Bytes of the tensors ``obj`` holds (a tensor, container, packed weight or backend state), each storage once.
+
+    >>> object_bytes(sparse_layer.prepared(impl))   # what one backend's prepared state costs
+    """
+    return _tensor_bytes(obj, set())
 
 
 def resident_bytes(model: nn.Module) -> int:
