@@ -32,7 +32,7 @@ from torch import nn
 
 from .autograd import SparseOpGrad, needs_grad
 from .config import SparsityConfig
-from .backends import AUTO, Backend, BackendImpl, ConvParams, resolve
+from .backends import AUTO, Backend, BackendImpl, BackendUnavailable, ConvParams, resolve
 from .formats import FORMATS, PackedWeight
 from .backends.registry import lookup
 from .formats.base import SUPPORTED_DTYPES, dtype_name
@@ -69,7 +69,18 @@ def kept_mask(packed: PackedWeight) -> torch.Tensor:
 
 
 def m_bucket(rows: int) -> int:
-    """Planner key for a batch of ``rows`` activation rows: the next power of two (1, 2, 4, ...)."""
+    """Planner key for a batch of ``rows`` activation rows: the next power of two (1, 2, 4, ...).
+
+    Traced by torch.compile, ``rows`` may be symbolic (dynamic shapes): it is then bucketed by comparisons
+    only, so that the compiled graph guards on the bucket's range ``(b / 2, b]`` rather than on one size:
+    it is reused for every batch of the same bucket and recompiled when another bucket (maybe another
+    backend) is needed.
+    """
+    if torch.compiler.is_compiling():
+        bucket = 1
+        while bucket < rows:
+            bucket *= 2
+        return bucket
     return 1 if rows <= 1 else 1 << (rows - 1).bit_length()
 
 
@@ -190,6 +201,10 @@ class _SparseBase(nn.Module):
             self._prepared[Backend(_DENSE)] = dense
         self._resolved.clear()
 
+    def _probe_shape(self) -> tuple[int, ...]:
+        """An input shape with zero rows that the layer's backends accept (for checks ahead of any call)."""
+        raise NotImplementedError
+
     def _runs(self) -> set[str]:
         if self.backend != AUTO:
             return {self.backend.value}
@@ -206,6 +221,29 @@ class _SparseBase(nn.Module):
             self._hold_packed()
         self._prepared = {b: st for b, st in self._prepared.items() if b in runs and b != _DENSE}
         self._resolved.clear()
+        self._resolve_ahead(runs)
+
+    def _resolve_ahead(self, runs: set[str]) -> None:
+        """Resolve and prepare each backend of ``runs`` for the layer's own device and dtype now.
+
+        torch.compile traces ``forward``, and a trace cannot run a backend's checks (they look for a compiler,
+        build and load the native kernels) or its ``prepare`` (native layout builders): were they left to the
+        first call, a model compiled right after ``sparsecore.plan`` would break its graph in every layer.
+        An input of another dtype or device still misses the cache and gets the checks (and their error).
+        A backend that cannot run is left unresolved, so that the call needing it raises ``BackendUnavailable``.
+        """
+        dtype, device = self.weight_dtype, self.packed_device
+        probe = torch.empty(self._probe_shape(), dtype=dtype, device=device)  # zero rows: checks read no data
+        for name in sorted(runs):
+            backend = Backend(name)
+            if backend == _DENSE and self.dense_held:
+                impl = lookup(self.op, _DENSE, self._meta["kind"])
+            else:
+                try:
+                    impl = resolve(self.op, backend, self.packed, probe)
+                except BackendUnavailable:
+                    continue
+            self._resolved[(backend, device, dtype)] = (impl, self.prepared(impl))
 
     @contextmanager
     def planning(self):
@@ -276,15 +314,31 @@ class _SparseBase(nn.Module):
             backend = self._plan.get(m_bucket(rows), _DENSE)
         hit = self._resolved.get((backend, x.device, x.dtype))
         if hit is None:
-            self._check_input(x)
-            if backend == _DENSE and not self.dense_held:
-                self._settle()
-            x_op = x.reshape(-1, x.shape[-1]) if self.op == "linear" else x  # backends see the 2-D view
-            if self.dense_held and backend == _DENSE:  # the dense baseline runs every format
-                impl = lookup(self.op, _DENSE, self._meta["kind"])
-            else:
-                impl = resolve(self.op, backend, self.packed, x_op)
-            hit = self._resolved[(backend, x.device, x.dtype)] = (impl, self.prepared(impl))
+            if backend == _DENSE and not self.dense_held and torch.compiler.is_compiling():
+                # A batch bucket no plan covers, traced: decode in the graph. Holding a dense copy for it would
+                # double the layer's bytes, and preparing one cannot be traced.
+                return lookup(self.op, _DENSE, self._meta["kind"]), self._packed.to_dense()
+            hit = self._resolve_for(backend, x)
+        return hit
+
+    @torch.compiler.disable
+    def _resolve_for(self, backend: Backend | str, x: torch.Tensor) -> tuple[BackendImpl, Any]:
+        """Check, resolve and prepare ``backend`` for ``x`` and cache the result.
+
+        Eager code, also under torch.compile (a graph break): checks and ``prepare`` cannot be traced. Planned and
+        forced backends are resolved ahead (``_resolve_ahead``), so a compiled model only gets here for what no
+        plan foresaw (an unplanned batch bucket, another dtype); the cache entry it adds fails the trace's guard
+        and the next call recompiles without the break.
+        """
+        self._check_input(x)
+        if backend == _DENSE and not self.dense_held:
+            self._settle()
+        x_op = x.reshape(-1, x.shape[-1]) if self.op == "linear" else x  # backends see the 2-D view
+        if self.dense_held and backend == _DENSE:  # the dense baseline runs every format
+            impl = lookup(self.op, _DENSE, self._meta["kind"])
+        else:
+            impl = resolve(self.op, backend, self.packed, x_op)
+        hit = self._resolved[(Backend(backend), x.device, x.dtype)] = (impl, self.prepared(impl))
         return hit
 
     def run_backend(self, impl: BackendImpl, x: torch.Tensor) -> torch.Tensor:
@@ -384,6 +438,9 @@ class SparseLinear(_SparseBase):
             y = SparseOpGrad.apply(x2, self.bias, lambda xx, b: impl.run(state, xx, b), self.dense_weight, None)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
+    def _probe_shape(self) -> tuple[int, ...]:
+        return (0, self.in_features)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
 
@@ -457,6 +514,10 @@ class SparseConv2d(_SparseBase):
             raise ValueError(f"only padding_mode='zeros' is supported, got {module.padding_mode!r}")
         return cls(pack(module.weight, mask, pattern, n, m), module.bias, module.in_channels, module.stride,
                    module.padding, module.dilation, module.groups, backend)
+
+    def _probe_shape(self) -> tuple[int, ...]:
+        c = self.conv
+        return (0, self.in_channels, *(d * (k - 1) + 1 for d, k in zip(c.dilation, self.kernel_size)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
