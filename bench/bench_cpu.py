@@ -191,6 +191,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", default="kernels,csr,e2e", help="any of kernels, csr, e2e")
     p.add_argument("--threads", type=int, help="torch threads (default: every usable core)")
     p.add_argument("--e2e-models", default="decoder_block,minilm", help="end-to-end models (decoder_block, minilm)")
+    p.add_argument("--no-e2e-compile", dest="e2e_compile", action="store_false",
+                   help="end-to-end rows: skip the torch.compile (inductor) rows of dense and sparse models")
     p.add_argument("--tag", default="", help="appended to the table names (keeps several runs' tables apart)")
     p.add_argument("--deepsparse-python", default="/work/venv-deepsparse/bin/python",
                    help="python of a venv with deepsparse==1.8.0 (optional peer; skipped with a row when absent)")

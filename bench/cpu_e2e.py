@@ -8,10 +8,14 @@
   exported to ONNX, in a subprocess (``bench/deepsparse_runner.py``): not interleaved with the torch rows.
 
 Sparse variants are planned (``sparsecore.plan``, no cache) on the very input they are timed on; torch
-variants are timed together (``bench.cpu_stats``). Per row: median and min-max of the repeat medians,
-``speedup_vs_best_dense`` against the torch dense model, ``model_MB`` resident bytes (parameters + buffers
-+ backends' prepared state, ``bench.bench_models.model_bytes``), the planner's choices, and ``max_abs_err``
-against the masked dense model in float64. ``--e2e-models`` picks the models.
+variants are timed together (``bench.cpu_stats``). With ``--e2e-compile`` (the default) each model also runs
+under ``torch.compile`` (inductor): ``dense compiled`` and ``<variant> compiled`` (planned first, then
+compiled), interleaved with the eager rows; ``compile_s`` is the wall time of the first compiled call at that
+batch (tracing + code generation; a later batch of another bucket compiles again). Per row: median and
+min-max of the repeat medians, ``speedup_vs_best_dense`` against the faster of eager and compiled dense,
+``model_MB`` resident bytes (parameters + buffers + backends' prepared state,
+``bench.bench_models.model_bytes``), the planner's choices, and ``max_abs_err`` against the masked dense
+model in float64. ``--e2e-models`` picks the models.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +42,7 @@ from .cpu_stats import time_repeated
 
 DEEPSPARSE_PYTHON = "/work/venv-deepsparse/bin/python"
 RUNNER = Path(__file__).resolve().parent / "deepsparse_runner.py"
+COMPILED = " compiled"  # provider-name suffix of the torch.compile (inductor) rows
 
 
 class MiniLM(nn.Module):
@@ -73,35 +79,49 @@ def bench_model(name: str, dense: nn.Module, variants: dict[str, sc.SparsityConf
         masks = sc.magnitude_masks(dense, config, filter_fn)
         sparse = sc.sparsify(copy.deepcopy(dense), config, masks=masks).eval()
         built[vname] = (sparse, masks, config)
+    compile_models = getattr(args, "e2e_compile", True)
+    compiled = {"dense": torch.compile(dense)} if compile_models else {}
     rows = []
     for batch, x in inputs.items():
         models, entries = {"dense": dense}, {}
         for vname, (sparse, _, _) in built.items():
             entries[vname] = sc.plan(sparse, x, use_cache=False, rep=args.plan_rep)
             models[vname] = sparse
+            if compile_models and vname not in compiled:
+                compiled[vname] = torch.compile(sparse)  # after the first plan: compiling needs no eager call
+        compile_s = {}
+        for vname, fn in compiled.items():  # the first call at this batch traces and generates code
+            t0 = time.perf_counter()
+            _no_grad_call(fn, x)
+            compile_s[vname + COMPILED] = time.perf_counter() - t0
+            models[vname + COMPILED] = fn
         fns = {k: (lambda m=m: _no_grad_call(m, x)) for k, m in models.items()}
         timings = time_repeated(fns, repeats=args.repeats, reps=args.reps, cap=None)
-        dense_ms = timings["dense"].median_ms
+        dense_ms = min(timings[k].median_ms for k in ("dense", "dense" + COMPILED) if k in timings)
+        refs = {}
         for vname, model in models.items():
             t = timings[vname]
+            base = vname.removesuffix(COMPILED)
             err = 0.0
-            if vname != "dense":
-                ref = masked_copy(dense, built[vname][1]).eval()  # float64
-                x64 = tuple(t.double() if t.is_floating_point() else t for t in x)
-                err = float((_no_grad_call(model, x).double() - _no_grad_call(ref, x64)).abs().max())
-                del ref
-            config = built[vname][2] if vname != "dense" else None
+            if base != "dense":
+                if base not in refs:
+                    x64 = tuple(t.double() if t.is_floating_point() else t for t in x)
+                    refs[base] = _no_grad_call(masked_copy(dense, built[base][1]).eval(), x64)  # float64
+                err = float((_no_grad_call(model, x).double() - refs[base]).abs().max())
+            config = built[base][2] if base != "dense" else None
             rows.append({"model": name, "batch": batch, "seq": x[0].shape[1], PROVIDER: vname,
                          "pattern": "" if config is None else (f"{config.n}:{config.m}" if config.pattern == "nm"
                                                                else f"unstructured {config.sparsity:.0%}"),
                          TIME_MS: t.median_ms, "time_min_ms": t.min_ms, "time_max_ms": t.max_ms,
                          "spread_pct": t.spread_pct, "repeats": len(t.medians_ms), "reps": t.reps,
                          BEST_DENSE_MS: dense_ms, SPEEDUP: dense_ms / t.median_ms,
-                         "model_MB": model_bytes(model) / 2**20, "max_abs_err": err,
-                         "backends": _backends(entries.get(vname, [])) or "dense (nn.Linear)", "note": "", **env})
+                         "model_MB": model_bytes(models[base]) / 2**20, "max_abs_err": err,
+                         "backends": _backends(entries.get(base, [])) or "dense (nn.Linear)",
+                         "compile_s": compile_s.get(vname, ""), "note": "", **env})
             r = rows[-1]
-            log(f"    {name} b={batch} {vname:16s} {r[TIME_MS]:9.2f} ms [{r['time_min_ms']:.2f}-{r['time_max_ms']:.2f}]"
-                f"  x{r[SPEEDUP]:.2f}  {r['model_MB']:8.1f} MB  err {err:.1e}  [{r['backends']}]")
+            built_in = f"  compiled in {compile_s[vname]:.1f} s" if vname in compile_s else ""
+            log(f"    {name} b={batch} {vname:24s} {r[TIME_MS]:9.2f} ms [{r['time_min_ms']:.2f}-{r['time_max_ms']:.2f}]"
+                f"  x{r[SPEEDUP]:.2f}  {r['model_MB']:8.1f} MB  err {err:.1e}  [{r['backends']}]{built_in}")
         if extra_rows is not None:
             rows += extra_rows(dense, built, batch, x, dense_ms)
     return rows
@@ -149,7 +169,7 @@ def deepsparse_rows(dense: nn.Module, built: dict, batch: int, x: tuple, dense_m
                      "repeats": len(got[name]), "reps": args.reps, BEST_DENSE_MS: dense_ms,
                      SPEEDUP: dense_ms / med, "backends": f"{name} {got['versions'].get(name, '')} on the pruned ONNX",
                      "note": "separate process, timed after the torch rows (not interleaved)"})
-        log(f"    minilm b={batch} {name:16s} {med:9.2f} ms  x{dense_ms / med:.2f} vs torch dense")
+        log(f"    minilm b={batch} {name:24s} {med:9.2f} ms  x{dense_ms / med:.2f} vs the best torch dense")
     return rows
 
 
