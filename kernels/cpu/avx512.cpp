@@ -54,6 +54,10 @@ __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
   }
 }
 
+// Kept entries ahead whose x lines are prefetched: the columns are data-dependent, so the hardware prefetcher
+// cannot see them coming. Every column list has >= 16 entries of padding, so reading the index is in bounds.
+constexpr int64_t kPrefetchAhead = 8;
+
 // out[16 i ..] = sum over kept entries e of value[e] * xt[cols[e]][16 i ..], for i < V. One broadcast feeds V
 // FMAs; below V = 4, U sets of accumulators keep 4+ FMA chains in flight.
 template <DType D, int V, class Col>
@@ -69,6 +73,9 @@ inline void dot_entries(const Col* cols, const void* vals, int64_t j0, int64_t c
     for (int u = 0; u < U; ++u) {
       const __m512 v = _mm512_set1_ps(load_scalar<D>(vals, j0 + j + u));
       const float* xc = xt + static_cast<int64_t>(cols[j + u]) * mt;
+      const char* xf = reinterpret_cast<const char*>(xt + static_cast<int64_t>(cols[j + u + kPrefetchAhead]) * mt);
+#pragma GCC unroll 8
+      for (int i = 0; i < V; ++i) _mm_prefetch(xf + 64 * i, _MM_HINT_T0);
 #pragma GCC unroll 8
       for (int i = 0; i < V; ++i) acc[u][i] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xc + 16 * i), acc[u][i]);
     }
@@ -181,12 +188,12 @@ inline void bitmap_gemv(const BitmapWeight& w, const float* x, const Output& o, 
 
 template <DType D>
 void bitmap_rows(const BitmapWeight& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
-  if (a.m == 1) {
+  if (a.mt == 1) {
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) bitmap_gemv<D, 4>(w, a.x, o, r);
     for (; r < r1; ++r) bitmap_gemv<D, 1>(w, a.x, o, r);
   } else {  // kept columns of a feature decoded once per tile (tzcnt), then V FMAs per kept value
-    std::vector<int32_t> scratch(w.n_words * 64);
+    std::vector<int32_t> scratch(w.n_words * 64 + 16);
     gemm_dispatch<D, int32_t>(a, o, r0, r1, w.values, [&](int64_t r, const int32_t*& cols, int64_t& j0, int64_t& cnt) {
       const uint64_t* words = w.words + r * w.n_words;
       int32_t* c = scratch.data();
@@ -223,7 +230,7 @@ inline void columns_gemv_row(const ColumnWeight& w, const float* x, const Output
 
 template <DType D>
 void column_rows(const ColumnWeight& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
-  if (a.m == 1) {
+  if (a.mt == 1) {
     for (int64_t r = r0; r < r1; ++r) columns_gemv_row<D>(w, a.x, o, r);
     return;
   }
@@ -319,7 +326,7 @@ inline void nm_gather_row(const NMWeight& w, const float* x, const Output& o, in
 
 template <DType D>
 void nm_rows(const NMWeight& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
-  if (a.m > 1) {  // columns of a feature's slots decoded once per tile, then V FMAs per slot
+  if (a.mt > 1) {  // columns of a feature's slots decoded once per tile, then V FMAs per slot
     std::vector<int32_t> scratch(w.slots + 16);
     gemm_dispatch<D, int32_t>(a, o, r0, r1, w.values, [&](int64_t r, const int32_t*& cols, int64_t& j0, int64_t& cnt) {
       const uint8_t* pos = w.pos + r * w.pos_stride;

@@ -39,8 +39,9 @@ struct NMWeight {
 };
 
 // Activations, converted to fp32 once per call and zero-padded to kp columns (a multiple of 64):
-// m == 1: x [kp]; m > 1: xt [ceil(m / mt)][kp][mt], tiles of mt activation rows per column (the "transposed
-// x"; rows past m are zero). mt is a multiple of 16: 16 for the portable and AVX2 paths, up to 128 for AVX-512.
+// one row: x [kp] and mt == 1; more: xt [ceil(m / mt)][kp][mt], tiles of mt activation rows per column (the
+// "transposed x"; rows past m are zero), mt a multiple of 16: 16 on the portable and AVX2 paths, up to 128 on
+// AVX-512. The launcher hands each kernel call one tile (x and y offset to it, m its rows).
 struct Activations {
   const float* x;
   int64_t kp;

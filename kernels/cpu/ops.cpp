@@ -54,13 +54,13 @@ sc::DType dtype_of(const at::Tensor& t) {
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // Activation rows per tile for m > 1 (see Activations): 16 on the portable and AVX2 paths; on AVX-512 up to
-// 128, fewer while a tile (kp x mt fp32) would outgrow ~512 KiB (it is re-read for every output feature), and
+// 128, fewer while a tile (kp x mt fp32) would outgrow 256 KiB (it is re-read for every output feature), and
 // balanced so that the last tile is as full as the others.
 int64_t tile_rows(int64_t m, int64_t kp, Isa isa) {
   if (isa != kAvx512) return sc::kLanes;
   const int64_t blocks = (m + sc::kLanes - 1) / sc::kLanes;
   int64_t v = std::min<int64_t>(8, blocks);
-  while (v > 1 && kp * sc::kLanes * v * 4 > (int64_t{512} << 10)) --v;
+  while (v > 1 && kp * sc::kLanes * v * 4 > (int64_t{256} << 10)) --v;
   const int64_t tiles = (blocks + v - 1) / v;
   return sc::kLanes * ((blocks + tiles - 1) / tiles);
 }
@@ -108,21 +108,29 @@ at::Tensor run_rows(const at::Tensor& x, int64_t n, int64_t kp, const c10::optio
   const at::Tensor act = pack_activations(x, kp, mt, isa);
   const at::Tensor b = bias_f32(bias, n);
   at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  const sc::Activations a{act.data_ptr<float>(), kp, m, mt};
-  const sc::Output o{y.data_ptr<float>(), n, b.defined() ? b.data_ptr<float>() : nullptr};
-  // Rows are handed out in chunks from a shared counter, not split evenly up front: a thread that is
-  // descheduled or slower leaves its share to the others. A chunk is ~256k weight entries times the
-  // activation blocks (a multiple of 16 rows, the m > 1 kernels' output group; of 4 at m == 1), and at most
-  // a quarter of a thread's share. Each row is computed the same way whichever thread takes it.
+  // Work items are (activation tile, chunk of output features), tile-major, handed out from a shared
+  // counter rather than split evenly up front: the threads work on the same tile at once (it stays in their
+  // caches), and a thread that is descheduled or slower leaves its share to the others. A chunk is ~256k
+  // weight entries times the tile's 16-row blocks, at most a quarter of a thread's share, and a multiple of
+  // 16 features (the m > 1 kernels' output group; 4 at m == 1). Each output is computed the same way
+  // whichever thread takes it.
+  const int64_t tiles = m > 1 ? (m + mt - 1) / mt : 1, blocks = m > 1 ? mt / sc::kLanes : 1;
   const int64_t threads = at::get_num_threads(), grp = m > 1 ? 16 : 4;
-  const int64_t work = std::max<int64_t>(1, kp * ((m + sc::kLanes - 1) / sc::kLanes));
-  const int64_t share = (n + 4 * threads - 1) / (4 * threads);
-  const int64_t chunk = std::max<int64_t>(grp, std::min<int64_t>(262144 / work, m > 1 ? share : n) / grp * grp);
-  const int64_t tasks = std::min<int64_t>(threads, (n + chunk - 1) / chunk);
+  const int64_t share = (n * tiles + 4 * threads - 1) / (4 * threads);
+  const int64_t fit = 262144 / std::max<int64_t>(1, kp * blocks);
+  const int64_t chunk = std::max<int64_t>(grp, std::min<int64_t>(fit, m > 1 ? share : n) / grp * grp);
+  const int64_t per_tile = (n + chunk - 1) / chunk, items = tiles * per_tile;
+  const int64_t tasks = std::min<int64_t>(threads, items);
+  float* const bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
   std::atomic<int64_t> next{0};
   if (m > 0 && n > 0) {
     at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
-      for (int64_t r0 = next.fetch_add(chunk); r0 < n; r0 = next.fetch_add(chunk)) fn(a, o, r0, std::min(n, r0 + chunk));
+      for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
+        const int64_t t = i / per_tile, r0 = i % per_tile * chunk, m0 = t * mt;
+        const sc::Activations a{act.data_ptr<float>() + t * kp * mt, kp, m > 1 ? std::min(mt, m - m0) : 1, mt};
+        const sc::Output o{y.data_ptr<float>() + m0 * n, n, bias_ptr};
+        fn(a, o, r0, std::min(n, r0 + chunk));
+      }
     });
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());

@@ -18,7 +18,7 @@ void bitmap_rows(const BitmapWeight& w, const Activations& a, const Output& o, i
         for (uint64_t b = words[wi]; b; b &= b - 1) {
           const int64_t c = wi * 64 + __builtin_ctzll(b);
           const float v = load_scalar<D>(w.values, j++);
-          if (a.m == 1) {
+          if (a.mt == 1) {
             acc[0] += v * a.x[c];
           } else {
             const float* xc = a.x + (blk * a.kp + c) * kLanes;
@@ -42,7 +42,7 @@ void column_rows(const ColumnWeight& w, const Activations& a, const Output& o, i
       for (int64_t j = w.row_ptr[r]; j < w.row_ptr[r + 1]; ++j) {
         const int64_t c = w.cols[j];
         const float v = load_scalar<D>(w.values, j);
-        if (a.m == 1) {
+        if (a.mt == 1) {
           acc[0] += v * a.x[c];
         } else {
           const float* xc = a.x + (blk * a.kp + c) * kLanes;
@@ -67,7 +67,7 @@ void nm_rows(const NMWeight& w, const Activations& a, const Output& o, int64_t r
       for (int64_t s = 0; s < w.slots; ++s) {
         const int64_t c = (s / w.n) * w.m + nm_position(pos, s, bits);
         const float v = load_scalar<D>(w.values, r * w.slots + s);
-        if (a.m == 1) {
+        if (a.mt == 1) {
           acc[0] += v * a.x[c];
         } else {
           const float* xc = a.x + (blk * a.kp + c) * kLanes;
