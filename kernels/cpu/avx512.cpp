@@ -213,7 +213,19 @@ inline void columns_gemv_row(const ColumnWeight& w, const float* x, const Output
   const char* vals = static_cast<const char*>(w.values);
   int64_t j = w.row_ptr[r];
   const int64_t e = w.row_ptr[r + 1];
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; j + 64 <= e; j += 64) {
+    const __m512i i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + j)));
+    const __m512i i1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + j + 16)));
+    const __m512i i2 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + j + 32)));
+    const __m512i i3 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + j + 48)));
+    a0 = _mm512_fmadd_ps(load16<D>(0xffff, vals + j * E), _mm512_i32gather_ps(i0, x, 4), a0);
+    a1 = _mm512_fmadd_ps(load16<D>(0xffff, vals + (j + 16) * E), _mm512_i32gather_ps(i1, x, 4), a1);
+    a2 = _mm512_fmadd_ps(load16<D>(0xffff, vals + (j + 32) * E), _mm512_i32gather_ps(i2, x, 4), a2);
+    a3 = _mm512_fmadd_ps(load16<D>(0xffff, vals + (j + 48) * E), _mm512_i32gather_ps(i3, x, 4), a3);
+  }
+  a0 = _mm512_add_ps(a0, a2);
+  a1 = _mm512_add_ps(a1, a3);
   for (; j + 32 <= e; j += 32) {
     const __m512i i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + j)));
     const __m512i i1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + j + 16)));
