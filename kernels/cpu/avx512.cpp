@@ -3,6 +3,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt")
 #include <immintrin.h>
 
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -108,10 +109,41 @@ inline void store_tile(const float* buf, int64_t mt, int gn, int64_t rows, const
   }
 }
 
-// Output features [r0, r1) for every tile; `row(r, cols_scratch, &cols, &j0, &cnt)` names the kept entries of
-// feature r: columns cols[0 .. cnt) and values vals[j0 .. j0 + cnt).
-template <DType D, int V, class Col, class Row>
-void gemm_tiles(const Activations& a, const Output& o, int64_t r0, int64_t r1, const void* vals, Row&& row) {
+// The same sum over a feature's bitmap words: each kept column found by tzcnt/blsr feeds its FMAs at once
+// (no decode pass), values[j ..] in column order.
+template <DType D, int V>
+inline void dot_bitmap(const uint64_t* words, int64_t n_words, const void* vals, int64_t j, const float* xt,
+                       int64_t mt, float* out) {
+  constexpr int U = V >= 4 ? 1 : (V == 1 ? 4 : 2);
+  __m512 acc[U][V];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < V; ++i) acc[u][i] = _mm512_setzero_ps();
+  for (int64_t wi = 0; wi < n_words; ++wi) {
+    uint64_t b = words[wi];
+    const float* xw = xt + wi * 64 * mt;
+    while (b) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        if (!b) break;
+        const float* xc = xw + static_cast<int64_t>(_tzcnt_u64(b)) * mt;
+        b = _blsr_u64(b);
+        const __m512 v = _mm512_set1_ps(load_scalar<D>(vals, j++));
+#pragma GCC unroll 8
+        for (int i = 0; i < V; ++i) acc[u][i] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xc + 16 * i), acc[u][i]);
+      }
+    }
+  }
+  for (int i = 0; i < V; ++i) {
+    __m512 s = acc[0][i];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][i]);
+    _mm512_store_ps(out + 16 * i, s);
+  }
+}
+
+// Output features [r0, r1) for every tile of a: `dot(std::integral_constant<int, V>, r, xt, mt, out)` writes
+// feature r's mt sums for the tile xt to out; 16 features at a time are then transposed into y.
+template <int V, class Dot>
+void gemm_tiles(const Activations& a, const Output& o, int64_t r0, int64_t r1, Dot&& dot) {
   constexpr int64_t mt = 16 * V;
   alignas(64) float buf[16 * mt];
   const int64_t tiles = (a.m + mt - 1) / mt;
@@ -120,28 +152,23 @@ void gemm_tiles(const Activations& a, const Output& o, int64_t r0, int64_t r1, c
     const int64_t rows = a.m - t * mt < mt ? a.m - t * mt : mt;
     for (int64_t g = r0; g < r1; g += 16) {
       const int gn = static_cast<int>(r1 - g < 16 ? r1 - g : 16);
-      for (int i = 0; i < gn; ++i) {
-        const Col* cols;
-        int64_t j0, cnt;
-        row(g + i, cols, j0, cnt);
-        dot_entries<D, V, Col>(cols, vals, j0, cnt, xt, mt, buf + i * mt);
-      }
+      for (int i = 0; i < gn; ++i) dot(std::integral_constant<int, V>{}, g + i, xt, mt, buf + i * mt);
       store_tile(buf, mt, gn, rows, o, t * mt, g);
     }
   }
 }
 
-template <DType D, class Col, class Row>
-void gemm_dispatch(const Activations& a, const Output& o, int64_t r0, int64_t r1, const void* vals, Row&& row) {
+template <class Dot>
+void gemm_dispatch(const Activations& a, const Output& o, int64_t r0, int64_t r1, Dot&& dot) {
   switch (a.mt / 16) {
-    case 1: return gemm_tiles<D, 1, Col>(a, o, r0, r1, vals, row);
-    case 2: return gemm_tiles<D, 2, Col>(a, o, r0, r1, vals, row);
-    case 3: return gemm_tiles<D, 3, Col>(a, o, r0, r1, vals, row);
-    case 4: return gemm_tiles<D, 4, Col>(a, o, r0, r1, vals, row);
-    case 5: return gemm_tiles<D, 5, Col>(a, o, r0, r1, vals, row);
-    case 6: return gemm_tiles<D, 6, Col>(a, o, r0, r1, vals, row);
-    case 7: return gemm_tiles<D, 7, Col>(a, o, r0, r1, vals, row);
-    default: return gemm_tiles<D, 8, Col>(a, o, r0, r1, vals, row);
+    case 1: return gemm_tiles<1>(a, o, r0, r1, dot);
+    case 2: return gemm_tiles<2>(a, o, r0, r1, dot);
+    case 3: return gemm_tiles<3>(a, o, r0, r1, dot);
+    case 4: return gemm_tiles<4>(a, o, r0, r1, dot);
+    case 5: return gemm_tiles<5>(a, o, r0, r1, dot);
+    case 6: return gemm_tiles<6>(a, o, r0, r1, dot);
+    case 7: return gemm_tiles<7>(a, o, r0, r1, dot);
+    default: return gemm_tiles<8>(a, o, r0, r1, dot);
   }
 }
 
@@ -192,16 +219,9 @@ void bitmap_rows(const BitmapWeight& w, const Activations& a, const Output& o, i
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) bitmap_gemv<D, 4>(w, a.x, o, r);
     for (; r < r1; ++r) bitmap_gemv<D, 1>(w, a.x, o, r);
-  } else {  // kept columns of a feature decoded once per tile (tzcnt), then V FMAs per kept value
-    std::vector<int32_t> scratch(w.n_words * 64 + 16);
-    gemm_dispatch<D, int32_t>(a, o, r0, r1, w.values, [&](int64_t r, const int32_t*& cols, int64_t& j0, int64_t& cnt) {
-      const uint64_t* words = w.words + r * w.n_words;
-      int32_t* c = scratch.data();
-      for (int64_t wi = 0; wi < w.n_words; ++wi)
-        for (uint64_t b = words[wi]; b; b = _blsr_u64(b)) *c++ = static_cast<int32_t>(wi * 64 + _tzcnt_u64(b));
-      cols = scratch.data();
-      j0 = w.row_ptr[r];
-      cnt = c - scratch.data();
+  } else {
+    gemm_dispatch(a, o, r0, r1, [&](auto vc, int64_t r, const float* xt, int64_t mt, float* out) {
+      dot_bitmap<D, decltype(vc)::value>(w.words + r * w.n_words, w.n_words, w.values, w.row_ptr[r], xt, mt, out);
     });
   }
 }
@@ -246,10 +266,9 @@ void column_rows(const ColumnWeight& w, const Activations& a, const Output& o, i
     for (int64_t r = r0; r < r1; ++r) columns_gemv_row<D>(w, a.x, o, r);
     return;
   }
-  gemm_dispatch<D, uint16_t>(a, o, r0, r1, w.values, [&](int64_t r, const uint16_t*& cols, int64_t& j0, int64_t& cnt) {
-    j0 = w.row_ptr[r];
-    cols = w.cols + j0;
-    cnt = w.row_ptr[r + 1] - j0;
+  gemm_dispatch(a, o, r0, r1, [&](auto vc, int64_t r, const float* xt, int64_t mt, float* out) {
+    const int64_t j0 = w.row_ptr[r];
+    dot_entries<D, decltype(vc)::value>(w.cols + j0, w.values, j0, w.row_ptr[r + 1] - j0, xt, mt, out);
   });
 }
 
@@ -340,7 +359,7 @@ template <DType D>
 void nm_rows(const NMWeight& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
   if (a.mt > 1) {  // columns of a feature's slots decoded once per tile, then V FMAs per slot
     std::vector<int32_t> scratch(w.slots + 16);
-    gemm_dispatch<D, int32_t>(a, o, r0, r1, w.values, [&](int64_t r, const int32_t*& cols, int64_t& j0, int64_t& cnt) {
+    gemm_dispatch(a, o, r0, r1, [&](auto vc, int64_t r, const float* xt, int64_t mt, float* out) {
       const uint8_t* pos = w.pos + r * w.pos_stride;
       for (int64_t s = 0; s < w.slots; s += 16) {
         const int count = static_cast<int>(w.slots - s < 16 ? w.slots - s : 16);
@@ -350,9 +369,7 @@ void nm_rows(const NMWeight& w, const Activations& a, const Output& o, int64_t r
           nm_columns(w, pos, s, count, scratch.data() + s);
         }
       }
-      cols = scratch.data();
-      j0 = r * w.slots;
-      cnt = w.slots;
+      dot_entries<D, decltype(vc)::value>(scratch.data(), w.values, r * w.slots, w.slots, xt, mt, out);
     });
   } else if (w.n == 2 && w.m == 4) {
     for (int64_t r = r0; r < r1; ++r) nm24_gemv_row<D>(w, a.x, o, r);
