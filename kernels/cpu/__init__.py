@@ -14,15 +14,19 @@ The tiled format's own bytes are the same (its per-tile offsets replace ``row_pt
 reordering, derived in C++ from the bitmap words and values without a dense copy.
 Column-index layout (``ColumnLayout``, for high sparsity: work per kept value): ``cols`` uint16 per kept
 value plus the same ``values`` and ``row_ptr``: ``(e + 2)(1 - s) + 8 / K`` B; fp32 0.60 B at 90%, 0.30 B at 95%;
-K <= 65536.
+K <= 65536. ``column_layout_from`` derives it from a bitmap layout and shares that layout's ``values`` and
+``row_ptr``: a layer running both holds ``(e + 2)(1 - s) + 1/8`` B per element in all, and once its plan runs
+only these layouts it drops the packed form (``sparsecore.modules``): fp32 at 50%, 3.1 B against dense 4 B.
 N:M reads ``values [N, K n / m]`` and the packed positions directly: fp32 2:4 is 2 + 1/8 B.
 
 Instruction sets: ``avx512`` (expand-loads under bitmap bits, ``vpermt2ps`` over decoded 2:4 positions),
 ``avx2`` (table-driven expansion, 8-lane permutes), ``portable`` (scalar C++, the oracle of the other two).
 The best one the CPU runs is the default; ``SPARSECORE_CPU_ISA=avx512|avx2|portable`` or the ``isa``
-argument forces one. For ``M > 1`` the launcher transposes x once per call to ``[K, 16]`` blocks so that each
-kept value multiplies 16 activation rows in one FMA. Work is split over output features with
-``at::parallel_for`` (``torch.set_num_threads`` applies).
+argument forces one. For ``M > 1`` the launcher packs x once per call into tiles ``[K, mt]`` of ``mt``
+activation rows (16 on AVX2/portable; on AVX-512 up to 128, fewer while a tile would outgrow 256 KiB, by
+16x16 register transposes), so that one broadcast kept value feeds ``mt / 16`` FMAs; 16 output features at a
+time are transposed back into ``y``. Work items are (tile, chunk of output features), tile-major, shared
+out with ``at::parallel_for`` (``torch.set_num_threads`` applies).
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and ninja) on the
 first call that needs it, never at import, into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
