@@ -45,12 +45,8 @@ def _backend() -> str:
     return "torch_csr"  # no C++ compiler: the torch CSR custom op is the sparse backend traced
 
 
-@pytest.mark.parametrize("compiler, batches, graphs", [
-    ("aot_eager", (2, 3, 4), 2),  # 16 rows (unplanned: dense in the graph), then 24 and 32: one graph
-    ("inductor", (3,), 1),           # inductor's own C++ code around the custom ops; one graph keeps it quick
-])
-def test_compiled_sparse_bert_matches_float64_masked_model(compiler, batches, graphs, seeded, monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no worker pool to start for one graph
+def _sparse_tiny_bert(seeded) -> tuple[torch.nn.Module, torch.nn.Module, list[SparseLinear]]:
+    """(sparse model planned for 8 and 64 rows, its float64 masked dense reference, its sparse layers)."""
     model = _Hidden(_tiny_bert(int(torch.randint(0, 2**31, (1,), generator=seeded))))
     config = sc.SparsityConfig("unstructured", 0.9)
     masks = sc.magnitude_masks(model, config, lambda m, fqn: fqn.startswith("bert.encoder.")
@@ -60,24 +56,50 @@ def test_compiled_sparse_bert_matches_float64_masked_model(compiler, batches, gr
     sc.sparsify(model, config, masks=masks)
     backend = _backend()
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
-    for layer in layers:  # a plan as sc.plan records it; batch 2 (16 rows) stays unplanned and runs dense
-        layer.load_plan({8: backend, 32: backend})
+    for layer in layers:  # a plan as sc.plan records it: batch 1 (8 rows) and batches 5-8 (33-64 rows)
+        layer.load_plan({8: backend, 64: backend})
     assert all(not layer.dense_held for layer in layers)
+    return model, ref, layers
 
-    def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.randint(0, 97, (batch, SEQ), generator=seeded)
-        mask = torch.ones(batch, SEQ, dtype=torch.long)
-        mask[0, SEQ - 3:] = 0  # padding in the first sequence: the attention mask is not all ones
-        return ids, mask
 
+def _inputs(batch: int, seeded) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 97, (batch, SEQ), generator=seeded)
+    mask = torch.ones(batch, SEQ, dtype=torch.long)
+    mask[0, SEQ - 3:] = 0  # padding in the first sequence: the attention mask is not all ones
+    return ids, mask
+
+
+@pytest.mark.parametrize("compiler, batches, graphs", [
+    ("aot_eager", (1, 5, 8, 6), 2),  # batch 1, then one dynamic graph for bucket 64 (batches 5-8)
+    ("inductor", (1,), 1),           # inductor's own C++ code around the custom ops; one graph keeps it quick
+])
+def test_compiled_sparse_bert_matches_float64_masked_model(compiler, batches, graphs, seeded, monkeypatch):
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no worker pool to start for one graph
+    model, ref, layers = _sparse_tiny_bert(seeded)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     # no eager call first: the plan's backends were resolved and prepared ahead of tracing
     compiled = torch.compile(model, backend=compiler, fullgraph=True)
     with torch.no_grad():
         for batch in batches:
-            ids, mask = inputs(batch)
+            ids, mask = _inputs(batch, seeded)
             assert_close_to_ref(compiled(ids, mask), ref(ids, mask), k=128)
     assert not torch._dynamo.utils.counters["graph_break"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-    assert all(not layer.dense_held for layer in layers)  # the unplanned bucket made no dense copy
+
+
+def test_unplanned_batch_breaks_the_graph_once(seeded):
+    """A bucket no plan covers runs dense as it would eagerly (a graph break prepares it); the next call of
+    that bucket recompiles without the break."""
+    model, ref, _ = _sparse_tiny_bert(seeded)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        ids, mask = _inputs(2, seeded)  # 16 rows: bucket 16, unplanned
+        assert_close_to_ref(compiled(ids, mask), ref(ids, mask), k=128)
+        breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+        assert breaks > 0
+        ids, mask = _inputs(2, seeded)
+        assert_close_to_ref(compiled(ids, mask), ref(ids, mask), k=128)
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == breaks
