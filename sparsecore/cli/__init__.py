@@ -10,12 +10,12 @@ Every user error (bad argument, unreadable file, a pattern a layer cannot take) 
 tell; ``--traceback`` shows the full trace instead.
 
 One module per concept: ``zoo`` (the models it builds and the skeleton a file records), ``methods`` (one-shot
-pruning methods), ``stats`` (per-layer statistics of packed weights and files), ``table`` (text tables),
+pruning methods), ``stats`` (bytes of packed layers and files, beside the library's per-layer report), ``table`` (text tables),
 ``errors`` (user errors and up-front checks), ``cmd_<name>`` (one per subcommand), ``main`` (parser).
 """
 from .errors import CLIError
 from .main import build_parser, main
-from .stats import file_report, layer_stats
+from .stats import file_report, file_stats, layer_bytes
 from .zoo import skeleton_from_file
 
-__all__ = ["CLIError", "build_parser", "main", "file_report", "layer_stats", "skeleton_from_file"]
+__all__ = ["CLIError", "build_parser", "main", "file_report", "file_stats", "layer_bytes", "skeleton_from_file"]
