@@ -5,7 +5,8 @@ import torch
 
 import sparsecore as sc
 from sparsecore.channel import slim_skipped
-from sparsecore.cli import zoo
+from sparsecore.cli import skeleton_from_file, zoo
+from sparsecore.cli.table import fmt_bytes
 from sparsecore.report import REPORT_KEY
 from cli_helpers import no_interpreter_in_plans, run_cli, table_rows  # noqa: F401  (autouse fixture)
 from test_report_channel import _SENet
@@ -89,3 +90,34 @@ def test_inspect_rejects_a_file_whose_recorded_report_is_not_one(tmp_path, capsy
     plain = sc.save(model, tmp_path / "p.safetensors")  # no recorded report: the packed layers alone
     rc, out, err = run_cli(capsys, "inspect", plain)
     assert rc == 0 and list(table_rows(out)) == ["0"] and "1 sparse, 0 skipped" in out
+
+
+def test_prune_slim_writes_a_smaller_model_and_reports_each_layer(tmp_path, capsys, seeded):
+    seed, out = _seed(seeded), tmp_path / "s.safetensors"
+    torch.manual_seed(seed)
+    rc, text, err = run_cli(capsys, "prune", "--model", "resnet18", "--width", "4", "--num-classes", "5",
+                            "--random-init", "--pattern", "channel", "--sparsity", "0.5", "--slim", "--image-size", "32",
+                            "--out", out)
+    assert rc == 0, err
+    torch.manual_seed(seed)
+    dense = zoo.build(zoo.resolve("resnet18", {"width": 4, "num_classes": 5}))
+    ref = sc.sparsify(copy.deepcopy(dense), sc.SparsityConfig("channel", 0.5), example_inputs=(torch.randn(1, 3, 32, 32),))
+    loaded = sc.load(out, skeleton_from_file(out))
+    want = ref.state_dict()
+    assert loaded.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+    rows = table_rows(text)
+    convs = [f for f, m in dense.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert list(rows) == convs and "0 sparse, 21 slimmed, 0 skipped" in text
+    for fqn in convs:
+        before, after = dense.get_submodule(fqn).weight, loaded.get_submodule(fqn).weight
+        assert rows[fqn]["status"] == "slimmed" and rows[fqn]["kept"] == f"{after.numel() / before.numel():.3f}"
+        assert rows[fqn]["shape"] == "x".join(map(str, before.shape)) + "->" + "x".join(map(str, after.shape))
+    assert [f for f, r in rows.items() if r["note"]] == ["fc"] and slim_skipped(ref)["fc"] in rows["fc"]["note"]
+    nbytes = lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values())  # noqa: E731
+    assert f"whole model:   {fmt_bytes(nbytes(loaded))} vs dense {fmt_bytes(nbytes(dense))}" in text
+    rc, shown, err = run_cli(capsys, "inspect", out)
+    assert rc == 0 and table_rows(shown) == rows, err
+    rc, _, err = run_cli(capsys, "prune", "--model", "mlp", "--random-init", "--pattern", "nm", "--slim",
+                         "--out", tmp_path / "x.safetensors")
+    assert rc == 2 and "--slim removes channels: it needs --pattern channel" in err

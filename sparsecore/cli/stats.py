@@ -11,6 +11,8 @@ from typing import Any
 
 from ..report import REPORT_KEY, SparsityReport
 
+DENSE_BYTES_KEY = "dense_model_bytes"  # extra's key: bytes of the unpruned model's state_dict
+
 
 def layer_bytes(p) -> dict[str, Any]:
     """Bytes of one PackedWeight ``p``: ``dtype``, ``packed_bytes``, ``dense_bytes`` and their ``ratio``."""
@@ -40,12 +42,15 @@ def file_stats(path: str | Path) -> dict[str, Any]:
                 if k not in packed_keys and k not in aliases)
     packed_total = sum(r["packed_bytes"] for r in sizes.values())
     dense_total = sum(r["dense_bytes"] for r in sizes.values())
-    return {"file": str(path), "config": saved.header.get("config"), "extra": saved.header.get("extra"),
+    extra = saved.header.get("extra")
+    # a slimmed model's dense self is larger than its packed layers unpacked: the file records it (prune does)
+    dense_model = extra.get(DENSE_BYTES_KEY) if isinstance(extra, dict) else None
+    return {"file": str(path), "config": saved.header.get("config"), "extra": extra,
             "report": sc.file_report(saved), "bytes": sizes,
             "totals": {"sparse_layers": len(sizes), "packed_bytes": packed_total, "dense_bytes": dense_total,
                        "ratio": dense_total / packed_total if packed_total else float("nan"),
                        "other_bytes": other, "model_bytes": packed_total + other,
-                       "dense_model_bytes": dense_total + other}}
+                       "dense_model_bytes": dense_model if isinstance(dense_model, int) else dense_total + other}}
 
 
 def json_rows(report: SparsityReport, sizes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -56,7 +61,7 @@ def json_rows(report: SparsityReport, sizes: dict[str, dict[str, Any]]) -> list[
 def to_json(stats: dict[str, Any]) -> dict[str, Any]:
     """``inspect --json`` of :func:`file_stats`: the file's config, extra, per-layer rows (report plus bytes) and
     totals."""
-    extra = {k: v for k, v in (stats["extra"] or {}).items() if k != REPORT_KEY} or None
+    extra = {k: v for k, v in (stats["extra"] or {}).items() if k not in (REPORT_KEY, DENSE_BYTES_KEY)} or None
     return {"file": stats["file"], "config": stats["config"], "extra": extra,
             "layers": json_rows(stats["report"], stats["bytes"]), "totals": stats["totals"]}
 

@@ -58,8 +58,10 @@ def brief_text(report: "SparsityReport", limit: int = 4) -> str:
 
 
 def totals_text(t: dict[str, Any]) -> str:
-    """Two lines: sparse layers packed vs dense, and the whole model."""
-    return (f"sparse layers: {t['sparse_layers']}  packed {fmt_bytes(t['packed_bytes'])} vs dense "
-            f"{fmt_bytes(t['dense_bytes'])} ({t['ratio']:.2f}x smaller)\n"
+    """Two lines: sparse layers packed vs dense, and the whole model (vs its dense self, unslimmed)."""
+    packed = (f"sparse layers: {t['sparse_layers']}  packed {fmt_bytes(t['packed_bytes'])} vs dense "
+              f"{fmt_bytes(t['dense_bytes'])} ({t['ratio']:.2f}x smaller)" if t["sparse_layers"]
+              else "sparse layers: none packed")
+    return (f"{packed}\n"
             f"whole model:   {fmt_bytes(t['model_bytes'])} vs dense {fmt_bytes(t['dense_model_bytes'])} "
             f"(other tensors {fmt_bytes(t['other_bytes'])})")
