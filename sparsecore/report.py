@@ -1,9 +1,10 @@
 """What ``sparsify`` and ``plan`` did to each layer: a typed report for users, the CLI and ``inspect``.
 
 One report per model, kept in this module's registry (a weak map: the report lives as long as the model),
-and read with ``last_report(model)``: nothing is stored on the model itself. ``sparsify`` records which
-layers it skipped and why; ``plan`` records each decision with its timings. ``file_report(path)`` gives
-the same table for a saved file.
+and read with ``last_report(model)``. ``sparsify`` records which layers it skipped and why; ``plan`` records
+each decision with its timings; channel slimming leaves on the slimmed model (``sparsecore.channel.slim``)
+which layers it narrowed and why the others kept their width. ``file_report(path)`` gives the same table for
+a saved file: its packed layers, plus the rows a file cannot tell when it records them (``REPORT_KEY``).
 
 >>> model = sc.sparsify(model, sc.SparsityConfig("unstructured", 0.9), example_inputs=(x,))
 >>> print(sc.last_report(model).format_table())

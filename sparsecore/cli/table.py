@@ -1,6 +1,7 @@
 """Plain-text tables of the ``sparsecore`` command: fixed-width columns, byte counts in binary units."""
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..report import COLUMNS
@@ -51,6 +52,9 @@ def brief_text(report: "SparsityReport", limit: int = 4) -> str:
         if r.reason:
             by_reason.setdefault(r.reason, []).append(r.fqn or "<root>")
     lines = [report.summary()]
+    if report.planned:  # how many (layer, batch bucket) decisions went to each backend
+        chosen = Counter(p.backend for r in report.layers for p in r.plans.values())
+        lines.append("  backends chosen: " + ", ".join(f"{name} x{n}" for name, n in chosen.most_common()))
     for reason, fqns in by_reason.items():
         more = f" and {len(fqns) - limit} more" if len(fqns) > limit else ""
         lines.append(f"  {len(fqns)} layer{'s' * (len(fqns) > 1)} ({', '.join(fqns[:limit])}{more}): {reason}")
