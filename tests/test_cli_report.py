@@ -124,8 +124,9 @@ def test_prune_slim_writes_a_smaller_model_and_reports_each_layer(tmp_path, caps
 
 
 def test_brief_with_plan_counts_the_backends_chosen(tmp_path, capsys):
-    rc, text, err = run_cli(capsys, "prune", "--model", "mlp", "--random-init", "--pattern", "unstructured",
-                            "--sparsity", "0.9", "--plan", "--batch", "2", "--out", tmp_path / "m.safetensors", "--brief")
+    rc, text, err = run_cli(capsys, "prune", "--model", "mlp", "--hidden", "16", "--in-features", "16", "--random-init",
+                            "--pattern", "unstructured", "--sparsity", "0.9", "--plan", "--batch", "2",
+                            "--out", tmp_path / "m.safetensors", "--brief")
     assert rc == 0, err
     line = next(ln for ln in text.splitlines() if ln.startswith("  backends chosen: "))
     counts = [item.rsplit(" x", 1) for item in line.removeprefix("  backends chosen: ").split(", ")]
