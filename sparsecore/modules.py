@@ -17,6 +17,10 @@ One copy per layer. A layer holds what its plan runs, never the packed form *and
   the packed form are rebuilt exactly: ``state_dict()`` (and so ``sparsecore.save``) still writes the
   ``packed_*`` tensors, bit for bit those a packed-held layer holds. Resident bytes are those of dense.
 
+* state-held (the plan runs only backends that can rebuild the weight from their prepared state, e.g. the
+  native CPU layouts, ``BackendImpl.unpack``): those prepared states alone, no ``packed_*`` buffers;
+  ``state_dict()`` rebuilds and writes the packed tensors, bit for bit, as for dense-held layers.
+
 A plan mixing dense and a sparse backend over batch sizes holds both (dense plus that backend's state).
 While the planner measures (``planning()``) both forms are kept; on exit the layer settles to its plan.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -68,6 +73,17 @@ def kept_mask(packed: PackedWeight) -> torch.Tensor:
     return FORMATS[meta["kind"]].from_state(ones, meta).to_dense() != 0
 
 
+@dataclass(frozen=True)
+class _PackedShell:
+    """What backend checks read of a packed weight, kept while a prepared state stands in for it."""
+
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    kept: int
+
+
 def m_bucket(rows: int) -> int:
     """Planner key for a batch of ``rows`` activation rows: the next power of two (1, 2, 4, ...)."""
     return 1 if rows <= 1 else 1 << (rows - 1).bit_length()
@@ -94,7 +110,9 @@ class _SparseBase(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.backend = backend
         self._plan: dict[int, Backend] = {}  # m_bucket -> backend, filled by sparsecore.planner
-        self._packed: PackedWeight | None = packed  # None while dense-held
+        self._packed: PackedWeight | None = packed  # None while dense- or state-held
+        self._owner: Backend | None = None  # the backend whose prepared state stands in for the packed form
+        self._shell: _PackedShell | None = None
         self._prepared: dict[Backend, Any] = {}
         self._resolved: dict[tuple, tuple[BackendImpl, Any]] = {}
         self._pinned = 0  # > 0 inside planning(): keep every representation, switch none
@@ -102,13 +120,20 @@ class _SparseBase(nn.Module):
     # -- packed weight ---------------------------------------------------------------------------
     @property
     def packed(self) -> PackedWeight:
-        """The packed weight (rebuilt from the dense weight and its mask while dense-held)."""
-        return self._packed if self._packed is not None else self._pack_from_dense()
+        """The packed weight (rebuilt from the dense weight or the owning prepared state while not packed-held)."""
+        if self._packed is not None:
+            return self._packed
+        return self._pack_from_state() if self._owner is not None else self._pack_from_dense()
 
     @property
     def dense_held(self) -> bool:
         """True when the layer holds its masked dense weight instead of the packed buffers (module docstring)."""
-        return self._packed is None
+        return self._packed is None and self._owner is None
+
+    @property
+    def state_held(self) -> bool:
+        """True when a backend's prepared state stands in for the packed buffers (module docstring)."""
+        return self._owner is not None
 
     @property
     def format_meta(self) -> dict[str, Any]:
@@ -121,6 +146,8 @@ class _SparseBase(nn.Module):
             w = self.dense_weight_held
             kept = int(((w != 0) | torch.signbit(w)).sum()) + self.kept_zeros.numel()
             return kept / max(w.numel(), 1)
+        if self._owner is not None:
+            return self._shell.kept / max(math.prod(self._shell.shape), 1)
         p = self._packed
         return p.state()[0]["values"].numel() / max(math.prod(p.shape), 1)
 
@@ -146,13 +173,20 @@ class _SparseBase(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The masked dense weight (``[out, in]`` or ``[C_out, C_in, kh, kw]``), materialised anew."""
-        return self.dense_weight_held.clone() if self.dense_held else self._packed.to_dense()
+        return self.dense_weight_held.clone() if self.dense_held else self.packed.to_dense()
 
     # -- storage: one copy per layer (module docstring) ----------------------------------------------
     def _pack_from_dense(self) -> PackedWeight:
         w = self.dense_weight_held
         mask = (w != 0) | torch.signbit(w)  # pruned entries are +0.0; kept -0.0 has its sign bit
         mask.view(-1)[self.kept_zeros] = True
+        return self._pack(w, mask)
+
+    def _pack_from_state(self) -> PackedWeight:
+        impl = lookup(self.op, self._owner.value, self._meta["kind"])
+        return self._pack(*impl.unpack(self._prepared[self._owner]))
+
+    def _pack(self, w: torch.Tensor, mask: torch.Tensor) -> PackedWeight:
         params = {k: v for k, v in self._meta.items() if k not in _META_FIXED}
         packed = FORMATS[self._meta["kind"]].from_dense(w, mask, **params)
         if packed.state()[1] != self._meta:
@@ -163,6 +197,7 @@ class _SparseBase(nn.Module):
     def _hold_dense(self) -> None:
         if self.dense_held:
             return
+        self._hold_packed()
         p = self._packed
         w = self._prepared.get(_DENSE)
         if w is None:
@@ -177,7 +212,15 @@ class _SparseBase(nn.Module):
         self._resolved.clear()
 
     def _hold_packed(self) -> None:
-        if not self.dense_held:
+        if self._packed is not None:
+            return
+        if self._owner is not None:
+            packed = self._pack_from_state()
+            tensors, _ = packed.state()
+            for name in self._tensor_names:
+                self.register_buffer(f"packed_{name}", tensors[name])
+            self._packed, self._owner, self._shell = packed, None, None
+            self._resolved.clear()
             return
         packed = self._pack_from_dense()
         dense = self.dense_weight_held
@@ -195,16 +238,45 @@ class _SparseBase(nn.Module):
             return {self.backend.value}
         return {b.value for b in self._plan.values()} or {_DENSE}
 
+    def _hold_state(self, owner: Backend) -> None:
+        p = self._packed
+        kept = p.state()[0]["values"].numel()
+        self._shell = _PackedShell(self._meta["kind"], tuple(p.shape), p.dtype, p.device, kept)
+        for name in self._tensor_names:
+            del self._buffers[f"packed_{name}"]
+        self._packed, self._owner = None, owner
+        self._resolved.clear()
+
+    def _state_owner(self, runs: set[str]) -> Backend | None:
+        """A prepared state to stand in for the packed form: once every backend the plan runs is prepared (so
+        that they could share what they derive from the packed form) and each can unpack its state."""
+        impls = [lookup(self.op, b, self._meta["kind"]) for b in sorted(runs)]
+        if not impls or not all(i is not None and i.unpack is not None and i.backend in self._prepared
+                                for i in impls):
+            return None
+        return impls[0].backend
+
+    def _try_hold_state(self) -> None:
+        if self._pinned or self._packed is None:
+            return
+        runs = self._runs()
+        owner = None if _DENSE in runs else self._state_owner(runs)
+        if owner is not None:
+            self._hold_state(owner)
+
     def _settle(self) -> None:
         """Hold what the plan runs (module docstring); drop prepared states no plan uses."""
         if self._pinned:
             return
         runs = self._runs()
+        if self._owner is not None and self._owner.value not in runs:
+            self._hold_packed()  # rebuilt while the owning state still exists
         if _DENSE in runs:
             self._hold_dense()
-        else:
+        elif self.dense_held:
             self._hold_packed()
         self._prepared = {b: st for b, st in self._prepared.items() if b in runs and b != _DENSE}
+        self._try_hold_state()
         self._resolved.clear()
 
     @contextmanager
@@ -220,8 +292,8 @@ class _SparseBase(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.dense_held:  # state dicts (and so files) always carry the packed form
-            tensors, _ = self._pack_from_dense().state()
+        if self._packed is None:  # state dicts (and so files) always carry the packed form
+            tensors, _ = self.packed.state()
             for name in self._tensor_names:
                 destination[f"{prefix}packed_{name}"] = tensors[name]
 
@@ -241,7 +313,7 @@ class _SparseBase(nn.Module):
             raise TypeError(f"{type(self).__name__} holds float32/float16/bfloat16 weights; cannot convert to "
                             f"{probe.dtype} (keep a dense copy for float64 references)")
         moved = (probe.dtype, probe.device) != (self.weight_dtype, self.packed_device)
-        was_dense = self.dense_held
+        was_dense = self._packed is None  # dense- or state-held: settle back after the conversion
         self._hold_packed()  # convert the packed form: a kept value rounding to +0.0 must stay kept
         super()._apply(fn, recurse)
         if not self._holds({name: getattr(self, f"packed_{name}") for name in self._tensor_names}):
@@ -283,7 +355,7 @@ class _SparseBase(nn.Module):
             if self.dense_held and backend == _DENSE:  # the dense baseline runs every format
                 impl = lookup(self.op, _DENSE, self._meta["kind"])
             else:
-                impl = resolve(self.op, backend, self.packed, x_op)
+                impl = resolve(self.op, backend, self._shell if self._owner is not None else self.packed, x_op)
             hit = self._resolved[(backend, x.device, x.dtype)] = (impl, self.prepared(impl))
         return hit
 
@@ -315,10 +387,13 @@ class _SparseBase(nn.Module):
         if state is None:
             state = impl.prepare(self.packed)
             self._prepared[impl.backend] = state
+            self._try_hold_state()
         return state
 
     @property
     def weight_dtype(self) -> torch.dtype:
+        if self._owner is not None:
+            return self._shell.dtype
         return self.dense_weight_held.dtype if self.dense_held else self._packed.dtype
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -332,11 +407,15 @@ class _SparseBase(nn.Module):
     def packed_device(self) -> torch.device:
         if self.dense_held:
             return self.dense_weight_held.device
+        if self._owner is not None:
+            return self._shell.device
         return getattr(self, f"packed_{self._tensor_names[0]}").device
 
     def extra_repr(self) -> str:
         if self.dense_held:
             held = "held=dense"
+        elif self._owner is not None:
+            held = f"held={self._owner.value} state"
         else:
             p = self._packed
             held = f"bytes={p.nbytes} ({p.nbytes / max(p.dense_nbytes, 1):.3f} of dense)"

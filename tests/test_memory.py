@@ -100,3 +100,47 @@ def test_resident_bytes_counts_shared_storage_once():
     assert sc.resident_bytes(model) == (100 + 10) * 4
     with pytest.raises(TypeError):
         sc.resident_bytes("model")
+
+
+def _cpu_kernels_or_skip() -> None:
+    from sparsecore.backends.registry import compiler_why_not
+
+    reason = compiler_why_not(torch.empty(0))
+    if reason is not None:
+        pytest.skip(reason)
+    from sparsecore.kernels import cpu
+
+    if cpu.why_unavailable() is not None:
+        pytest.skip(cpu.why_unavailable())
+
+
+def test_layer_running_cpu_layouts_holds_them_instead_of_its_packed_form(seeded, tmp_path):
+    """At 50% fp32 the packed form (2.1 B/entry) plus a CPU layout would exceed dense (4 B/entry): a layer whose
+    plan runs only the CPU layouts keeps them (sharing one copy of the values) and drops its packed buffers."""
+    _cpu_kernels_or_skip()
+    dense = _mlp(seeded)
+    sparse = sc.sparsify(copy.deepcopy(dense), sc.SparsityConfig("unstructured", 0.5))
+    before = {k: v.clone() for k, v in sparse.state_dict().items()}
+    ref = copy.deepcopy(dense).double()
+    for f, m in sc.sparse_modules(sparse).items():
+        ref.get_submodule(f).weight.data = m.dense_weight().double()
+    for mod in sc.sparse_modules(sparse).values():
+        mod.load_plan({1: "cpu_bitmap", 32: "cpu_columns"})
+    for rows in (1, 20):
+        x = torch.randn(rows, 96, generator=seeded)
+        torch.testing.assert_close(sparse(x).double(), ref(x.double()), atol=1e-4, rtol=1e-4)
+    mods = list(sc.sparse_modules(sparse).values())
+    assert all(m.state_held and not m.dense_held for m in mods)
+    assert not any(name.startswith("packed_") for m in mods for name, _ in m.named_buffers())
+    assert all(len(m.prepared_states()) == 2 for m in mods)
+    assert sc.resident_bytes(sparse) < sc.resident_bytes(dense)
+    assert _same(sparse.state_dict(), before)  # rebuilt bit for bit for saving
+    assert all(abs(m.kept_fraction() - float((m.dense_weight() != 0).float().mean())) < 1e-9 for m in mods)
+    loaded = sc.load(sc.save(sparse, tmp_path / "m.safetensors"), _mlp(seeded))
+    assert _same(loaded.state_dict(), before)
+    x = torch.randn(3, 96, generator=seeded)
+    y = sparse(x)
+    for mod in mods:  # a plan that runs dense again holds the dense weight, rebuilt from the layouts
+        mod.load_plan({1: "dense"})
+    assert all(m.dense_held for m in mods) and _same(sparse.state_dict(), before)
+    torch.testing.assert_close(sparse(x[:1]), y[:1], atol=1e-5, rtol=1e-5)

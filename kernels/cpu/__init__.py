@@ -14,15 +14,19 @@ The tiled format's own bytes are the same (its per-tile offsets replace ``row_pt
 reordering, derived in C++ from the bitmap words and values without a dense copy.
 Column-index layout (``ColumnLayout``, for high sparsity: work per kept value): ``cols`` uint16 per kept
 value plus the same ``values`` and ``row_ptr``: ``(e + 2)(1 - s) + 8 / K`` B; fp32 0.60 B at 90%, 0.30 B at 95%;
-K <= 65536.
+K <= 65536. ``column_layout_from`` derives it from a bitmap layout and shares that layout's ``values`` and
+``row_ptr``: a layer running both holds ``(e + 2)(1 - s) + 1/8`` B per element in all, and once its plan runs
+only these layouts it drops the packed form (``sparsecore.modules``): fp32 at 50%, 3.1 B against dense 4 B.
 N:M reads ``values [N, K n / m]`` and the packed positions directly: fp32 2:4 is 2 + 1/8 B.
 
 Instruction sets: ``avx512`` (expand-loads under bitmap bits, ``vpermt2ps`` over decoded 2:4 positions),
 ``avx2`` (table-driven expansion, 8-lane permutes), ``portable`` (scalar C++, the oracle of the other two).
 The best one the CPU runs is the default; ``SPARSECORE_CPU_ISA=avx512|avx2|portable`` or the ``isa``
-argument forces one. For ``M > 1`` the launcher transposes x once per call to ``[K, 16]`` blocks so that each
-kept value multiplies 16 activation rows in one FMA. Work is split over output features with
-``at::parallel_for`` (``torch.set_num_threads`` applies).
+argument forces one. For ``M > 1`` the launcher packs x once per call into tiles ``[K, mt]`` of ``mt``
+activation rows (16 on AVX2/portable; on AVX-512 up to 128, fewer while a tile would outgrow 256 KiB, by
+16x16 register transposes), so that one broadcast kept value feeds ``mt / 16`` FMAs; 16 output features at a
+time are transposed back into ``y``. Work items are (tile, chunk of output features), tile-major, shared
+out with ``at::parallel_for`` (``torch.set_num_threads`` applies).
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and ninja) on the
 first call that needs it, never at import, into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
@@ -47,7 +51,8 @@ import torch
 from .._host import needs_op
 
 __all__ = ["CpuKernelsUnavailable", "BitmapLayout", "ISAS", "extension", "why_unavailable", "available_isas",
-           "default_isa", "bitmap_layout", "bitmap_linear", "bitmap_linear_ref", "ColumnLayout", "column_layout",
+           "default_isa", "bitmap_layout", "bitmap_linear", "bitmap_linear_ref", "bitmap_dense", "ColumnLayout", "column_layout",
+           "column_layout_from", "column_dense",
            "columns_linear", "columns_linear_ref", "MAX_COLUMN_K", "nm_linear", "nm_linear_ref",
            "DTYPES"]
 
@@ -224,12 +229,17 @@ def bitmap_linear(x: torch.Tensor, layout: BitmapLayout, bias: Optional[torch.Te
     return extension().bitmap_linear(x, layout.words, layout.values, layout.row_ptr, bias, layout.k, code)
 
 
-def bitmap_linear_ref(x: torch.Tensor, layout: BitmapLayout, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Pure torch on the same layout: unpack the words, scatter the values, one fp32 matmul."""
+def bitmap_dense(layout: BitmapLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight [n, k] in the values' dtype, kept mask [n, k])`` of a bitmap layout (kept zeros stay kept)."""
     shifts = torch.arange(64, dtype=torch.int64)
     bits = ((layout.words[..., None] >> shifts) & 1).bool().reshape(layout.n, -1)[:, : layout.k]
     nnz = int(layout.row_ptr[-1])
-    w = torch.zeros(bits.shape, dtype=torch.float32).masked_scatter_(bits, layout.values[:nnz].float())
+    return torch.zeros(bits.shape, dtype=layout.values.dtype).masked_scatter_(bits, layout.values[:nnz]), bits
+
+
+def bitmap_linear_ref(x: torch.Tensor, layout: BitmapLayout, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pure torch on the same layout: unpack the words, scatter the values, one fp32 matmul."""
+    w = bitmap_dense(layout)[0].float()
     y = x.float() @ w.t()
     if bias is not None:
         y += bias.float()
@@ -260,8 +270,28 @@ def column_layout(bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torc
     """Derive the column-index layout from the tiled format's tensors (through a temporary bitmap layout)."""
     if k > MAX_COLUMN_K:
         raise ValueError(f"the column-index layout stores 16-bit columns: K must be <= {MAX_COLUMN_K}, got {k}")
-    rows = bitmap_layout(bitmap, values, tile_offsets, n, k)
-    return ColumnLayout(extension().column_layout(rows.words, rows.row_ptr, k), rows.values, rows.row_ptr, n, k)
+    return column_layout_from(bitmap_layout(bitmap, values, tile_offsets, n, k))
+
+
+def column_layout_from(rows: BitmapLayout) -> ColumnLayout:
+    """The column-index layout of a bitmap layout, sharing its ``values`` and ``row_ptr`` tensors."""
+    if rows.k > MAX_COLUMN_K:
+        raise ValueError(f"the column-index layout stores 16-bit columns: K must be <= {MAX_COLUMN_K}, got {rows.k}")
+    return ColumnLayout(extension().column_layout(rows.words, rows.row_ptr, rows.k), rows.values, rows.row_ptr,
+                        rows.n, rows.k)
+
+
+def column_dense(layout: ColumnLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight [n, k] in the values' dtype, kept mask [n, k])`` of a column-index layout."""
+    counts = layout.row_ptr[1:] - layout.row_ptr[:-1]
+    nnz = int(layout.row_ptr[-1])
+    rows = torch.repeat_interleave(torch.arange(layout.n), counts)
+    cols = layout.cols[:nnz].to(torch.int64) & 0xFFFF
+    w = torch.zeros(layout.n, layout.k, dtype=layout.values.dtype)
+    w[rows, cols] = layout.values[:nnz]
+    mask = torch.zeros(layout.n, layout.k, dtype=torch.bool)
+    mask[rows, cols] = True
+    return w, mask
 
 
 @torch.library.custom_op("sparsecore::cpu_columns_linear", mutates_args=())
@@ -291,12 +321,7 @@ def columns_linear(x: torch.Tensor, layout: ColumnLayout, bias: Optional[torch.T
 
 def columns_linear_ref(x: torch.Tensor, layout: ColumnLayout, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pure torch on the same layout: scatter the values at (row, column), one fp32 matmul."""
-    counts = layout.row_ptr[1:] - layout.row_ptr[:-1]
-    nnz = int(layout.row_ptr[-1])
-    rows = torch.repeat_interleave(torch.arange(layout.n), counts)
-    cols = layout.cols[:nnz].to(torch.int64) & 0xFFFF
-    w = torch.zeros(layout.n, layout.k, dtype=torch.float32)
-    w[rows, cols] = layout.values[:nnz].float()
+    w = column_dense(layout)[0].float()
     y = x.float() @ w.t()
     if bias is not None:
         y += bias.float()

@@ -147,7 +147,7 @@ inline void bitmap_gemm_row(const BitmapWeight& w, const Activations& a, const O
 
 template <DType D>
 void bitmap_rows(const BitmapWeight& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
-  if (a.m == 1) {
+  if (a.mt == 1) {
     int64_t r = r0;
     for (; r + 2 <= r1; r += 2) bitmap_gemv<D, 2>(w, a.x, o, r);
     for (; r < r1; ++r) bitmap_gemv<D, 1>(w, a.x, o, r);
@@ -204,7 +204,7 @@ inline void columns_gemm_row(const ColumnWeight& w, const Activations& a, const 
 template <DType D>
 void column_rows(const ColumnWeight& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    if (a.m == 1) {
+    if (a.mt == 1) {
       columns_gemv_row<D>(w, a.x, o, r);
     } else {
       columns_gemm_row<D>(w, a, o, r);
@@ -338,7 +338,7 @@ inline void nm_gemm_row(const NMWeight& w, const Activations& a, const Output& o
 
 template <DType D>
 void nm_rows(const NMWeight& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
-  if (a.m > 1) {
+  if (a.mt > 1) {
     for (int64_t r = r0; r < r1; ++r) nm_gemm_row<D>(w, a, o, r);
   } else if (w.n == 2 && w.m == 4) {
     for (int64_t r = r0; r < r1; ++r) nm24_gemv_row<D>(w, a.x, o, r);

@@ -3,7 +3,9 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt")
 #include <immintrin.h>
 
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "common.h"
 
@@ -27,12 +29,147 @@ inline __m512 load16(__mmask16 m, const char* p) {
 
 inline float bias_of(const Output& o, int64_t r) { return o.bias ? o.bias[r] : 0.0f; }
 
-// Writes the lanes of a transposed-x block (activation rows blk*16 ..) to output column r.
-inline void store_block(const Output& o, const Activations& a, int64_t blk, int64_t r, __m512 acc) {
-  alignas(64) float lanes[kLanes];
-  _mm512_store_ps(lanes, acc);
-  const float b = bias_of(o, r);
-  for (int64_t l = 0; l < kLanes && blk * kLanes + l < a.m; ++l) o.y[(blk * kLanes + l) * o.ldy + r] = lanes[l] + b;
+// ---- m > 1: tiles of mt = 16 V activation rows, xt [tiles][kp][mt].
+
+// In place: afterwards r[c] holds element c of every input r[0..15] (a 16 x 16 transpose).
+__attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);      // per 128-bit lane: r_i c0, r_i+1 c0, r_i c1, r_i+1 c1
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);  // r_i c2, r_i+1 c2, r_i c3, r_i+1 c3
+  }
+  for (int i = 0; i < 16; i += 4) {  // rows i..i+3 of columns 0..3 of each 128-bit lane
+    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int q = 0; q < 4; ++q) {  // lane L of u[q], u[4 + q], u[8 + q], u[12 + q] is column 4 L + q
+    const __m512 p0 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x88), p1 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xDD);
+    const __m512 p2 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0x88);
+    const __m512 p3 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0xDD);
+    r[q] = _mm512_shuffle_f32x4(p0, p2, 0x88);
+    r[4 + q] = _mm512_shuffle_f32x4(p1, p3, 0x88);
+    r[8 + q] = _mm512_shuffle_f32x4(p0, p2, 0xDD);
+    r[12 + q] = _mm512_shuffle_f32x4(p1, p3, 0xDD);
+  }
+}
+
+// Kept entries ahead whose x lines are prefetched: the columns are data-dependent, so the hardware prefetcher
+// cannot see them coming. Every column list has >= 16 entries of padding, so reading the index is in bounds.
+constexpr int64_t kPrefetchAhead = 8;
+
+// out[16 i ..] = sum over kept entries e of value[e] * xt[cols[e]][16 i ..], for i < V. One broadcast feeds V
+// FMAs; below V = 4, U sets of accumulators keep 4+ FMA chains in flight.
+template <DType D, int V, class Col>
+inline void dot_entries(const Col* cols, const void* vals, int64_t j0, int64_t cnt, const float* xt, int64_t mt,
+                        float* out) {
+  constexpr int U = V >= 4 ? 1 : (V == 1 ? 4 : 2);
+  __m512 acc[U][V];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < V; ++i) acc[u][i] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + U <= cnt; j += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const __m512 v = _mm512_set1_ps(load_scalar<D>(vals, j0 + j + u));
+      const float* xc = xt + static_cast<int64_t>(cols[j + u]) * mt;
+      const char* xf = reinterpret_cast<const char*>(xt + static_cast<int64_t>(cols[j + u + kPrefetchAhead]) * mt);
+#pragma GCC unroll 8
+      for (int i = 0; i < V; ++i) _mm_prefetch(xf + 64 * i, _MM_HINT_T0);
+#pragma GCC unroll 8
+      for (int i = 0; i < V; ++i) acc[u][i] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xc + 16 * i), acc[u][i]);
+    }
+  }
+  for (; j < cnt; ++j) {
+    const __m512 v = _mm512_set1_ps(load_scalar<D>(vals, j0 + j));
+    const float* xc = xt + static_cast<int64_t>(cols[j]) * mt;
+#pragma GCC unroll 8
+    for (int i = 0; i < V; ++i) acc[0][i] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xc + 16 * i), acc[0][i]);
+  }
+  for (int i = 0; i < V; ++i) {
+    __m512 s = acc[0][i];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][i]);
+    _mm512_store_ps(out + 16 * i, s);
+  }
+}
+
+// buf [16][mt] holds output features g .. g + gn for the tile's activation rows m0 .. m0 + rows: transposed
+// 16 x 16 at a time into y rows (bias added, gn columns written).
+inline void store_tile(const float* buf, int64_t mt, int gn, int64_t rows, const Output& o, int64_t m0, int64_t g) {
+  const __mmask16 cm = static_cast<__mmask16>((1u << gn) - 1);
+  const __m512 bias = o.bias ? _mm512_maskz_loadu_ps(cm, o.bias + g) : _mm512_setzero_ps();
+  for (int64_t b = 0; b * 16 < rows; ++b) {
+    __m512 r[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) r[i] = i < gn ? _mm512_load_ps(buf + i * mt + 16 * b) : _mm512_setzero_ps();
+    transpose16(r);
+    const int64_t lanes = rows - 16 * b < 16 ? rows - 16 * b : 16;
+    for (int64_t l = 0; l < lanes; ++l) _mm512_mask_storeu_ps(o.y + (m0 + 16 * b + l) * o.ldy + g, cm, _mm512_add_ps(r[l], bias));
+  }
+}
+
+// The same sum over a feature's bitmap words: each kept column found by tzcnt/blsr feeds its FMAs at once
+// (no decode pass), values[j ..] in column order.
+template <DType D, int V>
+inline void dot_bitmap(const uint64_t* words, int64_t n_words, const void* vals, int64_t j, const float* xt,
+                       int64_t mt, float* out) {
+  constexpr int U = V >= 4 ? 1 : (V == 1 ? 4 : 2);
+  __m512 acc[U][V];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < V; ++i) acc[u][i] = _mm512_setzero_ps();
+  for (int64_t wi = 0; wi < n_words; ++wi) {
+    uint64_t b = words[wi];
+    const float* xw = xt + wi * 64 * mt;
+    while (b) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        if (!b) break;
+        const float* xc = xw + static_cast<int64_t>(_tzcnt_u64(b)) * mt;
+        b = _blsr_u64(b);
+        const __m512 v = _mm512_set1_ps(load_scalar<D>(vals, j++));
+#pragma GCC unroll 8
+        for (int i = 0; i < V; ++i) acc[u][i] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xc + 16 * i), acc[u][i]);
+      }
+    }
+  }
+  for (int i = 0; i < V; ++i) {
+    __m512 s = acc[0][i];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][i]);
+    _mm512_store_ps(out + 16 * i, s);
+  }
+}
+
+// Output features [r0, r1) for every tile of a: `dot(std::integral_constant<int, V>, r, xt, mt, out)` writes
+// feature r's mt sums for the tile xt to out; 16 features at a time are then transposed into y.
+template <int V, class Dot>
+void gemm_tiles(const Activations& a, const Output& o, int64_t r0, int64_t r1, Dot&& dot) {
+  constexpr int64_t mt = 16 * V;
+  alignas(64) float buf[16 * mt];
+  const int64_t tiles = (a.m + mt - 1) / mt;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const float* xt = a.x + t * a.kp * mt;
+    const int64_t rows = a.m - t * mt < mt ? a.m - t * mt : mt;
+    for (int64_t g = r0; g < r1; g += 16) {
+      const int gn = static_cast<int>(r1 - g < 16 ? r1 - g : 16);
+      for (int i = 0; i < gn; ++i) dot(std::integral_constant<int, V>{}, g + i, xt, mt, buf + i * mt);
+      store_tile(buf, mt, gn, rows, o, t * mt, g);
+    }
+  }
+}
+
+template <class Dot>
+void gemm_dispatch(const Activations& a, const Output& o, int64_t r0, int64_t r1, Dot&& dot) {
+  switch (a.mt / 16) {
+    case 1: return gemm_tiles<1>(a, o, r0, r1, dot);
+    case 2: return gemm_tiles<2>(a, o, r0, r1, dot);
+    case 3: return gemm_tiles<3>(a, o, r0, r1, dot);
+    case 4: return gemm_tiles<4>(a, o, r0, r1, dot);
+    case 5: return gemm_tiles<5>(a, o, r0, r1, dot);
+    case 6: return gemm_tiles<6>(a, o, r0, r1, dot);
+    case 7: return gemm_tiles<7>(a, o, r0, r1, dot);
+    default: return gemm_tiles<8>(a, o, r0, r1, dot);
+  }
 }
 
 // ---- bitmap, m == 1: R rows at once share the x loads. Per 16-bit chunk of a 64-bit word, x is compressed
@@ -76,48 +213,16 @@ inline void bitmap_gemv(const BitmapWeight& w, const float* x, const Output& o, 
   }
 }
 
-// ---- bitmap, m > 1: each kept value (found by tzcnt/blsr) FMAs one broadcast into 16 activation rows.
-template <DType D>
-inline void bitmap_gemm_row(const BitmapWeight& w, const Activations& a, const Output& o, int64_t r) {
-  const uint64_t* words = w.words + r * w.n_words;
-  const int64_t blocks = (a.m + kLanes - 1) / kLanes;
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const float* xb = a.x + blk * a.kp * kLanes;
-    int64_t j = w.row_ptr[r];
-    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-    for (int64_t wi = 0; wi < w.n_words; ++wi) {
-      uint64_t b = words[wi];
-      const float* xw = xb + wi * 64 * kLanes;
-#define SC_STEP(ACC)                                                                              \
-  {                                                                                               \
-    const int64_t c = _tzcnt_u64(b);                                                              \
-    b = _blsr_u64(b);                                                                             \
-    ACC = _mm512_fmadd_ps(_mm512_set1_ps(load_scalar<D>(w.values, j++)),                         \
-                          _mm512_loadu_ps(xw + c * kLanes), ACC);                                 \
-  }
-      while (b) {
-        SC_STEP(c0);
-        if (!b) break;
-        SC_STEP(c1);
-        if (!b) break;
-        SC_STEP(c2);
-        if (!b) break;
-        SC_STEP(c3);
-      }
-#undef SC_STEP
-    }
-    store_block(o, a, blk, r, _mm512_add_ps(_mm512_add_ps(c0, c1), _mm512_add_ps(c2, c3)));
-  }
-}
-
 template <DType D>
 void bitmap_rows(const BitmapWeight& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
-  if (a.m == 1) {
+  if (a.mt == 1) {
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) bitmap_gemv<D, 4>(w, a.x, o, r);
     for (; r < r1; ++r) bitmap_gemv<D, 1>(w, a.x, o, r);
   } else {
-    for (int64_t r = r0; r < r1; ++r) bitmap_gemm_row<D>(w, a, o, r);
+    gemm_dispatch(a, o, r0, r1, [&](auto vc, int64_t r, const float* xt, int64_t mt, float* out) {
+      dot_bitmap<D, decltype(vc)::value>(w.words + r * w.n_words, w.n_words, w.values, w.row_ptr[r], xt, mt, out);
+    });
   }
 }
 
@@ -128,7 +233,19 @@ inline void columns_gemv_row(const ColumnWeight& w, const float* x, const Output
   const char* vals = static_cast<const char*>(w.values);
   int64_t j = w.row_ptr[r];
   const int64_t e = w.row_ptr[r + 1];
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; j + 64 <= e; j += 64) {
+    const __m512i i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + j)));
+    const __m512i i1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + j + 16)));
+    const __m512i i2 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + j + 32)));
+    const __m512i i3 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + j + 48)));
+    a0 = _mm512_fmadd_ps(load16<D>(0xffff, vals + j * E), _mm512_i32gather_ps(i0, x, 4), a0);
+    a1 = _mm512_fmadd_ps(load16<D>(0xffff, vals + (j + 16) * E), _mm512_i32gather_ps(i1, x, 4), a1);
+    a2 = _mm512_fmadd_ps(load16<D>(0xffff, vals + (j + 32) * E), _mm512_i32gather_ps(i2, x, 4), a2);
+    a3 = _mm512_fmadd_ps(load16<D>(0xffff, vals + (j + 48) * E), _mm512_i32gather_ps(i3, x, 4), a3);
+  }
+  a0 = _mm512_add_ps(a0, a2);
+  a1 = _mm512_add_ps(a1, a3);
   for (; j + 32 <= e; j += 32) {
     const __m512i i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + j)));
     const __m512i i1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + j + 16)));
@@ -144,36 +261,15 @@ inline void columns_gemv_row(const ColumnWeight& w, const float* x, const Output
 }
 
 template <DType D>
-inline void columns_gemm_row(const ColumnWeight& w, const Activations& a, const Output& o, int64_t r) {
-  const int64_t blocks = (a.m + kLanes - 1) / kLanes, e = w.row_ptr[r + 1];
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const float* xb = a.x + blk * a.kp * kLanes;
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    int64_t j = w.row_ptr[r];
-    for (; j + 4 <= e; j += 4) {
-#pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) {
-        acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(load_scalar<D>(w.values, j + q)),
-                                 _mm512_loadu_ps(xb + w.cols[j + q] * kLanes), acc[q]);
-      }
-    }
-    for (; j < e; ++j) {
-      acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(load_scalar<D>(w.values, j)), _mm512_loadu_ps(xb + w.cols[j] * kLanes),
-                               acc[0]);
-    }
-    store_block(o, a, blk, r, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-  }
-}
-
-template <DType D>
 void column_rows(const ColumnWeight& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    if (a.m == 1) {
-      columns_gemv_row<D>(w, a.x, o, r);
-    } else {
-      columns_gemm_row<D>(w, a, o, r);
-    }
+  if (a.mt == 1) {
+    for (int64_t r = r0; r < r1; ++r) columns_gemv_row<D>(w, a.x, o, r);
+    return;
   }
+  gemm_dispatch(a, o, r0, r1, [&](auto vc, int64_t r, const float* xt, int64_t mt, float* out) {
+    const int64_t j0 = w.row_ptr[r];
+    dot_entries<D, decltype(vc)::value>(w.cols + j0, w.values, j0, w.row_ptr[r + 1] - j0, xt, mt, out);
+  });
 }
 
 // ---- 2:4, m == 1: 16 kept values cover 32 columns; their 2-bit positions (one 32-bit load) become the
@@ -259,56 +355,22 @@ inline void nm_gather_row(const NMWeight& w, const float* x, const Output& o, in
   o.y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + bias_of(o, r);
 }
 
-// ---- any N:M, m > 1: each slot FMAs one broadcast into 16 activation rows of the transposed x.
-template <DType D>
-inline void nm_gemm_row(const NMWeight& w, const Activations& a, const Output& o, int64_t r) {
-  const uint8_t* pos = w.pos + r * w.pos_stride;
-  const int64_t blocks = (a.m + kLanes - 1) / kLanes;
-  alignas(64) int32_t idx[16];
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const float* xb = a.x + blk * a.kp * kLanes;
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t s = 0; s < w.slots; s += 16) {
-      const int count = static_cast<int>(w.slots - s < 16 ? w.slots - s : 16);
-      const int64_t v0 = r * w.slots + s;
-      if (count == 16 && w.n == 2 && w.m == 4) {  // columns decoded in registers from one 32-bit load
-        uint32_t pw;
-        std::memcpy(&pw, pos + s / 4, 4);
-        const float* xs = xb + 2 * s * kLanes;
-#pragma GCC unroll 16
-        for (int l = 0; l < 16; ++l) {
-          const int64_t c = (l >> 1) * 4 + ((pw >> (2 * l)) & 3);
-          acc[l & 3] = _mm512_fmadd_ps(_mm512_set1_ps(load_scalar<D>(w.values, v0 + l)),
-                                       _mm512_loadu_ps(xs + c * kLanes), acc[l & 3]);
-        }
-        continue;
-      }
-      if (w.n == 2 && w.m == 4) {
-        _mm512_store_si512(idx, nm24_columns(pos, s, count));
-      } else {
-        nm_columns(w, pos, s, count, idx);
-      }
-      if (count == 16) {  // fully unrolled so that the four accumulators stay in registers
-#pragma GCC unroll 16
-        for (int l = 0; l < 16; ++l) {
-          acc[l & 3] = _mm512_fmadd_ps(_mm512_set1_ps(load_scalar<D>(w.values, v0 + l)),
-                                       _mm512_loadu_ps(xb + idx[l] * kLanes), acc[l & 3]);
-        }
-      } else {
-        for (int l = 0; l < count; ++l) {
-          acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(load_scalar<D>(w.values, v0 + l)),
-                                   _mm512_loadu_ps(xb + idx[l] * kLanes), acc[0]);
-        }
-      }
-    }
-    store_block(o, a, blk, r, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-  }
-}
-
 template <DType D>
 void nm_rows(const NMWeight& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
-  if (a.m > 1) {
-    for (int64_t r = r0; r < r1; ++r) nm_gemm_row<D>(w, a, o, r);
+  if (a.mt > 1) {  // columns of a feature's slots decoded once per tile, then V FMAs per slot
+    std::vector<int32_t> scratch(w.slots + 16);
+    gemm_dispatch(a, o, r0, r1, [&](auto vc, int64_t r, const float* xt, int64_t mt, float* out) {
+      const uint8_t* pos = w.pos + r * w.pos_stride;
+      for (int64_t s = 0; s < w.slots; s += 16) {
+        const int count = static_cast<int>(w.slots - s < 16 ? w.slots - s : 16);
+        if (w.n == 2 && w.m == 4) {
+          _mm512_storeu_si512(scratch.data() + s, nm24_columns(pos, s, count));
+        } else {
+          nm_columns(w, pos, s, count, scratch.data() + s);
+        }
+      }
+      dot_entries<D, decltype(vc)::value>(scratch.data(), w.values, r * w.slots, w.slots, xt, mt, out);
+    });
   } else if (w.n == 2 && w.m == 4) {
     for (int64_t r = r0; r < r1; ++r) nm24_gemv_row<D>(w, a.x, o, r);
   } else {
@@ -316,7 +378,40 @@ void nm_rows(const NMWeight& w, const Activations& a, const Output& o, int64_t r
   }
 }
 
+template <DType D>
+void pack_rows(const void* x, int64_t ldx, int64_t m, int64_t k, int64_t kp, int64_t mt, float* dst, int64_t b0,
+               int64_t b1) {
+  constexpr int64_t E = elem_bytes<D>();
+  const char* src = static_cast<const char*>(x);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t t = b * 16 / mt, l0 = b * 16 % mt, i0 = b * 16;
+    const int64_t nr = m - i0 < 0 ? 0 : (m - i0 < 16 ? m - i0 : 16);
+    float* tile = dst + t * kp * mt + l0;
+    for (int64_t c0 = 0; c0 < kp; c0 += 16) {
+      const int64_t nc = k - c0 < 0 ? 0 : (k - c0 < 16 ? k - c0 : 16);
+      const __mmask16 cm = static_cast<__mmask16>((1u << nc) - 1);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < 16; ++i) {
+        r[i] = i < nr && nc ? load16<D>(cm, src + ((i0 + i) * ldx + c0) * E) : _mm512_setzero_ps();
+      }
+      transpose16(r);
+#pragma GCC unroll 16
+      for (int64_t c = 0; c < 16; ++c) _mm512_storeu_ps(tile + (c0 + c) * mt, r[c]);
+    }
+  }
+}
+
 }  // namespace
+
+void pack_rows_avx512(DType d, const void* x, int64_t ldx, int64_t m, int64_t k, int64_t kp, int64_t mt, float* dst,
+                      int64_t b0, int64_t b1) {
+  switch (d) {
+    case DType::F32: return pack_rows<DType::F32>(x, ldx, m, k, kp, mt, dst, b0, b1);
+    case DType::BF16: return pack_rows<DType::BF16>(x, ldx, m, k, kp, mt, dst, b0, b1);
+    case DType::F16: return pack_rows<DType::F16>(x, ldx, m, k, kp, mt, dst, b0, b1);
+  }
+}
 
 void bitmap_linear_avx512(DType d, const BitmapWeight& w, const Activations& a, const Output& o, int64_t r0,
                           int64_t r1) {

@@ -39,11 +39,14 @@ struct NMWeight {
 };
 
 // Activations, converted to fp32 once per call and zero-padded to kp columns (a multiple of 64):
-// m == 1: x [kp]; m > 1: xt [ceil(m / 16)][kp][16] (16 activation rows per column, the "transposed x").
+// one row: x [kp] and mt == 1; more: xt [ceil(m / mt)][kp][mt], tiles of mt activation rows per column (the
+// "transposed x"; rows past m are zero), mt a multiple of 16: 16 on the portable and AVX2 paths, up to 128 on
+// AVX-512. The launcher hands each kernel call one tile (x and y offset to it, m its rows).
 struct Activations {
   const float* x;
   int64_t kp;
   int64_t m;
+  int64_t mt;
 };
 
 // y [m, ldy] fp32; output column r of row i is y[i * ldy + r]; bias [N] fp32 or null.
@@ -65,6 +68,13 @@ void columns_linear_avx512(DType, const ColumnWeight&, const Activations&, const
 void nm_linear_portable(DType, const NMWeight&, const Activations&, const Output&, int64_t r0, int64_t r1);
 void nm_linear_avx2(DType, const NMWeight&, const Activations&, const Output&, int64_t r0, int64_t r1);
 void nm_linear_avx512(DType, const NMWeight&, const Activations&, const Output&, int64_t r0, int64_t r1);
+
+// Fills the transposed activation tiles for row blocks [b0, b1) (16 rows each) of x [m, ldx] (dtype d):
+// dst [ceil(m / mt)][kp][mt] as Activations describes, padding rows and columns written as zeros.
+void pack_rows_portable(DType, const void* x, int64_t ldx, int64_t m, int64_t k, int64_t kp, int64_t mt, float* dst,
+                        int64_t b0, int64_t b1);
+void pack_rows_avx512(DType, const void* x, int64_t ldx, int64_t m, int64_t k, int64_t kp, int64_t mt, float* dst,
+                      int64_t b0, int64_t b1);
 
 // Scalar conversions used by every ISA file (bit manipulation only, no instruction-set requirement).
 inline float bf16_to_float(uint16_t h) {

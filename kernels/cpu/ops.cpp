@@ -53,27 +53,45 @@ sc::DType dtype_of(const at::Tensor& t) {
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// fp32 activations, zero-padded to kp columns: x [kp] for one row, else the transposed xt [ceil(M/16)][kp][16].
-at::Tensor pack_activations(const at::Tensor& x, int64_t kp) {
+// Activation rows per tile for m > 1 (see Activations): 16 on the portable and AVX2 paths; on AVX-512 up to
+// 128, fewer while a tile (kp x mt fp32) would outgrow 256 KiB (it is re-read for every output feature), and
+// balanced so that the last tile is as full as the others.
+int64_t tile_rows(int64_t m, int64_t kp, Isa isa) {
+  if (isa != kAvx512) return sc::kLanes;
+  const int64_t blocks = (m + sc::kLanes - 1) / sc::kLanes;
+  int64_t v = std::min<int64_t>(8, blocks);
+  while (v > 1 && kp * sc::kLanes * v * 4 > (int64_t{256} << 10)) --v;
+  const int64_t tiles = (blocks + v - 1) / v;
+  return sc::kLanes * ((blocks + tiles - 1) / tiles);
+}
+
+// fp32 activations zero-padded to kp columns: x [kp] for one row, else the tiles xt [ceil(M / mt)][kp][mt].
+at::Tensor pack_activations(const at::Tensor& x, int64_t kp, int64_t mt, Isa isa) {
   const int64_t m = x.size(0), k = x.size(1);
-  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  const float* src = xf.data_ptr<float>();
-  const int64_t sm = xf.stride(0), sk = xf.stride(1);
   if (m == 1) {
+    const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+    const float* src = xf.data_ptr<float>();
+    const int64_t sk = xf.stride(1);
     at::Tensor out = at::empty({kp}, xf.options());
     float* dst = out.data_ptr<float>();
     for (int64_t c = 0; c < k; ++c) dst[c] = src[c * sk];
     std::memset(dst + k, 0, (kp - k) * sizeof(float));
     return out;
   }
-  const int64_t blocks = (m + sc::kLanes - 1) / sc::kLanes;
-  at::Tensor out = at::zeros({blocks, kp, sc::kLanes}, xf.options());
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const int64_t tiles = (m + mt - 1) / mt, blocks = tiles * mt / sc::kLanes;
+  at::Tensor out = at::empty({tiles, kp, mt}, x.options().dtype(at::kFloat));
+#ifdef SPARSECORE_PORTABLE_ONLY
+  const auto fn = sc::pack_rows_portable;
+#else
+  const auto fn = isa == kAvx512 ? sc::pack_rows_avx512 : sc::pack_rows_portable;
+#endif
+  const sc::DType d = dtype_of(xc);
+  const void* src = xc.data_ptr();
+  const int64_t ldx = xc.stride(0);
   float* dst = out.data_ptr<float>();
-  for (int64_t i = 0; i < m; ++i) {
-    float* d = dst + (i / sc::kLanes) * kp * sc::kLanes + (i % sc::kLanes);
-    const float* s = src + i * sm;
-    for (int64_t c = 0; c < k; ++c) d[c * sc::kLanes] = s[c * sk];
-  }
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 65536 / (sc::kLanes * kp)),
+                   [&](int64_t b0, int64_t b1) { fn(d, src, ldx, m, k, kp, mt, dst, b0, b1); });
   return out;
 }
 
@@ -84,22 +102,35 @@ at::Tensor bias_f32(const c10::optional<at::Tensor>& bias, int64_t n) {
 }
 
 template <typename Fn>
-at::Tensor run_rows(const at::Tensor& x, int64_t n, int64_t kp, const c10::optional<at::Tensor>& bias, Fn&& fn) {
-  const at::Tensor act = pack_activations(x, kp);
+at::Tensor run_rows(const at::Tensor& x, int64_t n, int64_t kp, const c10::optional<at::Tensor>& bias, Isa isa,
+                    Fn&& fn) {
+  const int64_t m = x.size(0), mt = m > 1 ? tile_rows(m, kp, isa) : 1;
+  const at::Tensor act = pack_activations(x, kp, mt, isa);
   const at::Tensor b = bias_f32(bias, n);
-  const int64_t m = x.size(0);
   at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  const sc::Activations a{act.data_ptr<float>(), kp, m};
-  const sc::Output o{y.data_ptr<float>(), n, b.defined() ? b.data_ptr<float>() : nullptr};
-  // Rows are handed out in chunks of ~256k weight entries (a multiple of 4 rows, the widest row group of the
-  // kernels) from a shared counter, not split evenly up front: a thread that is descheduled or slower leaves
-  // its share to the others. Each row is computed the same way whichever thread takes it.
-  const int64_t chunk = std::max<int64_t>(4, (262144 / std::max<int64_t>(1, kp)) & ~int64_t{3});
-  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  // Work items are (activation tile, chunk of output features), tile-major, handed out from a shared
+  // counter rather than split evenly up front: the threads work on the same tile at once (it stays in their
+  // caches), and a thread that is descheduled or slower leaves its share to the others. A chunk is ~256k
+  // weight entries times the tile's 16-row blocks, at most a quarter of a thread's share, and a multiple of
+  // 16 features (the m > 1 kernels' output group; 4 at m == 1). Each output is computed the same way
+  // whichever thread takes it.
+  const int64_t tiles = m > 1 ? (m + mt - 1) / mt : 1, blocks = m > 1 ? mt / sc::kLanes : 1;
+  const int64_t threads = at::get_num_threads(), grp = m > 1 ? 16 : 4;
+  const int64_t share = (n * tiles + 4 * threads - 1) / (4 * threads);
+  const int64_t fit = 262144 / std::max<int64_t>(1, kp * blocks);
+  const int64_t chunk = std::max<int64_t>(grp, std::min<int64_t>(fit, m > 1 ? share : n) / grp * grp);
+  const int64_t per_tile = (n + chunk - 1) / chunk, items = tiles * per_tile;
+  const int64_t tasks = std::min<int64_t>(threads, items);
+  float* const bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
   std::atomic<int64_t> next{0};
   if (m > 0 && n > 0) {
     at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
-      for (int64_t r0 = next.fetch_add(chunk); r0 < n; r0 = next.fetch_add(chunk)) fn(a, o, r0, std::min(n, r0 + chunk));
+      for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
+        const int64_t t = i / per_tile, r0 = i % per_tile * chunk, m0 = t * mt;
+        const sc::Activations a{act.data_ptr<float>() + t * kp * mt, kp, m > 1 ? std::min(mt, m - m0) : 1, mt};
+        const sc::Output o{y.data_ptr<float>() + m0 * n, n, bias_ptr};
+        fn(a, o, r0, std::min(n, r0 + chunk));
+      }
     });
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
@@ -185,7 +216,7 @@ at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& words, const at:
   const auto fn = isa == kAvx512 ? sc::bitmap_linear_avx512 : isa == kAvx2 ? sc::bitmap_linear_avx2
                                                                            : sc::bitmap_linear_portable;
 #endif
-  return run_rows(x, words.size(0), words.size(1) * 64, bias,
+  return run_rows(x, words.size(0), words.size(1) * 64, bias, static_cast<Isa>(isa),
                   [&](const sc::Activations& a, const sc::Output& o, int64_t r0, int64_t r1) { fn(d, w, a, o, r0, r1); });
 }
 
@@ -226,7 +257,7 @@ at::Tensor columns_linear(const at::Tensor& x, const at::Tensor& cols, const at:
   const auto fn = isa == kAvx512 ? sc::columns_linear_avx512 : isa == kAvx2 ? sc::columns_linear_avx2
                                                                             : sc::columns_linear_portable;
 #endif
-  return run_rows(x, row_ptr.numel() - 1, round_up(std::max<int64_t>(k, 1), 64), bias,
+  return run_rows(x, row_ptr.numel() - 1, round_up(std::max<int64_t>(k, 1), 64), bias, static_cast<Isa>(isa),
                   [&](const sc::Activations& a, const sc::Output& o, int64_t r0, int64_t r1) { fn(d, w, a, o, r0, r1); });
 }
 
@@ -248,7 +279,7 @@ at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Te
 #else
   const auto fn = isa == kAvx512 ? sc::nm_linear_avx512 : isa == kAvx2 ? sc::nm_linear_avx2 : sc::nm_linear_portable;
 #endif
-  return run_rows(x, values.size(0), round_up(std::max<int64_t>(k, 1), 64), bias,
+  return run_rows(x, values.size(0), round_up(std::max<int64_t>(k, 1), 64), bias, static_cast<Isa>(isa),
                   [&](const sc::Activations& a, const sc::Output& o, int64_t r0, int64_t r1) { fn(d, w, a, o, r0, r1); });
 }
 

@@ -6,6 +6,10 @@
   one at high sparsity); K <= 65536.
 * CPU_NM ``linear`` on ``nm``: the stored N:M values and positions, read as they are (no prepared copy).
 
+Both unstructured backends derive their layouts from one bitmap layout per packed weight (shared values),
+and either can rebuild the weight (``unpack``): a layer whose plan runs only these backends holds their
+layouts and drops its packed buffers (``sparsecore.modules``).
+
 The planner times them against dense; none is ever picked without being measured faster. The ISA path
 (``avx512``, ``avx2``, ``portable``) is the widest the CPU runs, or ``SPARSECORE_CPU_ISA``, read when the
 layer is prepared. A missing compiler or a failed build makes ``why_not`` return the reason: the planner
@@ -13,6 +17,7 @@ skips the backend, and a forced one raises ``BackendUnavailable``.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -54,20 +59,51 @@ def _columns_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
     return _why_not(packed, x)
 
 
+# The bitmap layout of each packed weight while some prepared state holds it (weak on both sides), shared by
+# both unstructured backends: a layer planned to run both (say cpu_bitmap at M = 1, cpu_columns above)
+# holds one copy of the values, not two. A cpu_columns state keeps its bitmap layout alive for that reason.
+_ROWS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _rows_layout(p: Any) -> Any:
+    from ..kernels import cpu
+
+    hit = _ROWS.get(id(p))
+    rows = hit[1]() if hit is not None and hit[0]() is p else None
+    if rows is None:
+        rows = cpu.bitmap_layout(p.bitmap, p.values, p.tile_offsets, p.n, p.k)
+        _ROWS[id(p)] = (weakref.ref(p), weakref.ref(rows))
+        weakref.finalize(p, _ROWS.pop, id(p), None)
+    return rows
+
+
 def _bitmap_prepare(p: Any) -> tuple:
     from ..kernels import cpu
 
-    return cpu.bitmap_linear, cpu.bitmap_layout(p.bitmap, p.values, p.tile_offsets, p.n, p.k), cpu.default_isa()
+    return cpu.bitmap_linear, _rows_layout(p), cpu.default_isa()
 
 
 def _columns_prepare(p: Any) -> tuple:
     from ..kernels import cpu
 
-    return cpu.columns_linear, cpu.column_layout(p.bitmap, p.values, p.tile_offsets, p.n, p.k), cpu.default_isa()
+    rows = _rows_layout(p)
+    return cpu.columns_linear, cpu.column_layout_from(rows), cpu.default_isa(), rows
+
+
+def _bitmap_unpack(state: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import cpu
+
+    return cpu.bitmap_dense(state[1])
+
+
+def _columns_unpack(state: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import cpu
+
+    return cpu.column_dense(state[1])
 
 
 def _layout_linear(state: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    fn, layout, isa = state  # resolved in prepare: no import or lookups per call
+    fn, layout, isa = state[:3]  # resolved in prepare: no import or lookups per call
     return fn(x, layout, bias, isa)
 
 
@@ -82,7 +118,8 @@ def _nm_linear(state: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torc
     return fn(x, values, positions, n, m, bias, isa)
 
 
-register(BackendImpl(CPU_BITMAP, "linear", ("unstructured",), _why_not, _bitmap_prepare, _layout_linear, needs=_NEEDS))
+register(BackendImpl(CPU_BITMAP, "linear", ("unstructured",), _why_not, _bitmap_prepare, _layout_linear, needs=_NEEDS,
+                     unpack=_bitmap_unpack))
 register(BackendImpl(CPU_COLUMNS, "linear", ("unstructured",), _columns_why_not, _columns_prepare, _layout_linear,
-                     needs=_NEEDS))
+                     needs=_NEEDS, unpack=_columns_unpack))
 register(BackendImpl(CPU_NM, "linear", ("nm",), _why_not, _nm_prepare, _nm_linear, needs=_NEEDS))

@@ -9,6 +9,8 @@ library needs to know about it:
   registered later);
 * ``why_not(packed, x)``: a reason string when it cannot run this weight on this input, ``None`` when it can;
 * ``prepare(packed) -> state`` (built once per module, device and dtype) and ``run``;
+* ``unpack(state) -> (weight, mask)`` (optional): the weight rebuilt from a prepared state, so that a layer
+  running only this backend can hold that state instead of its packed buffers;
 * capabilities: ``needs`` (any of ``"triton"``, ``"cuda"``, ``"compiler"``: checked after ``why_not``, and
   read by the planner), ``plannable`` (``False`` for oracles the planner never picks), ``differentiable``
   (autograd sees through ``run``; otherwise ``sparsecore.autograd`` supplies the backward) and
@@ -107,6 +109,9 @@ class BackendImpl:
     differentiable: bool = False  # built from torch ops autograd sees through (else sparsecore.autograd steps in)
     needs: frozenset[str] = field(default_factory=frozenset)  # subset of CAPABILITIES
     plannable: bool = True    # False: an oracle (e.g. a per-call decode) the planner never chooses
+    # (weight, kept mask) rebuilt from a prepared state: a layer whose plan runs only such backends keeps
+    # that state alone and drops its packed buffers (sparsecore.modules, "one copy per layer")
+    unpack: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         name = self.backend.value if isinstance(self.backend, Backend) else self.backend
