@@ -1,9 +1,13 @@
 """The ``sparsecore`` command: prune a model to a file, inspect a file, time a file against dense, run the demo.
 
     sparsecore prune --model decoder --pattern nm --random-init --out block.safetensors --plan --batch 4
-    sparsecore inspect block.safetensors [--json]
+    sparsecore prune --model resnet18 --pattern channel --sparsity 0.5 --slim --random-init --out r18.safetensors
+    sparsecore inspect block.safetensors [--json | --brief]
     sparsecore bench block.safetensors --batch 4
     sparsecore demo --small
+
+``prune`` and ``inspect`` print the per-layer report (``sparsecore.report``): each weight layer sparse, slimmed
+or skipped, its pattern, kept fraction and bytes, the plan where one was made, and why a layer was left alone.
 
 Every user error (bad argument, unreadable file, a pattern a layer cannot take) prints one line
 ``sparsecore: error: ...`` on stderr and exits with code 2, found before any work where the arguments alone
