@@ -1,4 +1,5 @@
-"""pytest-benchmark regressions for the CPU linear providers at one shape (2048 x 2048, M = 1, fp32, 90%).
+"""pytest-benchmark regressions for the CPU linear providers: 2048 x 2048 fp32 at 90%, M = 1 (decode) and
+M = 128 (prefill: the tiled M > 1 kernels).
 
     python -m pytest bench/ --benchmark-only          # not collected by `python -m pytest` (testpaths = tests)
 
@@ -15,15 +16,23 @@ from bench.bench_cpu import Case, make_weight
 from bench.cpu_providers import all_providers
 
 os.environ.pop("TRITON_INTERPRET", None)  # Triton on CPU would time its interpreter
-CASE = Case(2048, 2048, 1, "90", torch.float32)
-_W, _PACKED = make_weight(CASE)
-_X = torch.randn(CASE.m, CASE.k, generator=torch.Generator().manual_seed(0))
-PROVIDERS, SKIPPED = all_providers(_W, _PACKED, _X, plan_rep=5)
+CASES = (Case(2048, 2048, 1, "90", torch.float32), Case(2048, 2048, 128, "90", torch.float32))
 
 
-@pytest.mark.parametrize("provider", PROVIDERS, ids=[p.name for p in PROVIDERS])
-def test_linear_provider(benchmark, provider):
-    benchmark.extra_info.update(weight_bytes=provider.nbytes, detail=provider.detail, threads=torch.get_num_threads())
+def _providers(case: Case) -> list:
+    w, packed = make_weight(case)
+    x = torch.randn(case.m, case.k, generator=torch.Generator().manual_seed(0))
+    return [(case, w, x, p) for p in all_providers(w, packed, x, plan_rep=5)[0]]
+
+
+ENTRIES = [e for case in CASES for e in _providers(case)]
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[f"M{e[0].m}-{e[3].name}" for e in ENTRIES])
+def test_linear_provider(benchmark, entry):
+    case, w, x, provider = entry
+    benchmark.extra_info.update(weight_bytes=provider.nbytes, detail=provider.detail, threads=torch.get_num_threads(),
+                                m=case.m)
     y = benchmark(provider.fn)
-    ref = _X.double() @ _W.double().t()
+    ref = x.double() @ w.double().t()
     assert float((y.double() - ref).abs().max()) <= 1e-3 * max(1.0, float(ref.abs().max()))
