@@ -6,12 +6,14 @@ import torch
 from safetensors.torch import save_file
 
 import sparsecore as sc
+from sparsecore import layers
 from sparsecore.io import header_metadata
 from sparsecore import cli
 from sparsecore.cli import cmd_prune, methods, zoo
 from sparsecore.models.resnet import resnet18
 from sparsecore.models.transformer import DecoderBlock
-from cli_helpers import no_interpreter_in_plans, run_cli as _run  # noqa: F401  (autouse fixture)
+from cli_helpers import no_interpreter_in_plans, run_cli as _run, table_rows  # noqa: F401  (autouse fixture)
+from sparsecore.cli.table import fmt_bytes
 
 DEC = ["--model", "decoder", "--dim", "32", "--hidden", "48", "--heads", "2"]
 RND = [*DEC, "--random-init"]
@@ -55,10 +57,10 @@ def test_prune_then_inspect_matches_the_saved_model(tmp_path, capsys, seeded, ar
     assert set(rows) == set(mods)
     for fqn, mod in mods.items():
         r, p = rows[fqn], mod.packed
-        assert r["format"] == config.pattern and r["dtype"] == dtype and r["shape"] == list(p.shape)
+        assert r["pattern"] == config.pattern and r["dtype"] == dtype and r["shape"] == list(p.shape)
+        assert r["status"] == "sparse" and r["reason"] == ""
         assert r["packed_bytes"] == p.nbytes and r["dense_bytes"] == p.dense_nbytes
-        # kept weights are random normals (non-zero), so the mask's density is the count of non-zeros
-        assert r["sparsity"] == pytest.approx(1 - int(masks[fqn].sum()) / masks[fqn].numel(), abs=1e-12)
+        assert r["kept"] == pytest.approx(int(masks[fqn].sum()) / masks[fqn].numel(), abs=1e-12)
         assert r["ratio"] == pytest.approx(p.dense_nbytes / p.nbytes)
     tot = report["totals"]
     assert tot["packed_bytes"] == sum(m.packed.nbytes for m in mods.values())
@@ -68,10 +70,15 @@ def test_prune_then_inspect_matches_the_saved_model(tmp_path, capsys, seeded, ar
 
     rc, table, err = _run(capsys, "inspect", out)
     assert rc == 0, err
-    lines = {ln.split()[0]: ln for ln in table.splitlines() if ln.split() and ln.split()[0] in rows}
-    assert set(lines) == set(rows)
+    cells = table_rows(table)
+    assert set(cells) == set(rows) and table_rows(text) == cells  # prune printed the same table
     for fqn, r in rows.items():
-        assert f"{r['sparsity']:.4f}" in lines[fqn].split() and f"{r['ratio']:.2f}x" in lines[fqn].split()
+        kept = int(masks[fqn].sum()) / masks[fqn].numel()
+        assert cells[fqn]["kept"] == f"{kept:.3f}" and cells[fqn]["status"] == "sparse"
+        assert cells[fqn]["packed"] == fmt_bytes(r["packed_bytes"]) and cells[fqn]["dense"] == fmt_bytes(r["dense_bytes"])
+        assert cells[fqn]["pattern"].split()[0] == config.pattern
+        if config.pattern == "nm":
+            assert cells[fqn]["pattern"] == f"nm {config.n}:{config.m}"
     assert text.splitlines()[-3] in table.splitlines()  # prune printed the same totals
 
 
@@ -83,11 +90,15 @@ def test_conv_model_channel_and_exclude(tmp_path, capsys):
     mods = sc.sparse_modules(sc.load(out, resnet18(num_classes=5, width=4)))
     assert "fc" not in mods and "conv1" not in mods and "layer1.0.conv1" in mods
     report = cli.file_report(out)
-    assert {r["layer"] for r in report["layers"]} == set(mods)
+    assert {r["layer"] for r in report["layers"] if r["status"] == "sparse"} == set(mods)
+    reasons = {r["layer"]: r["reason"] for r in report["layers"] if r["status"] == "skipped"}
+    assert reasons == {"conv1": "excluded by filter_fn", "fc": layers.OUTPUT_SKIP}  # fc: the head is never pruned
     for r in report["layers"]:
+        if r["status"] != "sparse":
+            continue
         p = mods[r["layer"]].packed
-        assert r["pattern"] == f"out {p.n_out}/{p.shape[0]} in {p.n_in}/{p.shape[1]}"
-        assert r["sparsity"] == pytest.approx(1 - int(torch.count_nonzero(p.to_dense())) / p.to_dense().numel())
+        assert r["pattern"] == "channel" and r["layout"] == f"out {p.n_out}/{p.shape[0]} in {p.n_in}/{p.shape[1]}"
+        assert r["kept"] == pytest.approx(int(torch.count_nonzero(p.to_dense())) / p.to_dense().numel())
 
 
 def test_checkpoint_is_what_gets_pruned(tmp_path, capsys, seeded):
@@ -114,12 +125,13 @@ def test_plan_reports_a_backend_per_layer(tmp_path, capsys):
     rc, text, err = _run(capsys, "prune", *RND, "--pattern", "unstructured", "--sparsity", "0.9", "--plan",
                          "--batch", "2", "--out", out)
     assert rc == 0, err
-    header, *rows = [ln for ln in text.splitlines() if ln.startswith(("layer ", "attn.", "gate", "up", "down"))]
-    assert header.split()[-1] == "backend" and len(rows) == 7
+    rows = table_rows(text)
+    assert len(rows) == 7 and "(unplanned)" not in text
     names = {b.value for b in sc.Backend}
-    assert "(unplanned)" not in text
-    assert all(row.split()[-1] in names or (row.split()[-1] == "(cached)" and row.split()[-2] in names)
-               for row in rows), text
+    for fqn, row in rows.items():
+        assert row["backend"].startswith("M<=2: ") and row["backend"][len("M<=2: "):] in names, row
+        speed = row["vs dense [q25-q75]"]  # "1.00x" for dense, "2.31x [2.10-2.40]" for a sparse choice
+        assert speed == "1.00x" if row["backend"] == "M<=2: dense" else speed.endswith("]"), row
 
 
 @pytest.fixture
@@ -229,8 +241,8 @@ def test_bad_out_is_reported_before_any_work(tmp_path, capsys, monkeypatch, out)
 @pytest.mark.parametrize("command,options", [
     ([], ["prune", "inspect", "bench", "demo", "--traceback"]),
     (["prune"], ["--model", "--pattern", "--method", "magnitude", "GMP", "PSAP", "--random-init", "--checkpoint",
-                 "--weights", "torchvision", "transformers", "--out", "--plan", "--exclude"]),
-    (["inspect"], ["file", "--json"]),
+                 "--weights", "torchvision", "transformers", "--out", "--plan", "--exclude", "--brief"]),
+    (["inspect"], ["file", "--json", "--brief"]),
     (["bench"], ["file", "--batch", "--rep", "--out", "--device"]),
     (["demo"], ["--small", "--rep", "--device"]),
 ])
@@ -250,11 +262,11 @@ def test_small_models_round_trip(tmp_path, capsys, model, args, skeleton):
     rc, _, err = _run(capsys, "prune", "--model", model, *args, "--random-init", "--plan", "--batch", "3", "--out", out)
     assert rc == 0, err
     mods = sc.sparse_modules(sc.load(out, skeleton()))
-    rows = {r["layer"]: r for r in cli.file_report(out)["layers"]}
+    rows = {r["layer"]: r for r in cli.file_report(out)["layers"] if r["status"] == "sparse"}
     assert set(rows) == set(mods) and mods
     for fqn, mod in mods.items():
         dense = mod.dense_weight()
-        assert rows[fqn]["sparsity"] == pytest.approx(1 - int(torch.count_nonzero(dense)) / dense.numel())
+        assert rows[fqn]["kept"] == pytest.approx(int(torch.count_nonzero(dense)) / dense.numel())
         assert rows[fqn]["packed_bytes"] == mod.packed.nbytes
 
 

@@ -9,10 +9,11 @@
 from .heads import update_head_counts
 from .select import group_channel_masks, l2_channel_scores
 from .slim import (SlimPlan, apply_plan, channel_weight_masks, dead_channels, is_slimmed, mark_slimmed, masked_model,
-                   masked_reference, plan_slim, record_skipped, skip_reasons, slim, slim_skipped, verify_slim)
+                   masked_reference, plan_slim, record_skipped, skip_reasons, slim, slim_residual, slim_skipped,
+                   slimmed_shapes, verify_slim)
 from .trace import ChannelGraph, ChannelGroup, channel_groups, trace_channels
 
 __all__ = ["ChannelGraph", "ChannelGroup", "SlimPlan", "apply_plan", "channel_groups", "channel_weight_masks",
            "dead_channels", "group_channel_masks", "is_slimmed", "l2_channel_scores", "mark_slimmed", "masked_model",
-           "masked_reference", "plan_slim", "record_skipped", "skip_reasons", "slim", "slim_skipped", "trace_channels", "update_head_counts",
+           "masked_reference", "plan_slim", "record_skipped", "skip_reasons", "slim", "slim_residual", "slim_skipped", "slimmed_shapes", "trace_channels", "update_head_counts",
            "verify_slim"]

@@ -38,7 +38,7 @@ from ..masks import as_matrix, keep_topk
 from .heads import update_head_counts
 from .trace import ChannelGraph, trace_channels
 
-__all__ = ["record_skipped", "slim_skipped", "SlimPlan", "plan_slim", "apply_plan", "slim", "masked_reference", "masked_model", "verify_slim",
+__all__ = ["record_skipped", "slim_skipped", "slimmed_shapes", "slim_residual", "SlimPlan", "plan_slim", "apply_plan", "slim", "masked_reference", "masked_model", "verify_slim",
            "channel_weight_masks", "dead_channels", "skip_reasons"]
 
 _MEMBER_KINDS = ("conv", "linear", "dw", "grouped")
@@ -343,14 +343,17 @@ def apply_plan(model: nn.Module, plan: SlimPlan) -> nn.Module:
     """A slimmed deep copy of ``model``: dead channels zeroed, removable ones cut out."""
     model = copy.deepcopy(model)
     _zero_dead_(model, plan.dead_out, plan.dead_in)
-    resized = {}
+    resized, before = {}, {}
     for fqn in set(plan.keep_out) | set(plan.keep_in):
         mod = model.get_submodule(fqn)
+        before[fqn] = mod.weight.shape
         old = mod.weight.shape[0]
         _slice_(mod, plan.keep_out.get(fqn), plan.keep_in.get(fqn))
         if isinstance(mod, nn.Linear) and mod.weight.shape[0] != old:
             resized[fqn] = (old, mod.weight.shape[0])
     update_head_counts(model, resized)
+    _record_shapes(model, {f: (tuple(before[f]), tuple(model.get_submodule(f).weight.shape)) for f in before})
+    setattr(model, _RESIDUAL_ATTR, dict(plan.residual))
     return model
 
 
@@ -485,3 +488,26 @@ def slim_skipped(model: nn.Module) -> dict[str, str]:
     'output channels pinned: feeds the model output'
     """
     return dict(getattr(model, _SKIPPED_ATTR, {}))
+
+
+_SHAPES_ATTR = "sparsecore_slim_shapes"
+_RESIDUAL_ATTR = "sparsecore_slim_residual"
+
+
+def _record_shapes(model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+    setattr(model, _SHAPES_ATTR, {f: s for f, s in shapes.items() if s[0] != s[1]})
+
+
+def slimmed_shapes(model: nn.Module) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``{fqn: (weight shape before, after)}`` for the layers (and BatchNorms) ``apply_plan`` narrowed.
+
+    >>> slimmed_shapes(small)["layer1.0.conv1"]
+    ((64, 64, 3, 3), (32, 64, 3, 3))
+    """
+    return dict(getattr(model, _SHAPES_ATTR, {}))
+
+
+def slim_residual(model: nn.Module) -> dict[str, str]:
+    """``{fqn: reason}`` for the layers of a slimmed model that keep zeroed channels at full width (a residual
+    add or concat, or the model output, holds them); they run packed with the channel format."""
+    return dict(getattr(model, _RESIDUAL_ATTR, {}))

@@ -1,4 +1,5 @@
-"""``sparsecore inspect FILE``: per-layer formats, sparsity and bytes of a saved file, and how to load it."""
+"""``sparsecore inspect FILE``: the per-layer report of a saved file (status, pattern, kept fraction, bytes,
+skip reasons where the file records them) and how to load it."""
 from __future__ import annotations
 
 import argparse
@@ -7,13 +8,15 @@ from pathlib import Path
 
 from . import zoo
 from .errors import CLIError
-from .stats import file_report
-from .table import layer_table, totals_text
+from .stats import file_stats, to_json
+from .table import brief_text, layer_table, totals_text
 
 
 def add_arguments(ins: argparse.ArgumentParser) -> None:
     ins.add_argument("file", help="a file written by sparsecore.save or `sparsecore prune`")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--brief", action="store_true",
+                     help="print the summary and each skip reason once instead of one row per layer")
     ins.set_defaults(func=run)
 
 
@@ -33,14 +36,13 @@ def rebuild_hint(file: str, extra: dict | None) -> str:
 def run(args: argparse.Namespace) -> int:
     if Path(args.file).is_dir():
         raise CLIError(f"inspect: {args.file} is a directory; give a file")
-    report = file_report(args.file)
+    st = file_stats(args.file)
     if args.json:
-        print(json.dumps(report, indent=1))
+        print(json.dumps(to_json(st), indent=1))
         return 0
-    print(f"file: {report['file']}")
-    print(f"config: {json.dumps(report['config']) if report['config'] else 'none recorded'}")
-    print(rebuild_hint(report["file"], report.get("extra")))
-    print(layer_table(report["layers"]))
-    print(totals_text(report["totals"]))
+    print(f"file: {st['file']}")
+    print(f"config: {json.dumps(st['config']) if st['config'] else 'none recorded'}")
+    print(rebuild_hint(st["file"], st["extra"]))
+    print(brief_text(st["report"]) if args.brief else layer_table(st["report"], st["bytes"]))
+    print(totals_text(st["totals"]))
     return 0
-

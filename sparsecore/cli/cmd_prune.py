@@ -16,8 +16,8 @@ from torch import nn
 from . import methods, zoo
 from .calibration import load_calibration
 from .errors import CLIError, check_device, check_readable_file, check_writable, fraction, positive
-from .stats import file_report, layer_stats
-from .table import layer_table, totals_text
+from .stats import DENSE_BYTES_KEY, file_stats
+from .table import brief_text, layer_table, totals_text
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -51,6 +51,12 @@ def add_arguments(pr: argparse.ArgumentParser) -> None:
                          help="prune the random initial weights (for trying the tool, and for latency only)")
     pr.add_argument("--out", required=True, help="output file (.safetensors); checked before any work")
     pr.add_argument("--plan", action="store_true", help="time the backends per layer and report the choice")
+    pr.add_argument("--slim", action="store_true",
+                    help="channel pattern: remove pruned channels physically where the model graph allows (a "
+                         "smaller dense model; with --method magnitude, channels tied by residual adds are chosen "
+                         "together); layers that must keep their width stay packed, and the table says why")
+    pr.add_argument("--brief", action="store_true",
+                    help="print the summary and each skip reason once instead of one row per layer")
     pr.add_argument("--batch", type=positive, default=1, help="batch size the plan is made for")
     pr.add_argument("--seq", type=positive, default=128, help="sequence length of encoder / transformers inputs")
     pr.add_argument("--image-size", type=positive, help="image side: plan input of conv nets (224), cnn's input (8)")
@@ -65,6 +71,8 @@ def _config(args: argparse.Namespace):
     if args.pattern == "nm" and args.sparsity is not None and abs(args.sparsity - (1 - args.n / args.m)) > 1e-9:
         raise CLIError(f"--sparsity {args.sparsity} contradicts {args.n}:{args.m} (which prunes "
                        f"{1 - args.n / args.m:g}); drop --sparsity for nm")
+    if args.slim and args.pattern != "channel":
+        raise CLIError(f"--slim removes channels: it needs --pattern channel, not {args.pattern!r}")
     if args.pattern != "nm" and args.sparsity is None:
         raise CLIError(f"--sparsity is required for pattern {args.pattern!r}")
     return SparsityConfig(args.pattern, args.sparsity, n=args.n, m=args.m,
@@ -90,7 +98,7 @@ def _spec(args: argparse.Namespace) -> zoo.ModelSpec:
 
 def run(args: argparse.Namespace) -> int:
     import sparsecore as sc
-    from ..sparsify import sparse_modules
+    from ..report import REPORT_KEY
 
     # -- everything the user typed, checked before any work --------------------------------------
     check_writable(args.out)
@@ -117,22 +125,28 @@ def run(args: argparse.Namespace) -> int:
         calibration = (x, {})
     elif calibration is not None:
         calibration = _to(calibration, device, DTYPES[args.dtype])
+    dense_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     masks = method.masks(model, config, filter_fn, calibration)
     if not masks:
         raise CLIError(f"no layer of {args.model!r} can take pattern {args.pattern!r} (after --exclude)")
-    model = sc.sparsify(model, config, masks=masks, progress=sys.stderr.isatty())
+    if args.slim:  # magnitude: sparsify's own group-wise choice (coupled channels pruned together)
+        model = sc.sparsify(model, config, filter_fn, masks=None if method.name == "magnitude" else masks,
+                            example_inputs=x, slim=True, progress=sys.stderr.isatty())
+    else:
+        model = sc.sparsify(model, config, filter_fn, masks=masks, progress=sys.stderr.isatty())
     if config.backend != "auto":
         with torch.no_grad():  # a forced backend must be able to run here; find out now, not at deployment
             model(*x)
-    plans = None
     if args.plan:
-        entries = sc.plan(model, x)
-        plans = {e.fqn: e.chosen + (" (cached)" if e.cached else "") for e in entries}
-    rows = [layer_stats(f, m.op, m.packed) for f, m in sparse_modules(model).items()]
-    skeleton = {**spec.to_json(), "dtype": args.dtype}  # what zoo.skeleton_from_file rebuilds
-    out = sc.save(model.cpu(), args.out, config=config, extra={"skeleton": skeleton})
-    print(layer_table(rows, plans))
-    print(totals_text(file_report(out)["totals"]))
+        sc.plan(model, x)
+    report = sc.last_report(model)
+    # what zoo.skeleton_from_file rebuilds, and the rows the packed tensors cannot tell (skipped layers, reasons)
+    extra = {"skeleton": {**spec.to_json(), "dtype": args.dtype}, REPORT_KEY: report.to_json(),
+             DENSE_BYTES_KEY: dense_bytes}
+    out = sc.save(model.cpu(), args.out, config=config, extra=extra)
+    stats = file_stats(out)
+    print(brief_text(report) if args.brief else layer_table(report, stats["bytes"]))
+    print(totals_text(stats["totals"]))
     print(f"saved {out}")
     return 0
 
