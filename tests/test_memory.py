@@ -114,6 +114,13 @@ def _cpu_kernels_or_skip() -> None:
         pytest.skip(cpu.why_unavailable())
 
 
+def _close_fp32(out: torch.Tensor, ref64: torch.Tensor) -> None:
+    """fp32 through three layers of K <= 160 with N(0, 1) weights: outputs reach the hundreds, so the absolute
+    tolerance follows the output's scale (a few fp32 ulps of its largest entry per layer)."""
+    ref64 = ref64.detach()
+    torch.testing.assert_close(out.detach().double(), ref64, atol=1e-5 * float(ref64.abs().max()), rtol=1e-4)
+
+
 def test_layer_running_cpu_layouts_holds_them_instead_of_its_packed_form(seeded, tmp_path):
     """At 50% fp32 the packed form (2.1 B/entry) plus a CPU layout would exceed dense (4 B/entry): a layer whose
     plan runs only the CPU layouts keeps them (sharing one copy of the values) and drops its packed buffers."""
@@ -128,7 +135,7 @@ def test_layer_running_cpu_layouts_holds_them_instead_of_its_packed_form(seeded,
         mod.load_plan({1: "cpu_bitmap", 32: "cpu_columns"})
     for rows in (1, 20):
         x = torch.randn(rows, 96, generator=seeded)
-        torch.testing.assert_close(sparse(x).double(), ref(x.double()), atol=1e-4, rtol=1e-4)
+        _close_fp32(sparse(x), ref(x.double()))
     mods = list(sc.sparse_modules(sparse).values())
     assert all(m.state_held and not m.dense_held for m in mods)
     assert not any(name.startswith("packed_") for m in mods for name, _ in m.named_buffers())
@@ -139,8 +146,7 @@ def test_layer_running_cpu_layouts_holds_them_instead_of_its_packed_form(seeded,
     loaded = sc.load(sc.save(sparse, tmp_path / "m.safetensors"), _mlp(seeded))
     assert _same(loaded.state_dict(), before)
     x = torch.randn(3, 96, generator=seeded)
-    y = sparse(x)
     for mod in mods:  # a plan that runs dense again holds the dense weight, rebuilt from the layouts
         mod.load_plan({1: "dense"})
     assert all(m.dense_held for m in mods) and _same(sparse.state_dict(), before)
-    torch.testing.assert_close(sparse(x[:1]), y[:1], atol=1e-5, rtol=1e-5)
+    _close_fp32(sparse(x[:1]), ref(x[:1].double()))
