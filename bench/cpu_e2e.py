@@ -95,6 +95,9 @@ def bench_model(name: str, dense: nn.Module, variants: dict[str, sc.SparsityConf
             _no_grad_call(fn, x)
             compile_s[vname + COMPILED] = time.perf_counter() - t0
             models[vname + COMPILED] = fn
+        # The machine runs slower for a few seconds after a compile: every model first runs for _SETTLE_S.
+        if compile_s:
+            _settle(models.values(), x)
         fns = {k: (lambda m=m: _no_grad_call(m, x)) for k, m in models.items()}
         timings = time_repeated(fns, repeats=args.repeats, reps=args.reps, cap=None)
         dense_ms = min(timings[k].median_ms for k in ("dense", "dense" + COMPILED) if k in timings)
@@ -125,6 +128,16 @@ def bench_model(name: str, dense: nn.Module, variants: dict[str, sc.SparsityConf
         if extra_rows is not None:
             rows += extra_rows(dense, built, batch, x, dense_ms)
     return rows
+
+
+_SETTLE_S = 3.0
+
+
+def _settle(models, x: tuple) -> None:
+    end = time.perf_counter() + _SETTLE_S
+    while time.perf_counter() < end:
+        for m in models:
+            _no_grad_call(m, x)
 
 
 def _no_grad_call(model: nn.Module, x: tuple) -> torch.Tensor:

@@ -195,7 +195,12 @@ class _SparseBase(nn.Module):
 
     def _pack_from_state(self) -> PackedWeight:
         impl = lookup(self.op, self._owner.value, self._meta["kind"])
-        return self._pack(*impl.unpack(self._prepared[self._owner]))
+        packed = self._pack(*impl.unpack(self._prepared[self._owner]))
+        for backend, state in self._prepared.items():  # rebuilt equal: what they derived from it still holds
+            other = lookup(self.op, backend, self._meta["kind"])
+            if other is not None and other.adopt is not None:
+                other.adopt(state, packed)
+        return packed
 
     def _pack(self, w: torch.Tensor, mask: torch.Tensor) -> PackedWeight:
         params = {k: v for k, v in self._meta.items() if k not in _META_FIXED}

@@ -150,3 +150,21 @@ def test_layer_running_cpu_layouts_holds_them_instead_of_its_packed_form(seeded,
         mod.load_plan({1: "dense"})
     assert all(m.dense_held for m in mods) and _same(sparse.state_dict(), before)
     _close_fp32(sparse(x[:1]), ref(x[:1].double()))
+
+
+def test_layouts_stay_shared_when_a_plan_grows_after_the_layer_dropped_its_packed_form(seeded):
+    """Planned at M = 1 first (the layer then holds only the bitmap layout), then at M = 32: the column layout
+    derived from the rebuilt packed form reuses the bitmap layout's values instead of copying them."""
+    _cpu_kernels_or_skip()
+    sparse = sc.sparsify(_mlp(seeded), sc.SparsityConfig("unstructured", 0.5))
+    mods = list(sc.sparse_modules(sparse).values())
+    for mod in mods:
+        mod.load_plan({1: "cpu_bitmap"})
+    sparse(torch.randn(1, 96, generator=seeded))
+    assert all(m.state_held for m in mods)
+    for mod in mods:
+        mod.load_plan({1: "cpu_bitmap", 32: "cpu_columns"})
+    sparse(torch.randn(20, 96, generator=seeded))
+    for m in mods:
+        bitmap, columns = (s[1] for s in m.prepared_states())
+        assert columns.values is bitmap.values and columns.row_ptr is bitmap.row_ptr

@@ -72,9 +72,17 @@ def _rows_layout(p: Any) -> Any:
     rows = hit[1]() if hit is not None and hit[0]() is p else None
     if rows is None:
         rows = cpu.bitmap_layout(p.bitmap, p.values, p.tile_offsets, p.n, p.k)
-        _ROWS[id(p)] = (weakref.ref(p), weakref.ref(rows))
-        weakref.finalize(p, _ROWS.pop, id(p), None)
+        _remember(p, rows)
     return rows
+
+
+def _remember(p: Any, rows: Any) -> None:
+    _ROWS[id(p)] = (weakref.ref(p), weakref.ref(rows))
+    weakref.finalize(p, _ROWS.pop, id(p), None)
+
+
+def _adopt(state: tuple, p: Any) -> None:  # p was rebuilt from this state: its bitmap layout is the state's
+    _remember(p, state[1] if len(state) == 3 else state[3])
 
 
 def _bitmap_prepare(p: Any) -> tuple:
@@ -119,7 +127,7 @@ def _nm_linear(state: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torc
 
 
 register(BackendImpl(CPU_BITMAP, "linear", ("unstructured",), _why_not, _bitmap_prepare, _layout_linear, needs=_NEEDS,
-                     unpack=_bitmap_unpack))
+                     unpack=_bitmap_unpack, adopt=_adopt))
 register(BackendImpl(CPU_COLUMNS, "linear", ("unstructured",), _columns_why_not, _columns_prepare, _layout_linear,
-                     needs=_NEEDS, unpack=_columns_unpack))
+                     needs=_NEEDS, unpack=_columns_unpack, adopt=_adopt))
 register(BackendImpl(CPU_NM, "linear", ("nm",), _why_not, _nm_prepare, _nm_linear, needs=_NEEDS))

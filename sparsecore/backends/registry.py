@@ -11,6 +11,8 @@ library needs to know about it:
 * ``prepare(packed) -> state`` (built once per module, device and dtype) and ``run``;
 * ``unpack(state) -> (weight, mask)`` (optional): the weight rebuilt from a prepared state, so that a layer
   running only this backend can hold that state instead of its packed buffers;
+* ``adopt(state, packed)`` (optional): ``packed`` was rebuilt from this state, so what the backend derived
+  from the old packed form may be reused for it;
 * capabilities: ``needs`` (any of ``"triton"``, ``"cuda"``, ``"compiler"``: checked after ``why_not``, and
   read by the planner), ``plannable`` (``False`` for oracles the planner never picks), ``differentiable``
   (autograd sees through ``run``; otherwise ``sparsecore.autograd`` supplies the backward) and
@@ -112,6 +114,9 @@ class BackendImpl:
     # (weight, kept mask) rebuilt from a prepared state: a layer whose plan runs only such backends keeps
     # that state alone and drops its packed buffers (sparsecore.modules, "one copy per layer")
     unpack: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # told that ``packed`` was rebuilt from (and equals) what ``state`` was prepared from: lets the backend
+    # reuse what it derived (shared layouts) for other backends prepared from ``packed`` later
+    adopt: Callable[[Any, PackedWeight], None] | None = None
 
     def __post_init__(self) -> None:
         name = self.backend.value if isinstance(self.backend, Backend) else self.backend
