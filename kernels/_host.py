@@ -61,6 +61,20 @@ def dry_launches() -> Iterator[None]:
 
 class _Poison:
     active = False
+    listeners: list[Callable[[bool], None]] = []  # native code that allocates its own outputs
+
+
+def on_poison_change(fn: Callable[[bool], None]) -> None:
+    """Call ``fn(active)`` now and whenever ``poisoned_buffers`` is entered or left (for outputs allocated in
+    native code, e.g. the C++ CPU kernels)."""
+    _Poison.listeners.append(fn)
+    fn(_Poison.active)
+
+
+def _set_poison(active: bool) -> None:
+    _Poison.active = active
+    for fn in _Poison.listeners:
+        fn(active)
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -74,11 +88,12 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
 def poisoned_buffers() -> Iterator[None]:
     """Inside: launcher buffers (outputs, split-K partials) start as NaN, so a test sees any element a kernel
     leaves unwritten."""
-    previous, _Poison.active = _Poison.active, True
+    previous = _Poison.active
+    _set_poison(True)
     try:
         yield
     finally:
-        _Poison.active = previous
+        _set_poison(previous)
 
 
 def _first_config(kernel: Any) -> dict:

@@ -69,7 +69,7 @@ UNSTRUCTURED_CASES = [  # (N, K, M, sparsity): K not a multiple of 8/16/32/64, o
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["bitmap", "columns"])
-def test_unstructured_linear_matches_float64(isa, dtype, layout, seeded):
+def test_unstructured_linear_matches_float64(isa, dtype, layout, seeded, poisoned):
     for i, (n, k, m, s) in enumerate(UNSTRUCTURED_CASES):
         p = _unstructured(n, k, s, dtype, seeded)
         build, run = ((cpu.bitmap_layout, cpu.bitmap_linear) if layout == "bitmap"
@@ -90,7 +90,7 @@ NM_CASES = [  # (N, K, M, n, m): slots per row not a multiple of 8/16, M across 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nm_linear_matches_float64(isa, dtype, seeded):
+def test_nm_linear_matches_float64(isa, dtype, seeded, poisoned):
     for i, (n_out, k, m_rows, n, m) in enumerate(NM_CASES):
         p = _nm(n_out, k, n, m, dtype, seeded)
         x = _x(m_rows, k, dtype, seeded, strided=i % 2 == 0)

@@ -48,7 +48,7 @@ from typing import Optional
 
 import torch
 
-from .._host import needs_op
+from .._host import needs_op, on_poison_change
 
 __all__ = ["CpuKernelsUnavailable", "BitmapLayout", "ISAS", "extension", "why_unavailable", "available_isas",
            "default_isa", "bitmap_layout", "bitmap_linear", "bitmap_linear_ref", "bitmap_dense", "ColumnLayout", "column_layout",
@@ -93,8 +93,10 @@ def _build() -> ModuleType:
 
     cpp_extension.verify_ninja_availability()  # raises RuntimeError naming ninja
     _clear_stale_lock(Path(cpp_extension._get_build_directory(_build_name(), False)) / "lock")
-    return cpp_extension.load(_build_name(), [str(_DIR / s) for s in _SOURCES], extra_cflags=_CFLAGS,
-                              extra_ldflags=_LDFLAGS, verbose=False)
+    mod = cpp_extension.load(_build_name(), [str(_DIR / s) for s in _SOURCES], extra_cflags=_CFLAGS,
+                             extra_ldflags=_LDFLAGS, verbose=False)
+    on_poison_change(mod.set_poison)
+    return mod
 
 
 # torch's build lock is a file that a killed build leaves behind, and every later build then waits for it

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -15,6 +16,10 @@ namespace sc = sparsecore_cpu;
 namespace {
 
 enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// Set by the tests' poisoned_buffers (kernels/_host.py): outputs start as NaN, so an element a kernel leaves
+// unwritten fails the comparison instead of passing with whatever the allocator held.
+std::atomic<bool> g_poison{false};
 
 bool cpu_has(Isa isa) {
 #ifdef SPARSECORE_PORTABLE_ONLY
@@ -108,6 +113,7 @@ at::Tensor run_rows(const at::Tensor& x, int64_t n, int64_t kp, const c10::optio
   const at::Tensor act = pack_activations(x, kp, mt, isa);
   const at::Tensor b = bias_f32(bias, n);
   at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  if (g_poison.load(std::memory_order_relaxed)) y.fill_(std::numeric_limits<float>::quiet_NaN());
   // Work items are (activation tile, chunk of output features), tile-major, handed out from a shared
   // counter rather than split evenly up front: the threads work on the same tile at once (it stays in their
   // caches), and a thread that is descheduled or slower leaves its share to the others. A chunk is ~256k
@@ -285,6 +291,7 @@ at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("available_isas", &available_isas, "instruction sets this CPU can run, plainest first");
+  mod.def("set_poison", [](bool on) { g_poison.store(on); }, "outputs start as NaN while on (tests)");
   mod.def("bitmap_layout", &bitmap_layout, "row-major bitmap layout from the tiled unstructured format");
   mod.def("bitmap_linear", &bitmap_linear, "y = x @ W^T (+ bias), W in the row-major bitmap layout");
   mod.def("column_layout", &column_layout, "uint16 column indices from the row-major bitmap words");
