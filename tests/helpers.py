@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 # atol grows with sqrt(K) (random-walk accumulation of rounding); rtol is the dtype's.
 _TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1.6e-2, 5e-2)}
@@ -72,3 +74,19 @@ def rewrite_header(path, edit, sign: bool = True) -> None:
     blob = json.dumps(outer).encode()
     blob += b" " * ((8 - len(blob) % 8) % 8)
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+
+
+class SENet(nn.Module):
+    """Channel tracing fixture: an SE-style multiply the tracer cannot see through (c2 and se pinned), a
+    ``view(B, -1)`` flatten, a concat into the head ``fc``. ``x [B, 3, 8, 8] -> [B, 5]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.se = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.c3, self.fc = nn.Conv2d(8, 6, 3, padding=1), nn.Linear(6 * 4 * 4 + 8, 5)
+
+    def forward(self, x):
+        a = F.relu(self.c1(x))
+        b = self.c2(a) * torch.sigmoid(self.se(a.mean((2, 3), keepdim=True)))
+        c = F.adaptive_avg_pool2d(F.relu(self.c3(a)), 4)
+        return self.fc(torch.cat([c.view(c.size(0), -1), b.mean((2, 3))], dim=1))

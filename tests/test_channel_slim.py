@@ -15,6 +15,7 @@ from sparsecore.channel import (apply_plan, channel_groups, channel_weight_masks
 from sparsecore.formats.channel import ChannelWeight
 from sparsecore.models.cnn import mobilenet_small, vgg_small
 from sparsecore.models.resnet import resnet18, resnet50
+from helpers import SENet
 
 X_SHAPE = (1, 3, 32, 32)
 
@@ -255,24 +256,9 @@ def test_bad_masks_raise():
         plan_slim(model, {}, x, round_to=0)
 
 
-class _ViewSENet(nn.Module):
-    """An SE-style multiply (unknown to the tracer: pins both sides) and a view(B, -1) flatten."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1, self.c2, self.se = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
-        self.c3, self.fc = nn.Conv2d(8, 6, 3, padding=1), nn.Linear(6 * 4 * 4 + 8, 5)
-
-    def forward(self, x):
-        a = F.relu(self.c1(x))
-        b = self.c2(a) * torch.sigmoid(self.se(a.mean((2, 3), keepdim=True)))
-        c = F.adaptive_avg_pool2d(F.relu(self.c3(a)), 4)
-        return self.fc(torch.cat([c.view(c.size(0), -1), b.mean((2, 3))], dim=1))
-
-
 def test_view_flatten_and_unknown_ops(seeded):
     _seed(seeded)
-    model = _ViewSENet().eval()
+    model = SENet().eval()
     x = torch.randn(1, 3, 8, 8, generator=seeded)
     prunable = {g.fqns: bool(g.prunable.all()) for g in channel_groups(model, x)}
     assert prunable == {("c1",): True, ("c2",): False, ("se",): False, ("c3",): True, ("fc",): False}

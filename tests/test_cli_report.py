@@ -9,7 +9,7 @@ from sparsecore.cli import skeleton_from_file, zoo
 from sparsecore.cli.table import fmt_bytes
 from sparsecore.report import REPORT_KEY
 from cli_helpers import no_interpreter_in_plans, run_cli, table_rows  # noqa: F401  (autouse fixture)
-from test_report_channel import _SENet
+from helpers import SENet
 
 
 def _seed(gen: torch.Generator) -> int:
@@ -61,7 +61,7 @@ def test_brief_prints_each_reason_once_instead_of_rows(tmp_path, capsys):
 
 def test_inspect_shows_slimmed_layers_and_why_others_kept_their_width(tmp_path, capsys, seeded):
     torch.manual_seed(_seed(seeded))
-    model = _SENet().eval()
+    model = SENet().eval()
     x = torch.randn(2, 3, 8, 8, generator=seeded)
     masks = {"c1": torch.arange(8) % 2 == 0, "c2": torch.arange(8) < 4, "c3": torch.arange(6) < 3}
     weight_masks = {f: m[:, None, None, None].expand_as(model.get_submodule(f).weight) for f, m in masks.items()}

@@ -3,30 +3,14 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import sparsecore as sc
 from sparsecore import layers
-from sparsecore.channel import apply_plan, plan_slim, slim_skipped
+from sparsecore.channel import plan_slim, slim_skipped
 from sparsecore.models.resnet import resnet18
 from sparsecore.models.transformer import DecoderBlock
 from sparsecore.report import REPORT_KEY
-
-
-class _SENet(nn.Module):
-    """c2's channels are gated by an SE multiply the tracer cannot see through (c2 and se pinned); fc is the head."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1, self.c2, self.se = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
-        self.c3, self.fc = nn.Conv2d(8, 6, 3, padding=1), nn.Linear(6 * 4 * 4 + 8, 5)
-
-    def forward(self, x):
-        a = F.relu(self.c1(x))
-        b = self.c2(a) * torch.sigmoid(self.se(a.mean((2, 3), keepdim=True)))
-        c = F.adaptive_avg_pool2d(F.relu(self.c3(a)), 4)
-        return self.fc(torch.cat([c.view(c.size(0), -1), b.mean((2, 3))], dim=1))
+from helpers import SENet
 
 
 def _seed(gen):
@@ -35,7 +19,7 @@ def _seed(gen):
 
 def test_slimmed_layers_kept_fractions_and_pinned_reasons(seeded):
     _seed(seeded)
-    model = _SENet().eval()
+    model = SENet().eval()
     x = torch.randn(2, 3, 8, 8, generator=seeded)
     small = sc.sparsify(copy.deepcopy(model), sc.SparsityConfig("channel", 0.5), example_inputs=(x,))
     rep = sc.last_report(small)
