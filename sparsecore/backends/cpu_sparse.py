@@ -61,7 +61,7 @@ def _columns_why_not(packed: PackedWeight, x: torch.Tensor) -> str | None:
 
 # The bitmap layout of each packed weight while some prepared state holds it (weak on both sides), shared by
 # both unstructured backends: a layer planned to run both (say cpu_bitmap at M = 1, cpu_columns above)
-# holds one copy of the values, not two. A cpu_columns state keeps its bitmap layout alive for that reason.
+# holds one copy of the values, not two. Both states are (kernel, layout, isa, the bitmap layout they share).
 _ROWS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
@@ -82,13 +82,14 @@ def _remember(p: Any, rows: Any) -> None:
 
 
 def _adopt(state: tuple, p: Any) -> None:  # p was rebuilt from this state: its bitmap layout is the state's
-    _remember(p, state[1] if len(state) == 3 else state[3])
+    _remember(p, state[3])
 
 
 def _bitmap_prepare(p: Any) -> tuple:
     from ..kernels import cpu
 
-    return cpu.bitmap_linear, _rows_layout(p), cpu.default_isa()
+    rows = _rows_layout(p)
+    return cpu.bitmap_linear, rows, cpu.default_isa(), rows
 
 
 def _columns_prepare(p: Any) -> tuple:
