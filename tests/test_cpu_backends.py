@@ -63,7 +63,7 @@ def test_isa_forced_by_environment(built, monkeypatch, seeded):
         mod = SparseLinear(p, None, backend="cpu_bitmap")
         assert_close_to_ref(mod(x), x.double() @ p.to_dense().double().t(), 70)
         (state,) = mod.prepared_states()
-        assert state[-1] == isa
+        assert state[2] == isa  # (kernel, layout, isa, bitmap layout)
     monkeypatch.setenv("SPARSECORE_CPU_ISA", "mmx")
     with pytest.raises(BackendUnavailable, match="SPARSECORE_CPU_ISA must be one of"):
         SparseLinear(p, None, backend="cpu_bitmap")(x)
