@@ -30,7 +30,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -84,6 +84,16 @@ class _PackedShell:
     kept: int
 
 
+# What a call runs, as ``_dispatch`` hands it to ``forward``: ``(impl.run, prepared state, impl.accepts_nd,
+# impl.differentiable)``. A plain tuple: torch.compile guards each item by position (no attribute look-ups on a
+# ``BackendImpl`` per layer and call).
+_Hit = tuple[Callable[..., torch.Tensor], Any, bool, bool]
+
+
+def _hit(impl: BackendImpl, state: Any) -> _Hit:
+    return impl.run, state, impl.accepts_nd, impl.differentiable
+
+
 def m_bucket(rows: int) -> int:
     """Planner key for a batch of ``rows`` activation rows: the next power of two (1, 2, 4, ...).
 
@@ -120,12 +130,14 @@ class _SparseBase(nn.Module):
                 raise TypeError(f"bias dtype {bias.dtype} differs from the weight's {packed.dtype}")
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.backend = backend
-        self._plan: dict[int, Backend] = {}  # m_bucket -> backend, filled by sparsecore.planner
+        # m_bucket -> backend name, filled by sparsecore.planner. Plain ``str`` values and keys, here and in
+        # ``_resolved``: torch.compile guards them with one C++ equality each (``_dispatch``).
+        self._plan: dict[int, str] = {}
         self._packed: PackedWeight | None = packed  # None while dense- or state-held
         self._owner: Backend | None = None  # the backend whose prepared state stands in for the packed form
         self._shell: _PackedShell | None = None
         self._prepared: dict[Backend, Any] = {}
-        self._resolved: dict[tuple, tuple[BackendImpl, Any]] = {}
+        self._resolved: dict[tuple[str, torch.device, torch.dtype], _Hit] = {}
         self._pinned = 0  # > 0 inside planning(): keep every representation, switch none
 
     # -- packed weight ---------------------------------------------------------------------------
@@ -176,11 +188,12 @@ class _SparseBase(nn.Module):
     @backend.setter
     def backend(self, name: Backend | str) -> None:
         self._backend = Backend(name)
+        self._forced = None if self._backend == AUTO else self._backend.value  # what _dispatch reads
 
     @property
     def plan(self) -> Mapping[int, Backend]:
         """Read-only ``{m_bucket: backend}`` chosen by ``sparsecore.planner`` (``set_plan`` / ``load_plan`` write it)."""
-        return MappingProxyType(self._plan)
+        return MappingProxyType({bucket: Backend(name) for bucket, name in self._plan.items()})
 
     def dense_weight(self) -> torch.Tensor:
         """The masked dense weight (``[out, in]`` or ``[C_out, C_in, kh, kw]``), materialised anew."""
@@ -256,7 +269,7 @@ class _SparseBase(nn.Module):
     def _runs(self) -> set[str]:
         if self.backend != AUTO:
             return {self.backend.value}
-        return {b.value for b in self._plan.values()} or {_DENSE}
+        return set(self._plan.values()) or {_DENSE}
 
     def _hold_state(self, owner: Backend) -> None:
         p = self._packed
@@ -323,7 +336,7 @@ class _SparseBase(nn.Module):
             self.prepared(impl)  # may hand the weight to a state (``_try_hold_state``), which clears the cache
             impls.append(impl)
         for impl in impls:  # so the cache is filled once every state exists
-            self._resolved[(impl.backend, device, dtype)] = (impl, self.prepared(impl))
+            self._resolved[(impl.backend.value, device, dtype)] = _hit(impl, self.prepared(impl))
 
     @contextmanager
     def planning(self):
@@ -387,10 +400,18 @@ class _SparseBase(nn.Module):
         return held.keys() == tensors.keys() and all(held[n] is t for n, t in tensors.items())
 
     # -- execution -------------------------------------------------------------------------------
-    def _dispatch(self, x: torch.Tensor, rows: int) -> tuple[BackendImpl, Any]:
-        """(implementation, prepared state) for this input. Checks run once per (backend, device, dtype)."""
-        backend = self.backend
-        if backend == AUTO:
+    def _dispatch(self, x: torch.Tensor, rows: int) -> _Hit:
+        """``(run, state, accepts_nd, differentiable)`` for this input. Checks run once per (backend, device, dtype).
+
+        Under torch.compile this is what each call's guards check, so it reads only plain attributes: the
+        forced name (``None`` or a ``str``), the plan's ``str`` for the bucket and one ``_resolved`` entry whose
+        key is made of constants. Dynamo then guards each with one C++ equality or dict look-up instead of a
+        Python lambda per ``Backend`` (a ``str`` subclass) and a walk over every key of ``_resolved``. Any
+        change of plan, forced backend, representation, device or dtype changes one of them (or drops the
+        entry: ``_resolved`` is cleared whenever a state changes), so the compiled graph is not reused.
+        """
+        backend = self._forced
+        if backend is None:
             backend = self._plan.get(m_bucket(rows), _DENSE)
         hit = self._resolved.get((backend, x.device, x.dtype))
         if hit is None:
@@ -398,7 +419,7 @@ class _SparseBase(nn.Module):
         return hit
 
     @torch.compiler.disable
-    def _resolve_for(self, backend: Backend | str, x: torch.Tensor) -> tuple[BackendImpl, Any]:
+    def _resolve_for(self, backend: str, x: torch.Tensor) -> _Hit:
         """Check, resolve and prepare ``backend`` for ``x`` and cache the result.
 
         Eager code, also under torch.compile (a graph break there): checks and ``prepare`` cannot be traced.
@@ -415,7 +436,7 @@ class _SparseBase(nn.Module):
             impl = lookup(self.op, _DENSE, self._meta["kind"])
         else:
             impl = resolve(self.op, backend, self._shell if self._owner is not None else self.packed, x_op)
-        hit = self._resolved[(Backend(backend), x.device, x.dtype)] = (impl, self.prepared(impl))
+        hit = self._resolved[(Backend(backend).value, x.device, x.dtype)] = _hit(impl, self.prepared(impl))
         return hit
 
     def run_backend(self, impl: BackendImpl, x: torch.Tensor) -> torch.Tensor:
@@ -425,12 +446,12 @@ class _SparseBase(nn.Module):
 
     def set_plan(self, bucket: int, backend: Backend | str) -> None:
         """Record the planner's choice for ``m_bucket`` ``bucket``; drop prepared state no plan uses any more."""
-        self._plan[bucket] = Backend(backend)
+        self._plan[bucket] = Backend(backend).value
         self._settle()
 
     def load_plan(self, plan: Mapping[int, Backend | str]) -> None:
         """Replace the whole plan (e.g. with another module's ``plan``: plans are per machine and not saved)."""
-        new = {int(bucket): Backend(backend) for bucket, backend in plan.items()}
+        new = {int(bucket): Backend(backend).value for bucket, backend in plan.items()}
         self._plan = new
         self._settle()
 
@@ -512,14 +533,14 @@ class SparseLinear(_SparseBase):
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects [..., {self.in_features}] input, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        impl, state = self._dispatch(x, x.numel() // max(1, self.in_features))
-        if impl.accepts_nd and (impl.differentiable or not needs_grad(x, self.bias)):
-            return impl.run(state, x, self.bias)
+        run, state, accepts_nd, differentiable = self._dispatch(x, x.numel() // max(1, self.in_features))
+        if accepts_nd and (differentiable or not needs_grad(x, self.bias)):
+            return run(state, x, self.bias)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (M, K)
-        if impl.differentiable or not needs_grad(x2, self.bias):
-            y = impl.run(state, x2, self.bias)  # (M, N)
+        if differentiable or not needs_grad(x2, self.bias):
+            y = run(state, x2, self.bias)  # (M, N)
         else:
-            y = SparseOpGrad.apply(x2, self.bias, lambda xx, b: impl.run(state, xx, b), self.dense_weight, None)
+            y = SparseOpGrad.apply(x2, self.bias, lambda xx, b: run(state, xx, b), self.dense_weight, None)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def _probe_shape(self) -> tuple[int, ...]:
@@ -607,10 +628,10 @@ class SparseConv2d(_SparseBase):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d expects a [B, {self.in_channels}, H, W] input, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        impl, state = self._dispatch(x, x.shape[0])
-        if impl.differentiable or not needs_grad(x, self.bias):
-            return impl.run(state, x, self.bias, self.conv)
-        return SparseOpGrad.apply(x, self.bias, lambda xx, b: impl.run(state, xx, b, self.conv), self.dense_weight,
+        run, state, _, differentiable = self._dispatch(x, x.shape[0])
+        if differentiable or not needs_grad(x, self.bias):
+            return run(state, x, self.bias, self.conv)
+        return SparseOpGrad.apply(x, self.bias, lambda xx, b: run(state, xx, b, self.conv), self.dense_weight,
                                   self.conv)
 
     def extra_repr(self) -> str:
