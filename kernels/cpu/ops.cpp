@@ -2,6 +2,8 @@
 // (chosen by the caller once per layer, checked here once per call, never inside a hot loop) and
 // at::parallel_for over output features, so torch.set_num_threads is obeyed.
 #include <torch/extension.h>
+#include <torch/library.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -369,6 +371,28 @@ at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Te
 #endif
   return run_rows(x, values.size(0), round_up(std::max<int64_t>(k, 1), 64), bias, static_cast<Isa>(isa),
                   [&](const sc::Activations& a, const sc::Output& o, int64_t r0, int64_t r1) { fn(d, w, a, o, r0, r1); });
+}
+
+// The launchers as torch operators, for torch.compile graphs and autograd-enabled calls: the graph calls them
+// through the dispatcher straight into C++ (the Python side adds their fake implementations when it loads
+// this module). They have no derivative: with autograd on, backward through them raises instead of
+// returning a silently wrong gradient (sparsecore.autograd differentiates the sparse modules).
+TORCH_LIBRARY_FRAGMENT(sparsecore, m) {
+  m.def("cpu_bitmap_linear(Tensor x, Tensor words, Tensor values, Tensor row_ptr, Tensor? bias, int k, int isa) -> Tensor");
+  m.def("cpu_columns_linear(Tensor x, Tensor cols, Tensor values, Tensor row_ptr, Tensor? bias, int k, int isa) -> Tensor");
+  m.def("cpu_nm_linear(Tensor x, Tensor values, Tensor positions, int n, int m, Tensor? bias, int isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparsecore, CPU, m) {
+  m.impl("cpu_bitmap_linear", &bitmap_linear);
+  m.impl("cpu_columns_linear", &columns_linear);
+  m.impl("cpu_nm_linear", &nm_linear);
+}
+
+TORCH_LIBRARY_IMPL(sparsecore, Autograd, m) {
+  m.impl("cpu_bitmap_linear", torch::autograd::autogradNotImplementedFallback());
+  m.impl("cpu_columns_linear", torch::autograd::autogradNotImplementedFallback());
+  m.impl("cpu_nm_linear", torch::autograd::autogradNotImplementedFallback());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
