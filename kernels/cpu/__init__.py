@@ -1,6 +1,7 @@
 """Native CPU kernels for sparse linear layers: built on first use, cached, chosen per instruction set.
 
-Ops (each with launcher + ``_ref`` in pure torch, and a ``torch.library`` custom op for torch.compile/autograd):
+Ops (each with launcher + ``_ref`` in pure torch, and a torch operator ``sparsecore::cpu_*_linear`` registered in
+C++ with a fake implementation, for torch.compile and autograd-enabled calls):
 
 * ``bitmap_linear(x, layout, bias)``: ``y [M, N] = x [M, K] @ W^T (+ bias)`` with W in the row-major
   bitmap layout (``BitmapLayout``) that ``bitmap_layout`` derives once from the tiled unstructured format.
@@ -22,11 +23,12 @@ N:M reads ``values [N, K n / m]`` and the packed positions directly: fp32 2:4 is
 Instruction sets: ``avx512`` (expand-loads under bitmap bits, ``vpermt2ps`` over decoded 2:4 positions),
 ``avx2`` (table-driven expansion, 8-lane permutes), ``portable`` (scalar C++, the oracle of the other two).
 The best one the CPU runs is the default; ``SPARSECORE_CPU_ISA=avx512|avx2|portable`` or the ``isa``
-argument forces one. For ``M > 1`` the launcher packs x once per call into tiles ``[K, mt]`` of ``mt``
-activation rows (16 on AVX2/portable; on AVX-512 up to 128, fewer while a tile would outgrow 256 KiB, by
-16x16 register transposes), so that one broadcast kept value feeds ``mt / 16`` FMAs; 16 output features at a
-time are transposed back into ``y``. Work items are (tile, chunk of output features), tile-major, shared
-out with ``at::parallel_for`` (``torch.set_num_threads`` applies).
+argument forces one. For ``M > 1`` x is packed once per call into tiles ``[K, mt]`` of ``mt`` activation
+rows (16 on AVX2/portable; up to 128 on AVX-512, by 16x16 register transposes), so that one broadcast kept
+value feeds ``mt / 16`` FMAs; on AVX-512 a tile's columns are swept in panels of at most 256 KiB, which stay
+in L2 while every output feature re-reads them, and 16 output features at a time are transposed back into
+``y``. Work items are (tile, chunk of output features), tile-major, shared out with ``at::parallel_for``
+(``torch.set_num_threads`` applies); the threads pack a tile together when they first need it.
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and ninja) on the
 first call that needs it, never at import, into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
@@ -96,7 +98,23 @@ def _build() -> ModuleType:
     mod = cpp_extension.load(_build_name(), [str(_DIR / s) for s in _SOURCES], extra_cflags=_CFLAGS,
                              extra_ldflags=_LDFLAGS, verbose=False)
     on_poison_change(mod.set_poison)
+    _register_fakes()
     return mod
+
+
+def _register_fakes() -> None:
+    """Shapes of the extension's operators (``sparsecore::cpu_*_linear``) for torch.compile's tracing."""
+    def bitmap(x, words, values, row_ptr, bias, k, isa):
+        return x.new_empty((x.shape[0], words.shape[0]))
+
+    def columns(x, cols, values, row_ptr, bias, k, isa):
+        return x.new_empty((x.shape[0], row_ptr.shape[0] - 1))
+
+    def nm(x, values, positions, n, m, bias, isa):
+        return x.new_empty((x.shape[0], values.shape[0]))
+
+    for name, fn in (("cpu_bitmap_linear", bitmap), ("cpu_columns_linear", columns), ("cpu_nm_linear", nm)):
+        torch.library.register_fake(f"sparsecore::{name}", fn)
 
 
 # torch's build lock is a file that a killed build leaves behind, and every later build then waits for it
@@ -197,17 +215,6 @@ def bitmap_layout(bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torc
     return BitmapLayout(words, vals, row_ptr, n, k)
 
 
-@torch.library.custom_op("sparsecore::cpu_bitmap_linear", mutates_args=())
-def _bitmap_op(x: torch.Tensor, words: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
-               bias: Optional[torch.Tensor], k: int, isa: int) -> torch.Tensor:
-    return extension().bitmap_linear(x, words, values, row_ptr, bias, k, isa)
-
-
-@_bitmap_op.register_fake
-def _(x, words, values, row_ptr, bias, k, isa):
-    return x.new_empty((x.shape[0], words.shape[0]))
-
-
 def _check_x(x: torch.Tensor, k: int, dtype: torch.dtype, n: int, bias: Optional[torch.Tensor]) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x must be a 2-D tensor [M, {k}], got {tuple(getattr(x, 'shape', ()))}")
@@ -227,7 +234,8 @@ def bitmap_linear(x: torch.Tensor, layout: BitmapLayout, bias: Optional[torch.Te
     _check_x(x, layout.k, layout.values.dtype, layout.n, bias)
     code = _isa_code(isa)
     if needs_op(x, bias):
-        return _bitmap_op(x, layout.words, layout.values, layout.row_ptr, bias, layout.k, code)
+        return torch.ops.sparsecore.cpu_bitmap_linear(x, layout.words, layout.values, layout.row_ptr, bias, layout.k,
+                                                      code)
     return extension().bitmap_linear(x, layout.words, layout.values, layout.row_ptr, bias, layout.k, code)
 
 
@@ -296,17 +304,6 @@ def column_dense(layout: ColumnLayout) -> tuple[torch.Tensor, torch.Tensor]:
     return w, mask
 
 
-@torch.library.custom_op("sparsecore::cpu_columns_linear", mutates_args=())
-def _columns_op(x: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
-                bias: Optional[torch.Tensor], k: int, isa: int) -> torch.Tensor:
-    return extension().columns_linear(x, cols, values, row_ptr, bias, k, isa)
-
-
-@_columns_op.register_fake
-def _(x, cols, values, row_ptr, bias, k, isa):
-    return x.new_empty((x.shape[0], row_ptr.shape[0] - 1))
-
-
 def columns_linear(x: torch.Tensor, layout: ColumnLayout, bias: Optional[torch.Tensor] = None,
                    isa: Optional[str] = None) -> torch.Tensor:
     """``y [M, N] = x [M, K] @ W^T (+ bias)``, W as a ``ColumnLayout``; ``isa`` forces a path.
@@ -317,7 +314,8 @@ def columns_linear(x: torch.Tensor, layout: ColumnLayout, bias: Optional[torch.T
     _check_x(x, layout.k, layout.values.dtype, layout.n, bias)
     code = _isa_code(isa)
     if needs_op(x, bias):
-        return _columns_op(x, layout.cols, layout.values, layout.row_ptr, bias, layout.k, code)
+        return torch.ops.sparsecore.cpu_columns_linear(x, layout.cols, layout.values, layout.row_ptr, bias, layout.k,
+                                                       code)
     return extension().columns_linear(x, layout.cols, layout.values, layout.row_ptr, bias, layout.k, code)
 
 
@@ -331,17 +329,6 @@ def columns_linear_ref(x: torch.Tensor, layout: ColumnLayout, bias: Optional[tor
 
 
 # ---- N:M: the stored format ---------------------------------------------------------------------------
-@torch.library.custom_op("sparsecore::cpu_nm_linear", mutates_args=())
-def _nm_op(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
-           bias: Optional[torch.Tensor], isa: int) -> torch.Tensor:
-    return extension().nm_linear(x, values, positions, n, m, bias, isa)
-
-
-@_nm_op.register_fake
-def _(x, values, positions, n, m, bias, isa):
-    return x.new_empty((x.shape[0], values.shape[0]))
-
-
 def nm_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
               bias: Optional[torch.Tensor] = None, isa: Optional[str] = None) -> torch.Tensor:
     """``y [M, N] = x [M, K] @ W^T (+ bias)``, W as N:M ``values [N, K n / m]`` and packed ``positions``.
@@ -356,7 +343,7 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n:
     _check_x(x, values.shape[1] // n * m, values.dtype, values.shape[0], bias)
     code = _isa_code(isa)
     if needs_op(x, bias):
-        return _nm_op(x, values, positions, n, m, bias, code)
+        return torch.ops.sparsecore.cpu_nm_linear(x, values, positions, n, m, bias, code)
     return extension().nm_linear(x, values, positions, n, m, bias, code)
 
 
