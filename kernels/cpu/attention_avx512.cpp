@@ -26,11 +26,12 @@ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t round16(int64_t x) { return (x + 15) & ~int64_t{15}; }
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
 
-// 2^x for x <= 0 (and -inf -> 0): x = n + r, |r| <= 1/2, 2^r by its degree-6 Taylor polynomial (relative
-// error < 2e-7), times 2^n by vscalefps. Inputs below -150 give exactly 0 (2^-150 is half the least fp32 denormal).
-// A NaN input stays NaN (vmaxps returns its second operand when either is NaN).
+// 2^x for x <= 0: x = n + r, |r| <= 1/2, 2^r by its degree-6 Taylor polynomial (relative error < 2e-7), times
+// 2^n by vscalefps. Inputs below -126 (-inf included) give exactly 0: their results would be denormal, which
+// cost microcode assists in the p v products and weigh nothing against the row's largest term 2^0 = 1.
+// A NaN input stays NaN.
 inline __m512 exp2_nonpositive(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(1.5403530393381608e-4f);
@@ -40,7 +41,7 @@ inline __m512 exp2_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.2402265069591007f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6931471805599453f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps(normal, p, n);
 }
 
 inline float exp2_scalar(float x) { return _mm512_cvtss_f32(exp2_nonpositive(_mm512_set1_ps(x))); }
@@ -277,6 +278,20 @@ void pack_head(const AttnProblem& p, int64_t b, int64_t h, int64_t skp, int64_t 
   }
 }
 
+// Asks for the rows of q, k and v of head (b, h) to be brought into L2 while the current head computes: when
+// they were evicted (by other work between calls) a head would otherwise wait on ~3 Sk strided row misses.
+void prefetch_head(const AttnProblem& p, int64_t b, int64_t h) {
+  const char* q = reinterpret_cast<const char*>(p.q + p.q_b * b + p.q_h * h);
+  const char* k = reinterpret_cast<const char*>(p.k + p.k_b * b + p.k_h * h);
+  const char* v = reinterpret_cast<const char*>(p.v + p.v_b * b + p.v_h * h);
+  for (int64_t j = 0; j < p.Sk; ++j) {
+    for (int64_t c = 0; c < p.D * 4; c += 64) _mm_prefetch(k + 4 * j * p.k_s + c, _MM_HINT_T1);
+    for (int64_t c = 0; c < p.Dv * 4; c += 64) _mm_prefetch(v + 4 * j * p.v_s + c, _MM_HINT_T1);
+  }
+  for (int64_t i = 0; i < p.Sq; ++i)
+    for (int64_t c = 0; c < p.D * 4; c += 64) _mm_prefetch(q + 4 * i * p.q_s + c, _MM_HINT_T1);
+}
+
 void run_block(const AttnProblem& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t skp, int64_t dvp,
                Scratch& w) {
   const int64_t lds = imin(kKeyChunk, skp);
@@ -339,7 +354,11 @@ void attention_items_avx512(const AttnProblem& p, int64_t item0, int64_t item1) 
   for (int64_t item = item0; item < item1; ++item) {
     const int64_t head = item / blocks, blk = item % blocks;
     const int64_t b = head / p.H, h = head % p.H;
-    if (head != packed) pack_head(p, b, h, skp, dvp, w), packed = head;
+    if (head != packed) {
+      pack_head(p, b, h, skp, dvp, w);
+      packed = head;
+      if (head + 1 < p.B * p.H) prefetch_head(p, (head + 1) / p.H, (head + 1) % p.H);
+    }
     const int64_t i0 = blk * kQueryRows;
     run_block(p, b, h, i0, imin(kQueryRows, p.Sq - i0), skp, dvp, w);
   }
