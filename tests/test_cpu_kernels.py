@@ -61,9 +61,11 @@ def _ref(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None) -> tor
 
 UNSTRUCTURED_CASES = [  # (N, K, M, sparsity): K not a multiple of 8/16/32/64, odd N, M across 1..17, and
     # M > 17 for the tiled AVX-512 path: 3 vectors per tile (40), one full tile (128), and two partial tiles
-    # narrowed by a long K (130 x 3000), with output groups of fewer than 16 features
+    # narrowed by a long K (130 x 3000), with output groups of fewer than 16 features; K swept in several panels
+    # (3000 at M = 130, 2100 at M = 64 and 48), dense and half-kept
     (37, 203, 1, 0.5), (64, 300, 3, 0.9), (5, 64, 17, 0.0), (33, 1000, 1, 1.0), (130, 517, 16, 0.7),
     (9, 129, 2, 0.97), (70, 1100, 1, 0.95), (37, 203, 40, 0.5), (50, 96, 128, 0.3), (21, 3000, 130, 0.9),
+    (40, 2100, 64, 0.0), (19, 2100, 48, 0.6),
 ]
 
 
@@ -85,7 +87,7 @@ def test_unstructured_linear_matches_float64(isa, dtype, layout, seeded, poisone
 NM_CASES = [  # (N, K, M, n, m): slots per row not a multiple of 8/16, M across 1..17
     (37, 204, 1, 2, 4), (64, 40, 3, 2, 4), (9, 72, 1, 1, 4), (9, 76, 5, 3, 4), (11, 88, 1, 4, 8),
     (11, 88, 17, 5, 8), (7, 1028, 1, 2, 4), (13, 64, 16, 2, 8), (6, 48, 1, 7, 8), (19, 96, 40, 2, 4),
-    (9, 3000, 130, 2, 4), (7, 64, 70, 5, 8),
+    (9, 3000, 130, 2, 4), (7, 64, 70, 5, 8), (10, 2104, 64, 5, 8),
 ]
 
 

@@ -22,11 +22,12 @@ N:M reads ``values [N, K n / m]`` and the packed positions directly: fp32 2:4 is
 Instruction sets: ``avx512`` (expand-loads under bitmap bits, ``vpermt2ps`` over decoded 2:4 positions),
 ``avx2`` (table-driven expansion, 8-lane permutes), ``portable`` (scalar C++, the oracle of the other two).
 The best one the CPU runs is the default; ``SPARSECORE_CPU_ISA=avx512|avx2|portable`` or the ``isa``
-argument forces one. For ``M > 1`` the launcher packs x once per call into tiles ``[K, mt]`` of ``mt``
-activation rows (16 on AVX2/portable; on AVX-512 up to 128, fewer while a tile would outgrow 256 KiB, by
-16x16 register transposes), so that one broadcast kept value feeds ``mt / 16`` FMAs; 16 output features at a
-time are transposed back into ``y``. Work items are (tile, chunk of output features), tile-major, shared
-out with ``at::parallel_for`` (``torch.set_num_threads`` applies).
+argument forces one. For ``M > 1`` x is packed once per call into tiles ``[K, mt]`` of ``mt`` activation
+rows (16 on AVX2/portable; up to 128 on AVX-512, by 16x16 register transposes), so that one broadcast kept
+value feeds ``mt / 16`` FMAs; on AVX-512 a tile's columns are swept in panels of at most 256 KiB, which stay
+in L2 while every output feature re-reads them, and 16 output features at a time are transposed back into
+``y``. Work items are (tile, chunk of output features), tile-major, shared out with ``at::parallel_for``
+(``torch.set_num_threads`` applies); the threads pack a tile together when they first need it.
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and ninja) on the
 first call that needs it, never at import, into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default

@@ -59,11 +59,16 @@ __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
 // cannot see them coming. Every column list has >= 16 entries of padding, so reading the index is in bounds.
 constexpr int64_t kPrefetchAhead = 8;
 
-// out[16 i ..] = sum over kept entries e of value[e] * xt[cols[e]][16 i ..], for i < V. One broadcast feeds V
-// FMAs; below V = 4, U sets of accumulators keep 4+ FMA chains in flight.
+// Writes s to out, or adds it to what out holds (the sums of earlier K panels).
+inline void put(float* out, __m512 s, bool add) {
+  _mm512_store_ps(out, add ? _mm512_add_ps(_mm512_load_ps(out), s) : s);
+}
+
+// out[16 i ..] (+)= sum over kept entries e of value[e] * xt[cols[e]][16 i ..], for i < V. One broadcast feeds
+// V FMAs; below V = 4, U sets of accumulators keep 4+ FMA chains in flight.
 template <DType D, int V, class Col>
-inline void dot_entries(const Col* cols, const void* vals, int64_t j0, int64_t cnt, const float* xt, int64_t mt,
-                        float* out) {
+__attribute__((always_inline)) inline void dot_entries(const Col* cols, const void* vals, int64_t j0, int64_t cnt,
+                                                       const float* xt, int64_t mt, float* out, bool add) {
   constexpr int U = V >= 4 ? 1 : (V == 1 ? 4 : 2);
   __m512 acc[U][V];
   for (int u = 0; u < U; ++u)
@@ -90,7 +95,7 @@ inline void dot_entries(const Col* cols, const void* vals, int64_t j0, int64_t c
   for (int i = 0; i < V; ++i) {
     __m512 s = acc[0][i];
     for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][i]);
-    _mm512_store_ps(out + 16 * i, s);
+    put(out + 16 * i, s, add);
   }
 }
 
@@ -109,16 +114,18 @@ inline void store_tile(const float* buf, int64_t mt, int gn, int64_t rows, const
   }
 }
 
-// The same sum over a feature's bitmap words: each kept column found by tzcnt/blsr feeds its FMAs at once
-// (no decode pass), values[j ..] in column order.
+// The same sum over bitmap words [w0, w1) of a feature: each kept column found by tzcnt/blsr feeds its FMAs
+// at once (no decode pass); values[j ..] in column order, j advanced past the entries used.
 template <DType D, int V>
-inline void dot_bitmap(const uint64_t* words, int64_t n_words, const void* vals, int64_t j, const float* xt,
-                       int64_t mt, float* out) {
+__attribute__((always_inline)) inline void dot_bitmap(const uint64_t* words, int64_t w0, int64_t w1, const void* vals,
+                                                      int64_t& cursor, const float* xt, int64_t mt, float* out,
+                                                      bool add) {
   constexpr int U = V >= 4 ? 1 : (V == 1 ? 4 : 2);
+  int64_t j = cursor;
   __m512 acc[U][V];
   for (int u = 0; u < U; ++u)
     for (int i = 0; i < V; ++i) acc[u][i] = _mm512_setzero_ps();
-  for (int64_t wi = 0; wi < n_words; ++wi) {
+  for (int64_t wi = w0; wi < w1; ++wi) {
     uint64_t b = words[wi];
     const float* xw = xt + wi * 64 * mt;
     while (b) {
@@ -133,27 +140,66 @@ inline void dot_bitmap(const uint64_t* words, int64_t n_words, const void* vals,
       }
     }
   }
+  cursor = j;
   for (int i = 0; i < V; ++i) {
     __m512 s = acc[0][i];
     for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][i]);
-    _mm512_store_ps(out + 16 * i, s);
+    put(out + 16 * i, s, add);
   }
 }
 
-// Output features [r0, r1) for every tile of a: `dot(std::integral_constant<int, V>, r, xt, mt, out)` writes
-// feature r's mt sums for the tile xt to out; 16 features at a time are then transposed into y.
+// First entry at or after j (and before e) whose column is >= k1 (k1 < 65536), for increasing columns.
+inline int64_t columns_below(const uint16_t* cols, int64_t j, int64_t e, int64_t k1) {
+  const __m512i lim = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(k1)));
+  while (j < e) {
+    const __mmask32 valid = e - j >= 32 ? 0xffffffffu : static_cast<__mmask32>((1u << (e - j)) - 1);
+    const __mmask32 lt = _mm512_mask_cmplt_epu16_mask(valid, _mm512_maskz_loadu_epi16(valid, cols + j), lim);
+    const int64_t run = _tzcnt_u32(~static_cast<uint32_t>(lt));
+    j += run;
+    if (run < 32) break;
+  }
+  return j < e ? j : e;
+}
+
+// Output features [r0, r1) for every tile of a. `dot.start(r)` is feature r's first entry; `dot(V, r, j, k0, k1,
+// xt, mt, out, add)` writes (add: adds) the mt sums of its entries with columns in [k0, k1), from entry j on,
+// to out and leaves j past them. With one K panel, 16 features at a time go through buf and are transposed
+// into y; with more (a.kpanel < a.kp, so that the panel of x in use stays in L2), every feature of the range
+// accumulates panel after panel in acc [r1 - r0][mt], and is transposed into y at the end.
 template <int V, class Dot>
-void gemm_tiles(const Activations& a, const Output& o, int64_t r0, int64_t r1, Dot&& dot) {
+void gemm_tiles(const Activations& a, const Output& o, int64_t r0, int64_t r1, Dot& dot) {
   constexpr int64_t mt = 16 * V;
-  alignas(64) float buf[16 * mt];
+  const std::integral_constant<int, V> vc{};
   const int64_t tiles = (a.m + mt - 1) / mt;
+  if (a.kpanel >= a.kp) {
+    alignas(64) float buf[16 * mt];
+    for (int64_t t = 0; t < tiles; ++t) {
+      const float* xt = a.x + t * a.kp * mt;
+      const int64_t rows = a.m - t * mt < mt ? a.m - t * mt : mt;
+      for (int64_t g = r0; g < r1; g += 16) {
+        const int gn = static_cast<int>(r1 - g < 16 ? r1 - g : 16);
+        for (int i = 0; i < gn; ++i) dot.whole(vc, g + i, xt, mt, buf + i * mt);
+        store_tile(buf, mt, gn, rows, o, t * mt, g);
+      }
+    }
+    return;
+  }
+  thread_local std::vector<float> acc_store;
+  thread_local std::vector<int64_t> cursor;
+  const int64_t nf = r1 - r0;
+  acc_store.resize(nf * mt + 16);
+  cursor.resize(nf);
+  float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(acc_store.data()) + 63) & ~uintptr_t{63});
   for (int64_t t = 0; t < tiles; ++t) {
     const float* xt = a.x + t * a.kp * mt;
     const int64_t rows = a.m - t * mt < mt ? a.m - t * mt : mt;
-    for (int64_t g = r0; g < r1; g += 16) {
-      const int gn = static_cast<int>(r1 - g < 16 ? r1 - g : 16);
-      for (int i = 0; i < gn; ++i) dot(std::integral_constant<int, V>{}, g + i, xt, mt, buf + i * mt);
-      store_tile(buf, mt, gn, rows, o, t * mt, g);
+    for (int64_t f = 0; f < nf; ++f) cursor[f] = dot.start(r0 + f);
+    for (int64_t k0 = 0; k0 < a.kp; k0 += a.kpanel) {
+      const int64_t k1 = a.kp - k0 < a.kpanel ? a.kp : k0 + a.kpanel;
+      for (int64_t f = 0; f < nf; ++f) dot(vc, r0 + f, cursor[f], k0, k1, xt, mt, acc + f * mt, k0 > 0);
+    }
+    for (int64_t g = 0; g < nf; g += 16) {
+      store_tile(acc + g * mt, mt, static_cast<int>(nf - g < 16 ? nf - g : 16), rows, o, t * mt, r0 + g);
     }
   }
 }
@@ -213,6 +259,42 @@ inline void bitmap_gemv(const BitmapWeight& w, const float* x, const Output& o, 
   }
 }
 
+// The dot functors of gemm_tiles for each layout.
+template <DType D>
+struct BitmapDot {
+  const BitmapWeight& w;
+  int64_t start(int64_t r) const { return w.row_ptr[r]; }
+  template <class VC>
+  void operator()(VC, int64_t r, int64_t& j, int64_t k0, int64_t k1, const float* xt, int64_t mt, float* out,
+                  bool add) const {
+    dot_bitmap<D, VC::value>(w.words + r * w.n_words, k0 / 64, k1 / 64, w.values, j, xt, mt, out, add);
+  }
+  template <class VC>
+  void whole(VC, int64_t r, const float* xt, int64_t mt, float* out) const {
+    int64_t j = w.row_ptr[r];
+    dot_bitmap<D, VC::value>(w.words + r * w.n_words, 0, w.n_words, w.values, j, xt, mt, out, false);
+  }
+};
+
+template <DType D>
+struct ColumnDot {
+  const ColumnWeight& w;
+  int64_t kp;
+  int64_t start(int64_t r) const { return w.row_ptr[r]; }
+  template <class VC>
+  void operator()(VC, int64_t r, int64_t& j, int64_t k0, int64_t k1, const float* xt, int64_t mt, float* out,
+                  bool add) const {
+    const int64_t e = w.row_ptr[r + 1], je = k1 >= kp ? e : columns_below(w.cols, j, e, k1);
+    dot_entries<D, VC::value>(w.cols + j, w.values, j, je - j, xt, mt, out, add);
+    j = je;
+  }
+  template <class VC>
+  void whole(VC, int64_t r, const float* xt, int64_t mt, float* out) const {
+    const int64_t j0 = w.row_ptr[r];
+    dot_entries<D, VC::value>(w.cols + j0, w.values, j0, w.row_ptr[r + 1] - j0, xt, mt, out, false);
+  }
+};
+
 template <DType D>
 void bitmap_rows(const BitmapWeight& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
   if (a.mt == 1) {
@@ -220,9 +302,7 @@ void bitmap_rows(const BitmapWeight& w, const Activations& a, const Output& o, i
     for (; r + 4 <= r1; r += 4) bitmap_gemv<D, 4>(w, a.x, o, r);
     for (; r < r1; ++r) bitmap_gemv<D, 1>(w, a.x, o, r);
   } else {
-    gemm_dispatch(a, o, r0, r1, [&](auto vc, int64_t r, const float* xt, int64_t mt, float* out) {
-      dot_bitmap<D, decltype(vc)::value>(w.words + r * w.n_words, w.n_words, w.values, w.row_ptr[r], xt, mt, out);
-    });
+    gemm_dispatch(a, o, r0, r1, BitmapDot<D>{w});
   }
 }
 
@@ -266,10 +346,7 @@ void column_rows(const ColumnWeight& w, const Activations& a, const Output& o, i
     for (int64_t r = r0; r < r1; ++r) columns_gemv_row<D>(w, a.x, o, r);
     return;
   }
-  gemm_dispatch(a, o, r0, r1, [&](auto vc, int64_t r, const float* xt, int64_t mt, float* out) {
-    const int64_t j0 = w.row_ptr[r];
-    dot_entries<D, decltype(vc)::value>(w.cols + j0, w.values, j0, w.row_ptr[r + 1] - j0, xt, mt, out);
-  });
+  gemm_dispatch(a, o, r0, r1, ColumnDot<D>{w, a.kp});
 }
 
 // ---- 2:4, m == 1: 16 kept values cover 32 columns; their 2-bit positions (one 32-bit load) become the
@@ -355,22 +432,38 @@ inline void nm_gather_row(const NMWeight& w, const float* x, const Output& o, in
   o.y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + bias_of(o, r);
 }
 
+// N:M: the columns of a feature's slots in the panel are decoded into scratch first, then V FMAs per slot.
+template <DType D>
+struct NMDot {
+  const NMWeight& w;
+  std::vector<int32_t> scratch;
+  int64_t start(int64_t) const { return 0; }
+  template <class VC>
+  void operator()(VC, int64_t r, int64_t&, int64_t k0, int64_t k1, const float* xt, int64_t mt, float* out,
+                  bool add) {
+    const uint8_t* pos = w.pos + r * w.pos_stride;
+    const int64_t s0 = k0 / w.m * w.n, s1 = k1 / w.m * w.n < w.slots ? k1 / w.m * w.n : w.slots;
+    for (int64_t s = s0; s < s1; s += 16) {
+      const int count = static_cast<int>(s1 - s < 16 ? s1 - s : 16);
+      if (w.n == 2 && w.m == 4) {
+        _mm512_storeu_si512(scratch.data() + (s - s0), nm24_columns(pos, s, count));
+      } else {
+        nm_columns(w, pos, s, count, scratch.data() + (s - s0));
+      }
+    }
+    dot_entries<D, VC::value>(scratch.data(), w.values, r * w.slots + s0, s1 - s0, xt, mt, out, add);
+  }
+  template <class VC>
+  void whole(VC vc, int64_t r, const float* xt, int64_t mt, float* out) {
+    int64_t unused = 0;
+    (*this)(vc, r, unused, 0, w.slots / w.n * w.m, xt, mt, out, false);
+  }
+};
+
 template <DType D>
 void nm_rows(const NMWeight& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
-  if (a.mt > 1) {  // columns of a feature's slots decoded once per tile, then V FMAs per slot
-    std::vector<int32_t> scratch(w.slots + 16);
-    gemm_dispatch(a, o, r0, r1, [&](auto vc, int64_t r, const float* xt, int64_t mt, float* out) {
-      const uint8_t* pos = w.pos + r * w.pos_stride;
-      for (int64_t s = 0; s < w.slots; s += 16) {
-        const int count = static_cast<int>(w.slots - s < 16 ? w.slots - s : 16);
-        if (w.n == 2 && w.m == 4) {
-          _mm512_storeu_si512(scratch.data() + s, nm24_columns(pos, s, count));
-        } else {
-          nm_columns(w, pos, s, count, scratch.data() + s);
-        }
-      }
-      dot_entries<D, decltype(vc)::value>(scratch.data(), w.values, r * w.slots, w.slots, xt, mt, out);
-    });
+  if (a.mt > 1) {
+    gemm_dispatch(a, o, r0, r1, NMDot<D>{w, std::vector<int32_t>(w.slots + 16)});
   } else if (w.n == 2 && w.m == 4) {
     for (int64_t r = r0; r < r1; ++r) nm24_gemv_row<D>(w, a.x, o, r);
   } else {

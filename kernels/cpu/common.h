@@ -41,12 +41,15 @@ struct NMWeight {
 // Activations, converted to fp32 once per call and zero-padded to kp columns (a multiple of 64):
 // one row: x [kp] and mt == 1; more: xt [ceil(m / mt)][kp][mt], tiles of mt activation rows per column (the
 // "transposed x"; rows past m are zero), mt a multiple of 16: 16 on the portable and AVX2 paths, up to 128 on
-// AVX-512. The launcher hands each kernel call one tile (x and y offset to it, m its rows).
+// AVX-512. The launcher hands each kernel call one tile (x and y offset to it, m its rows). The AVX-512 kernels
+// sweep a tile's columns in panels of kpanel (a multiple of 64; kpanel == kp: one panel) so that the part of
+// the tile in use stays in L2; the other paths take kpanel == kp.
 struct Activations {
   const float* x;
   int64_t kp;
   int64_t m;
   int64_t mt;
+  int64_t kpanel;
 };
 
 // y [m, ldy] fp32; output column r of row i is y[i * ldy + r]; bias [N] fp32 or null.

@@ -6,7 +6,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <limits>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "common.h"
@@ -58,47 +61,123 @@ sc::DType dtype_of(const at::Tensor& t) {
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// Activation rows per tile for m > 1 (see Activations): 16 on the portable and AVX2 paths; on AVX-512 up to
-// 128, fewer while a tile (kp x mt fp32) would outgrow 256 KiB (it is re-read for every output feature), and
-// balanced so that the last tile is as full as the others.
-int64_t tile_rows(int64_t m, int64_t kp, Isa isa) {
-  if (isa != kAvx512) return sc::kLanes;
-  const int64_t blocks = (m + sc::kLanes - 1) / sc::kLanes;
-  int64_t v = std::min<int64_t>(8, blocks);
-  while (v > 1 && kp * sc::kLanes * v * 4 > (int64_t{256} << 10)) --v;
-  const int64_t tiles = (blocks + v - 1) / v;
-  return sc::kLanes * ((blocks + tiles - 1) / tiles);
+// How x is tiled for m > 1 (see sc::Activations): mt activation rows per tile, columns swept in panels of
+// kpanel. Portable and AVX2: 16 rows, one panel. AVX-512: up to 128 rows, balanced so that the last tile is
+// as full as the others, and, from 32 rows on, panels (multiples of 64 columns, balanced) of at most 256 KiB
+// of the tile, the part every output feature re-reads, so that it stays in L2. A 16-row tile keeps one
+// panel: its weights are read once per call either way, and in row order only without panels.
+struct Tiling {
+  int64_t mt, kpanel;
+};
+
+Tiling tiling(int64_t m, int64_t kp, Isa isa) {
+  if (m <= 1) return {1, kp};
+  if (isa != kAvx512) return {sc::kLanes, kp};
+  const int64_t blocks = (m + sc::kLanes - 1) / sc::kLanes, v = std::min<int64_t>(8, blocks);
+  const int64_t tiles = (blocks + v - 1) / v, mt = sc::kLanes * ((blocks + tiles - 1) / tiles);
+  if (mt == sc::kLanes) return {mt, kp};
+  const int64_t cap = std::max<int64_t>(64, (int64_t{256} << 10) / (mt * 4) / 64 * 64);
+  const int64_t panels = (kp + cap - 1) / cap;
+  return {mt, round_up((kp + panels - 1) / panels, 64)};
+}
+
+// The calling thread's buffer for packed activations, grown to the largest call so far and reused: a fresh
+// buffer of M x K floats per call would be page-faulted in every time (the allocator returns blocks this
+// large to the OS on free). Calls needing more than kScratchMax bytes get a buffer of their own instead.
+constexpr int64_t kScratchMax = int64_t{64} << 20;
+
+float* thread_scratch(int64_t floats) {
+  struct Buffer {
+    float* p = nullptr;
+    int64_t n = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  if (floats > buf.n) {
+    std::free(buf.p);
+    buf.n = 0;
+    buf.p = static_cast<float*>(std::aligned_alloc(64, round_up(floats * 4, 64)));
+    TORCH_CHECK(buf.p != nullptr, "sparsecore: cannot allocate ", floats * 4, " bytes for packed activations");
+    buf.n = floats;
+  }
+  return buf.p;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
 }
 
 // fp32 activations zero-padded to kp columns: x [kp] for one row, else the tiles xt [ceil(M / mt)][kp][mt].
-at::Tensor pack_activations(const at::Tensor& x, int64_t kp, int64_t mt, Isa isa) {
-  const int64_t m = x.size(0), k = x.size(1);
-  if (m == 1) {
-    const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-    const float* src = xf.data_ptr<float>();
-    const int64_t sk = xf.stride(1);
-    at::Tensor out = at::empty({kp}, xf.options());
-    float* dst = out.data_ptr<float>();
-    for (int64_t c = 0; c < k; ++c) dst[c] = src[c * sk];
-    std::memset(dst + k, 0, (kp - k) * sizeof(float));
-    return out;
-  }
-  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
-  const int64_t tiles = (m + mt - 1) / mt, blocks = tiles * mt / sc::kLanes;
-  at::Tensor out = at::empty({tiles, kp, mt}, x.options().dtype(at::kFloat));
+// One row is copied at once. Tiles are filled on demand inside the kernels' parallel region (`ensure(t)`):
+// the threads that first need tile t pack its 16-row blocks together, each claiming blocks from a shared
+// counter, and wait for the last one to be written. Packing thus runs on every thread without a parallel
+// region of its own, and a tile is packed just before it is used. A thread only ever waits for blocks that
+// another running thread has claimed, so a region run on one thread packs everything itself.
+class Packed {
+ public:
+  Packed(const at::Tensor& x, int64_t kp, int64_t mt, Isa isa) : kp_(kp), mt_(mt), m_(x.size(0)), k_(x.size(1)) {
+    if (m_ == 1) {
+      const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+      const float* src = xf.data_ptr<float>();
+      const int64_t sk = xf.stride(1);
+      owner_ = at::empty({kp}, xf.options());
+      float* dst = owner_.data_ptr<float>();
+      for (int64_t c = 0; c < k_; ++c) dst[c] = src[c * sk];
+      std::memset(dst + k_, 0, (kp - k_) * sizeof(float));
+      data_ = dst;
+      return;
+    }
+    xc_ = x.stride(1) == 1 ? x : x.contiguous();
+    tiles_ = (m_ + mt - 1) / mt;
+    const int64_t floats = tiles_ * kp * mt;
+    if (floats * 4 <= kScratchMax) {
+      data_ = thread_scratch(floats);
+    } else {
+      owner_ = at::empty({floats}, x.options().dtype(at::kFloat));
+      data_ = owner_.data_ptr<float>();
+    }
 #ifdef SPARSECORE_PORTABLE_ONLY
-  const auto fn = sc::pack_rows_portable;
+    pack_ = sc::pack_rows_portable;
 #else
-  const auto fn = isa == kAvx512 ? sc::pack_rows_avx512 : sc::pack_rows_portable;
+    pack_ = isa == kAvx512 ? sc::pack_rows_avx512 : sc::pack_rows_portable;
 #endif
-  const sc::DType d = dtype_of(xc);
-  const void* src = xc.data_ptr();
-  const int64_t ldx = xc.stride(0);
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, blocks, std::max<int64_t>(1, 65536 / (sc::kLanes * kp)),
-                   [&](int64_t b0, int64_t b1) { fn(d, src, ldx, m, k, kp, mt, dst, b0, b1); });
-  return out;
-}
+    dtype_ = dtype_of(xc_);
+    claimed_.reset(new std::atomic<int64_t>[tiles_]);
+    done_.reset(new std::atomic<int64_t>[tiles_]);
+    for (int64_t t = 0; t < tiles_; ++t) {
+      claimed_[t].store(0, std::memory_order_relaxed);
+      done_[t].store(0, std::memory_order_relaxed);
+    }
+  }
+
+  // Tile t (activation rows t mt ..), packed before this returns.
+  const float* tile(int64_t t) {
+    if (m_ == 1) return data_;
+    const int64_t nb = mt_ / sc::kLanes;
+    if (done_[t].load(std::memory_order_acquire) < nb) {
+      for (int64_t b = claimed_[t].fetch_add(1); b < nb; b = claimed_[t].fetch_add(1)) {
+        const int64_t g = t * nb + b;
+        pack_(dtype_, xc_.data_ptr(), xc_.stride(0), m_, k_, kp_, mt_, data_, g, g + 1);
+        done_[t].fetch_add(1, std::memory_order_release);
+      }
+      while (done_[t].load(std::memory_order_acquire) < nb) cpu_relax();
+    }
+    return data_ + t * kp_ * mt_;
+  }
+
+ private:
+  int64_t kp_, mt_, m_, k_, tiles_ = 1;
+  at::Tensor owner_, xc_;
+  float* data_ = nullptr;
+  sc::DType dtype_ = sc::DType::F32;
+  void (*pack_)(sc::DType, const void*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t,
+                int64_t) = nullptr;
+  std::unique_ptr<std::atomic<int64_t>[]> claimed_, done_;
+};
 
 at::Tensor bias_f32(const c10::optional<at::Tensor>& bias, int64_t n) {
   if (!bias.has_value()) return at::Tensor();
@@ -109,21 +188,23 @@ at::Tensor bias_f32(const c10::optional<at::Tensor>& bias, int64_t n) {
 template <typename Fn>
 at::Tensor run_rows(const at::Tensor& x, int64_t n, int64_t kp, const c10::optional<at::Tensor>& bias, Isa isa,
                     Fn&& fn) {
-  const int64_t m = x.size(0), mt = m > 1 ? tile_rows(m, kp, isa) : 1;
-  const at::Tensor act = pack_activations(x, kp, mt, isa);
+  const int64_t m = x.size(0);
+  const Tiling tl = tiling(m, kp, isa);
+  const int64_t mt = tl.mt;
+  Packed act(x, kp, mt, isa);
   const at::Tensor b = bias_f32(bias, n);
   at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
   if (g_poison.load(std::memory_order_relaxed)) y.fill_(std::numeric_limits<float>::quiet_NaN());
   // Work items are (activation tile, chunk of output features), tile-major, handed out from a shared
   // counter rather than split evenly up front: the threads work on the same tile at once (it stays in their
   // caches), and a thread that is descheduled or slower leaves its share to the others. A chunk is ~256k
-  // weight entries times the tile's 16-row blocks, at most a quarter of a thread's share, and a multiple of
+  // weight entries of one K panel times the tile's 16-row blocks, at most a quarter of a thread's share, and a multiple of
   // 16 features (the m > 1 kernels' output group; 4 at m == 1). Each output is computed the same way
   // whichever thread takes it.
   const int64_t tiles = m > 1 ? (m + mt - 1) / mt : 1, blocks = m > 1 ? mt / sc::kLanes : 1;
   const int64_t threads = at::get_num_threads(), grp = m > 1 ? 16 : 4;
   const int64_t share = (n * tiles + 4 * threads - 1) / (4 * threads);
-  const int64_t fit = 262144 / std::max<int64_t>(1, kp * blocks);
+  const int64_t fit = 262144 / std::max<int64_t>(1, tl.kpanel * blocks);
   const int64_t chunk = std::max<int64_t>(grp, std::min<int64_t>(fit, m > 1 ? share : n) / grp * grp);
   const int64_t per_tile = (n + chunk - 1) / chunk, items = tiles * per_tile;
   const int64_t tasks = std::min<int64_t>(threads, items);
@@ -133,7 +214,8 @@ at::Tensor run_rows(const at::Tensor& x, int64_t n, int64_t kp, const c10::optio
     at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
       for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
         const int64_t t = i / per_tile, r0 = i % per_tile * chunk, m0 = t * mt;
-        const sc::Activations a{act.data_ptr<float>() + t * kp * mt, kp, m > 1 ? std::min(mt, m - m0) : 1, mt};
+        const sc::Activations a{act.tile(t), kp, m > 1 ? std::min(mt, m - m0) : 1, mt,
+                                tl.kpanel};
         const sc::Output o{y.data_ptr<float>() + m0 * n, n, bias_ptr};
         fn(a, o, r0, std::min(n, r0 + chunk));
       }
