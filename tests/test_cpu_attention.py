@@ -60,13 +60,17 @@ def _masks(B: int, H: int, Sq: int, Sk: int, g: torch.Generator) -> dict[str, to
     pad = torch.ones(B, Sk, dtype=torch.bool)
     for b in range(B):
         pad[b, int(torch.randint(1, Sk + 1, (1,), generator=g)):] = False  # padding: the last keys of each row
+    if B > 1:
+        pad[-1] = False  # a batch row with every key masked: zeros
     rows = torch.rand(B, 1, Sq, Sk, generator=g) > 0.3
     rows[:, :, Sq // 2] = False  # a query row with every key masked: zeros, as SDPA gives
     additive = torch.randn(B, 1, 1, Sk, generator=g)
     additive[..., : max(1, Sk // 4)] = float("-inf")
     per_head = torch.randn(1, H, Sq, Sk, generator=g)
     strided = torch.randn(Sk, Sq, generator=g).t()  # [Sq, Sk] with non-unit key stride
-    return {"padding": pad[:, None, None, :], "rows": rows, "additive": additive, "per_head": per_head,
+    float_pad = torch.zeros(B, 1, 1, Sk).masked_fill_(~pad[:, None, None, :], float("-inf"))
+    return {"padding": pad[:, None, None, :], "padding_rows": pad[:, None, None, :].expand(B, 1, Sq, Sk).clone(),
+            "float_padding": float_pad, "rows": rows, "additive": additive, "per_head": per_head,
             "strided": strided}
 
 

@@ -6,7 +6,8 @@
 // taken in chunks of up to kKeyChunk: scores s = q kt (register tiles of up to 8 rows x 32 keys, q broadcast
 // from its rows), scale + mask + causal in one pass that also finds the row maxima, in base-2 units (scores and
 // mask times log2 e, so that p = 2^(s - max) = exp of the natural scores minus their max), p in place
-// with the row sums, then o += p v (tiles of up to 8 rows x 64 output columns). With more than one chunk the
+// with the row sums, then o += p v (tiles of up to 8 rows x 64 output columns). Keys after the last one any row of
+// the block attends (trailing padding, causal) are skipped. With more than one chunk the
 // softmax is online: o and the sums are rescaled by 2^(old max - new max). Everything a block touches
 // (s: 32 x 256 fp32 = 32 KiB at most, o, the head's kt and vp) stays in L1/L2.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
@@ -292,6 +293,28 @@ void prefetch_head(const AttnProblem& p, int64_t b, int64_t h) {
     for (int64_t c = 0; c < p.D * 4; c += 64) _mm_prefetch(q + 4 * i * p.q_s + c, _MM_HINT_T1);
 }
 
+// One past the last key that some row of block [i0, i0 + rows) attends: every later key is masked for every row
+// of the block and is skipped (trailing padding in a batch of unequal lengths, the far side of a causal block).
+int64_t live_keys(const AttnProblem& p, int64_t b, int64_t h, int64_t i0, int64_t rows) {
+  const int64_t end = p.causal ? imin(p.Sk, i0 + rows) : p.Sk;
+  if (p.mask_kind == MaskKind::None) return end;
+  const int64_t scanned = p.m_q == 0 ? 1 : rows;  // a mask broadcast over query rows: one row says it all
+  int64_t best = 0;
+  for (int64_t r = 0; r < scanned && best < end; ++r) {
+    const int64_t off = p.m_b * b + p.m_h * h + p.m_q * (i0 + r);
+    int64_t j = end;
+    if (p.mask_kind == MaskKind::Bool) {
+      const bool* m = static_cast<const bool*>(p.mask) + off;
+      while (j > best && !m[(j - 1) * p.m_k]) --j;
+    } else {
+      const float* m = static_cast<const float*>(p.mask) + off;
+      while (j > best && m[(j - 1) * p.m_k] == kNegInf) --j;
+    }
+    best = j;
+  }
+  return best;
+}
+
 void run_block(const AttnProblem& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t skp, int64_t dvp,
                Scratch& w) {
   const int64_t lds = imin(kKeyChunk, skp);
@@ -302,9 +325,12 @@ void run_block(const AttnProblem& p, int64_t b, int64_t h, int64_t i0, int64_t r
   const int64_t ldv = w.vp != nullptr ? dvp : p.v_s;
   for (int64_t r = 0; r < rows; ++r) w.m[r] = kNegInf, w.l[r] = 0.0f;
 
-  for (int64_t j0 = 0; j0 < p.Sk; j0 += kKeyChunk) {
-    const int64_t nk = imin(kKeyChunk, p.Sk - j0), nkp = round16(nk);
-    if (p.causal && j0 > i0 + rows - 1) break;  // every later key is masked for every row of the block
+  const int64_t kend = live_keys(p, b, h, i0, rows);
+  if (kend == 0)  // every key masked for every row: zeros, as the final scaling by l = 0 gives
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < dvp; c += 16) _mm512_storeu_ps(w.o + r * dvp + c, _mm512_setzero_ps());
+  for (int64_t j0 = 0; j0 < kend; j0 += kKeyChunk) {
+    const int64_t nk = imin(kKeyChunk, kend - j0), nkp = round16(nk);
     for (int64_t r0 = 0; r0 < rows; r0 += 8) {
       const int rr = static_cast<int>(imin(8, rows - r0));
       for (int64_t c = 0; c < nkp; c += 32) {
