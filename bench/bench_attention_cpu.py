@@ -8,6 +8,9 @@ BERT passes them (``[B, S, H, D]`` projections viewed as ``[B, H, S, D]``) with 
 * ``torch_math``: ``softmax(q k^T s + mask) v`` as three separate torch ops (MKL batched matmuls);
 * ``sparsecore``: the fused kernel (``attention_bshd``), the widest ISA path this CPU runs.
 
+Masks (``lengths`` column): ``pad1/8`` (the last eighth of the keys of batch row 0 padded) and, for batch > 1,
+``uniform`` (each row's length drawn from [S/4, S]: the kernel skips keys that a whole query block ignores).
+
 Timing: ``--repeats`` repeats of ``--rounds`` interleaved rounds (a, b, c, c, b, a, ...); per repeat each
 provider's median; a row gives the median of the repeat medians and their min-max, and the q25-q75 of the
 per-round ratios ``sdpa / provider`` pooled over repeats. ``--clock cpu`` (the default) takes the thread's CPU
@@ -39,12 +42,15 @@ from .common import PROVIDER, TIME_MS, cpu_info, env_info, ints_arg, write_table
 PROVIDERS = ("sdpa", "torch_math", "sparsecore")
 
 
-def _inputs(B: int, H: int, S: int, D: int, g: torch.Generator):
+def _inputs(B: int, H: int, S: int, D: int, g: torch.Generator, lengths: str = "pad1/8"):
     qkv = torch.randn(B, S, 3, H, D, generator=g)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, S, D] views of [B, S, H, D] rows
-    mask = torch.ones(B, 1, S, S, dtype=torch.bool)
-    mask[0, :, :, S - S // 8:] = False
-    return q, k, v, mask
+    if lengths == "pad1/8":  # batch row 0 padded by an eighth, the others full
+        keep = torch.ones(B, S, dtype=torch.bool)
+        keep[0, S - S // 8:] = False
+    else:  # "uniform": row lengths drawn from [S/4, S], as a batch of unequal sentences
+        keep = torch.arange(S)[None, :] < torch.randint(S // 4, S + 1, (B, 1), generator=g)
+    return q, k, v, keep[:, None, None, :].expand(B, 1, S, S)
 
 
 def providers(q, k, v, mask) -> dict[str, Callable[[], torch.Tensor]]:
@@ -81,8 +87,9 @@ def run(batches: list[int], heads: int, seq: int, head_dim: int, rounds: int, re
     env, cpu = env_info("cpu"), cpu_info()
     g = torch.Generator().manual_seed(0)
     rows = []
-    for B in batches:
-        q, k, v, mask = _inputs(B, heads, seq, head_dim, g)
+    cases = [(B, lengths) for B in batches for lengths in (("pad1/8", "uniform") if B > 1 else ("pad1/8",))]
+    for B, lengths in cases:
+        q, k, v, mask = _inputs(B, heads, seq, head_dim, g, lengths)
         fns = providers(q, k, v, mask)
         ref = kattn.attention_ref(q, k, v, mask).transpose(1, 2)
         errs = {n: (fn().double() - ref).abs().max().item() for n, fn in fns.items()}
@@ -97,12 +104,13 @@ def run(batches: list[int], heads: int, seq: int, head_dim: int, rounds: int, re
         for n in fns:
             ms = statistics.median(medians[n])
             q25, _, q75 = quantiles(ratios[n])
-            rows.append({"batch": B, "heads": heads, "seq": seq, "head_dim": head_dim, PROVIDER: n, TIME_MS: ms,
+            rows.append({"batch": B, "heads": heads, "seq": seq, "head_dim": head_dim, "lengths": lengths,
+                         PROVIDER: n, TIME_MS: ms,
                          "time_min_ms": min(medians[n]), "time_max_ms": max(medians[n]),
                          "speedup_vs_sdpa": sdpa_ms / ms, "ratio_q25": q25, "ratio_q75": q75,
                          "max_abs_err": errs[n], "clock": clock_name, "isa": kattn.default_isa(),
                          "rounds": rounds, "repeats": repeats, **cpu, **env})
-            print(f"B={B} {n:11s} {ms:8.3f} ms [{min(medians[n]):.3f}, {max(medians[n]):.3f}]  "
+            print(f"B={B} {lengths:7s} {n:11s} {ms:8.3f} ms [{min(medians[n]):.3f}, {max(medians[n]):.3f}]  "
                   f"x{sdpa_ms / ms:.2f} vs sdpa (paired q25-q75 {q25:.2f}-{q75:.2f})  err {errs[n]:.1e}", flush=True)
     return rows
 
@@ -143,7 +151,8 @@ def run_minilm(batches: list[int], seq: int, rounds: int, repeats: int, clock_na
         for n in fns:
             ms = statistics.median(medians[n])
             q25, _, q75 = quantiles(ratios[n])
-            rows.append({"batch": B, "heads": 12, "seq": seq, "head_dim": 32, PROVIDER: n, TIME_MS: ms,
+            rows.append({"batch": B, "heads": 12, "seq": seq, "head_dim": 32, "lengths": "full", PROVIDER: n,
+                         TIME_MS: ms,
                          "time_min_ms": min(medians[n]), "time_max_ms": max(medians[n]),
                          "speedup_vs_sdpa": ref_ms / ms, "ratio_q25": q25, "ratio_q75": q75,
                          "max_abs_err": errs[n], "clock": clock_name, "isa": kattn.default_isa(),

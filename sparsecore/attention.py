@@ -222,7 +222,7 @@ def use_fast_attention(model: nn.Module, example_inputs: tuple = (), example_kwa
     speedup = totals["sdpa"] / max(totals[ATTENTION_NAME], 1e-9)
     stats = dict(times_ms=totals, speedup=speedup, spread=worst, shapes=shapes)
     if not wins:
-        return stay(f"SDPA kept: the fused kernel is not faster beyond the noise on every shape ({speedup:.2f}x)",
-                    **stats)
+        return stay(f"{keep} kept: the fused kernel is not faster than SDPA beyond the noise on every shape "
+                    f"({speedup:.2f}x)", **stats)
     model.set_attn_implementation(ATTENTION_NAME)
     return AttentionChoice(chosen=ATTENTION_NAME, previous=previous, reason=f"{speedup:.2f}x SDPA", **stats)
