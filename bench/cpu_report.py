@@ -62,11 +62,14 @@ def e2e_table(rows: list[dict]) -> list[str]:
 
 
 def csr_table(rows: list[dict]) -> list[str]:
-    out = ["| shape | M | step | ms [min-max] | vs direct |", "|---|---|---|---|---|"]
+    out = ["| shape | M | step | ms [min-max] | vs direct | paired vs direct [q25, q75] |",
+           "|---|---|---|---|---|---|"]
     for r in rows:
+        paired = (f"{float(r['paired_overhead_pct']):+.1f}% [{float(r['paired_q25_pct']):+.1f}, "
+                  f"{float(r['paired_q75_pct']):+.1f}]") if r.get("paired_overhead_pct") not in (None, "") else "-"
         out.append(f"| {r['N']}x{r['K']} | {r['M']} | {r['provider']} | {float(r['time_ms']):.3f} "
                    f"[{float(r['time_min_ms']):.3f}-{float(r['time_max_ms']):.3f}] | "
-                   f"{float(r['overhead_vs_direct_pct']):+.1f}% |")
+                   f"{float(r['overhead_vs_direct_pct']):+.1f}% | {paired} |")
     return out
 
 

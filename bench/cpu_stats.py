@@ -1,32 +1,60 @@
 """Repeated, interleaved CPU timing and its summary: the statistics of ``bench.bench_cpu``.
 
-One *repeat* times every provider round-robin (``sparsecore.timing.time_interleaved_ms``: ``reps`` samples
-each, alternating order) and keeps each provider's median. ``repeats`` repeats give ``repeats`` medians per
-provider; the row reports their median (``time_ms``) and their min and max (``time_min_ms``,
-``time_max_ms``): the spread between repeats, which on a busy machine is wider than any single repeat's.
+One *repeat* times every provider round-robin (``reps`` samples each, alternating order: a, b, c, c, b, a,
+...) and keeps each provider's median: ``sparsecore.timing.time_interleaved_ms`` by default, or this module's
+``time_rounds_ms``, which also takes *self-timed* providers (an external process that measures its own call
+and reports the time, so that a pipe round trip does not count against it). ``repeats`` repeats give
+``repeats`` medians per provider; the row reports their median (``time_ms``) and their min and max
+(``time_min_ms``, ``time_max_ms``): the spread between repeats, which on a busy machine is wider than any
+single repeat's.
 
 A provider slower than ``cap`` times the baseline after the first repeat keeps that one repeat only (it
-cannot be a winner, and re-timing a 10x-slower peer would eat the run's budget); its row says so.
+cannot be a winner, and re-timing a 10x-slower peer would eat the run's budget); its row says so. A provider
+that raises ``ProviderFailed`` (a worker that died or answered garbage) leaves the remaining samples and
+repeats, and its ``Timing.error`` says why; the others go on.
 """
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Union
 
 from sparsecore.timing import time_interleaved_ms
 
-# (fns, device, warmup=, rep=) -> {name: median ms}; injectable so that tests need no wall clock
-Timer = Callable[..., dict[str, float]]
+_now = time.perf_counter  # the host clock (seconds); tests swap in a fake one
+_sleep = time.sleep
+
+
+class ProviderFailed(RuntimeError):
+    """A provider cannot give a sample (its worker died, timed out or answered garbage): why, in the message."""
+
+
+@dataclass(frozen=True)
+class SelfTimed:
+    """A provider that times itself: ``sample()`` runs it once and returns that run's wall time in ms.
+
+    For work done in another process: the time is measured there, around the work only, and the request's
+    round trip is left out. ``sample`` raises ``ProviderFailed`` when it cannot give a time.
+    """
+
+    sample: Callable[[], float]
+
+
+Provider = Union[Callable[[], object], SelfTimed]
+# (fns, device, warmup=, rep=) -> {name: median ms, or the ProviderFailed that stopped it}; injectable so
+# that tests need no wall clock
+Timer = Callable[..., dict[str, Union[float, ProviderFailed]]]
 
 
 @dataclass(frozen=True)
 class Timing:
-    """A provider's repeat medians, summarised."""
+    """A provider's repeat medians, summarised (a provider that failed in repeat 1 has none: see ``error``)."""
 
-    medians_ms: tuple[float, ...]  # one per repeat it took part in
+    medians_ms: tuple[float, ...]  # one per repeat it finished
     reps: int                      # samples per repeat
     note: str = ""                 # why it has fewer repeats than asked, if so
+    error: str = ""                # why it stopped giving samples (ProviderFailed), if it did
 
     @property
     def median_ms(self) -> float:
@@ -46,13 +74,14 @@ class Timing:
         return 100.0 * (self.max_ms - self.min_ms) / self.median_ms
 
 
-def time_repeated(fns: Mapping[str, Callable[[], object]], *, repeats: int = 3, reps: int = 20,
+def time_repeated(fns: Mapping[str, Provider], *, repeats: int = 3, reps: int = 20,
                   baseline: str = "dense", cap: float | None = 4.0, timer: Timer = time_interleaved_ms,
                   ) -> dict[str, Timing]:
     """``repeats`` interleaved repeats of ``reps`` samples over ``fns``; ``{name: Timing}``.
 
     ``baseline`` must be in ``fns`` when ``cap`` is set: after repeat 1, providers slower than
-    ``cap * baseline`` drop out of the remaining repeats (``cap=None``: none do).
+    ``cap * baseline`` drop out of the remaining repeats (``cap=None``: none do). A provider that failed
+    (the timer gave its ``ProviderFailed``) drops out too, keeping the repeats it finished, its error set.
     """
     if repeats < 1 or reps < 1:
         raise ValueError(f"repeats and reps must be >= 1, got {repeats} and {reps}")
@@ -60,9 +89,15 @@ def time_repeated(fns: Mapping[str, Callable[[], object]], *, repeats: int = 3, 
         raise ValueError(f"the cap needs the baseline {baseline!r} among the providers {sorted(fns)}")
     medians: dict[str, list[float]] = {name: [] for name in fns}
     notes: dict[str, str] = {}
+    errors: dict[str, str] = {}
     active = dict(fns)
     for r in range(repeats):
         got = timer(active, "cpu", warmup=2 if r == 0 else 1, rep=reps)
+        for name, failed in [(n, v) for n, v in got.items() if isinstance(v, ProviderFailed)]:
+            del active[name], got[name]
+            errors[name] = f"failed in repeat {r + 1}: {failed}"
+        if cap is not None and baseline in errors:
+            raise ProviderFailed(f"the baseline {baseline!r} {errors[baseline]}")
         for name, ms in got.items():
             medians[name].append(ms)
         if r == 0 and cap is not None and repeats > 1:
@@ -70,4 +105,45 @@ def time_repeated(fns: Mapping[str, Callable[[], object]], *, repeats: int = 3, 
             for name in [n for n, ms in got.items() if ms > limit]:
                 del active[name]
                 notes[name] = f"1 repeat: {got[name] / got[baseline]:.1f}x slower than {baseline} (cap {cap:g}x)"
-    return {name: Timing(tuple(ms), reps, notes.get(name, "")) for name, ms in medians.items()}
+    return {name: Timing(tuple(ms), reps, notes.get(name, ""), errors.get(name, "")) for name, ms in medians.items()}
+
+
+def time_rounds_ms(fns: Mapping[str, Provider], device: str = "cpu", *, warmup: int = 3, rep: int = 20,
+                   pause_s: float = 0.0) -> dict[str, Union[float, ProviderFailed]]:
+    """Median ms of each provider over ``rep`` rounds, taken in turn (a, b, c, c, b, a, a, ...); a ``Timer``.
+
+    A plain callable is timed around its call with the host clock; a ``SelfTimed`` one contributes the time
+    it reports. ``warmup`` untimed rounds come first. ``pause_s``: a sleep after every call, outside the
+    timed region and the same for every provider, so that thread pools left spinning by the call just made
+    go idle before the next contender starts. A provider that raises ``ProviderFailed`` is not called again;
+    its entry is that exception instead of a median. CPU only (``device`` is for the ``Timer`` signature).
+
+    Example: ``time_rounds_ms({"torch": lambda: model(x), "ext": SelfTimed(worker_sample)}, rep=20)``
+    """
+    if device != "cpu":
+        raise ValueError(f"time_rounds_ms times CPU providers only, got device {device!r}")
+    failed: dict[str, ProviderFailed] = {}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns.items())
+    for i in range(warmup + rep):
+        for name, fn in (order if i % 2 == 0 else order[::-1]):  # no contender always goes first
+            if name in failed:
+                continue
+            try:
+                ms = _sample(fn)
+            except ProviderFailed as e:
+                failed[name] = e
+                continue
+            if i >= warmup:
+                samples[name].append(ms)
+            if pause_s:
+                _sleep(pause_s)
+    return {name: failed[name] if name in failed else statistics.median(samples[name]) for name in fns}
+
+
+def _sample(fn: Provider) -> float:
+    if isinstance(fn, SelfTimed):
+        return fn.sample()
+    t0 = _now()
+    fn()
+    return (_now() - t0) * 1e3

@@ -211,3 +211,15 @@ def test_custom_ops_trace_under_compile(isas, seeded):
     for op, args in ((torch.ops.sparsecore.cpu_bitmap_linear, (x[:, :70], lay.words, lay.values, lay.row_ptr, bias, 70, 0)),
                      (torch.ops.sparsecore.cpu_nm_linear, (x, q.values, q.positions, 2, 4, None, 0))):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_ops_refuse_backward_instead_of_a_silent_gradient(isas, seeded):
+    """With autograd on, the launchers run the C++ operators, whose backward raises (the sparse modules
+    differentiate through sparsecore.autograd instead)."""
+    p = _unstructured(12, 70, 0.6, torch.float32, seeded)
+    lay = cpu.bitmap_layout(p.bitmap, p.values, p.tile_offsets, p.n, p.k)
+    x = torch.randn(3, 70, generator=seeded, requires_grad=True)
+    y = cpu.bitmap_linear(x, lay)
+    assert_close_to_ref(y, _ref(x.detach(), p.to_dense(), None), 70)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        y.sum().backward()

@@ -1,6 +1,7 @@
 """Native CPU kernels for sparse linear layers: built on first use, cached, chosen per instruction set.
 
-Ops (each with launcher + ``_ref`` in pure torch, and a ``torch.library`` custom op for torch.compile/autograd):
+Ops (each with launcher + ``_ref`` in pure torch, and a torch operator ``sparsecore::cpu_*_linear`` registered in
+C++ with a fake implementation, for torch.compile and autograd-enabled calls):
 
 * ``bitmap_linear(x, layout, bias)``: ``y [M, N] = x [M, K] @ W^T (+ bias)`` with W in the row-major
   bitmap layout (``BitmapLayout``) that ``bitmap_layout`` derives once from the tiled unstructured format.
@@ -97,7 +98,23 @@ def _build() -> ModuleType:
     mod = cpp_extension.load(_build_name(), [str(_DIR / s) for s in _SOURCES], extra_cflags=_CFLAGS,
                              extra_ldflags=_LDFLAGS, verbose=False)
     on_poison_change(mod.set_poison)
+    _register_fakes()
     return mod
+
+
+def _register_fakes() -> None:
+    """Shapes of the extension's operators (``sparsecore::cpu_*_linear``) for torch.compile's tracing."""
+    def bitmap(x, words, values, row_ptr, bias, k, isa):
+        return x.new_empty((x.shape[0], words.shape[0]))
+
+    def columns(x, cols, values, row_ptr, bias, k, isa):
+        return x.new_empty((x.shape[0], row_ptr.shape[0] - 1))
+
+    def nm(x, values, positions, n, m, bias, isa):
+        return x.new_empty((x.shape[0], values.shape[0]))
+
+    for name, fn in (("cpu_bitmap_linear", bitmap), ("cpu_columns_linear", columns), ("cpu_nm_linear", nm)):
+        torch.library.register_fake(f"sparsecore::{name}", fn)
 
 
 # torch's build lock is a file that a killed build leaves behind, and every later build then waits for it
@@ -198,17 +215,6 @@ def bitmap_layout(bitmap: torch.Tensor, values: torch.Tensor, tile_offsets: torc
     return BitmapLayout(words, vals, row_ptr, n, k)
 
 
-@torch.library.custom_op("sparsecore::cpu_bitmap_linear", mutates_args=())
-def _bitmap_op(x: torch.Tensor, words: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
-               bias: Optional[torch.Tensor], k: int, isa: int) -> torch.Tensor:
-    return extension().bitmap_linear(x, words, values, row_ptr, bias, k, isa)
-
-
-@_bitmap_op.register_fake
-def _(x, words, values, row_ptr, bias, k, isa):
-    return x.new_empty((x.shape[0], words.shape[0]))
-
-
 def _check_x(x: torch.Tensor, k: int, dtype: torch.dtype, n: int, bias: Optional[torch.Tensor]) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x must be a 2-D tensor [M, {k}], got {tuple(getattr(x, 'shape', ()))}")
@@ -228,7 +234,8 @@ def bitmap_linear(x: torch.Tensor, layout: BitmapLayout, bias: Optional[torch.Te
     _check_x(x, layout.k, layout.values.dtype, layout.n, bias)
     code = _isa_code(isa)
     if needs_op(x, bias):
-        return _bitmap_op(x, layout.words, layout.values, layout.row_ptr, bias, layout.k, code)
+        return torch.ops.sparsecore.cpu_bitmap_linear(x, layout.words, layout.values, layout.row_ptr, bias, layout.k,
+                                                      code)
     return extension().bitmap_linear(x, layout.words, layout.values, layout.row_ptr, bias, layout.k, code)
 
 
@@ -297,17 +304,6 @@ def column_dense(layout: ColumnLayout) -> tuple[torch.Tensor, torch.Tensor]:
     return w, mask
 
 
-@torch.library.custom_op("sparsecore::cpu_columns_linear", mutates_args=())
-def _columns_op(x: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
-                bias: Optional[torch.Tensor], k: int, isa: int) -> torch.Tensor:
-    return extension().columns_linear(x, cols, values, row_ptr, bias, k, isa)
-
-
-@_columns_op.register_fake
-def _(x, cols, values, row_ptr, bias, k, isa):
-    return x.new_empty((x.shape[0], row_ptr.shape[0] - 1))
-
-
 def columns_linear(x: torch.Tensor, layout: ColumnLayout, bias: Optional[torch.Tensor] = None,
                    isa: Optional[str] = None) -> torch.Tensor:
     """``y [M, N] = x [M, K] @ W^T (+ bias)``, W as a ``ColumnLayout``; ``isa`` forces a path.
@@ -318,7 +314,8 @@ def columns_linear(x: torch.Tensor, layout: ColumnLayout, bias: Optional[torch.T
     _check_x(x, layout.k, layout.values.dtype, layout.n, bias)
     code = _isa_code(isa)
     if needs_op(x, bias):
-        return _columns_op(x, layout.cols, layout.values, layout.row_ptr, bias, layout.k, code)
+        return torch.ops.sparsecore.cpu_columns_linear(x, layout.cols, layout.values, layout.row_ptr, bias, layout.k,
+                                                       code)
     return extension().columns_linear(x, layout.cols, layout.values, layout.row_ptr, bias, layout.k, code)
 
 
@@ -332,17 +329,6 @@ def columns_linear_ref(x: torch.Tensor, layout: ColumnLayout, bias: Optional[tor
 
 
 # ---- N:M: the stored format ---------------------------------------------------------------------------
-@torch.library.custom_op("sparsecore::cpu_nm_linear", mutates_args=())
-def _nm_op(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
-           bias: Optional[torch.Tensor], isa: int) -> torch.Tensor:
-    return extension().nm_linear(x, values, positions, n, m, bias, isa)
-
-
-@_nm_op.register_fake
-def _(x, values, positions, n, m, bias, isa):
-    return x.new_empty((x.shape[0], values.shape[0]))
-
-
 def nm_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, m: int,
               bias: Optional[torch.Tensor] = None, isa: Optional[str] = None) -> torch.Tensor:
     """``y [M, N] = x [M, K] @ W^T (+ bias)``, W as N:M ``values [N, K n / m]`` and packed ``positions``.
@@ -357,7 +343,7 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n:
     _check_x(x, values.shape[1] // n * m, values.dtype, values.shape[0], bias)
     code = _isa_code(isa)
     if needs_op(x, bias):
-        return _nm_op(x, values, positions, n, m, bias, code)
+        return torch.ops.sparsecore.cpu_nm_linear(x, values, positions, n, m, bias, code)
     return extension().nm_linear(x, values, positions, n, m, bias, code)
 
 

@@ -2,6 +2,8 @@
 // (chosen by the caller once per layer, checked here once per call, never inside a hot loop) and
 // at::parallel_for over output features, so torch.set_num_threads is obeyed.
 #include <torch/extension.h>
+#include <torch/library.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -198,13 +200,14 @@ at::Tensor run_rows(const at::Tensor& x, int64_t n, int64_t kp, const c10::optio
   // Work items are (activation tile, chunk of output features), tile-major, handed out from a shared
   // counter rather than split evenly up front: the threads work on the same tile at once (it stays in their
   // caches), and a thread that is descheduled or slower leaves its share to the others. A chunk is ~256k
-  // weight entries of one K panel times the tile's 16-row blocks, at most a quarter of a thread's share, and a multiple of
+  // weight entries of one K panel (4x that with several panels: more features per panel while it is in L2)
+  // times the tile's 16-row blocks, at most a quarter of a thread's share, and a multiple of
   // 16 features (the m > 1 kernels' output group; 4 at m == 1). Each output is computed the same way
   // whichever thread takes it.
   const int64_t tiles = m > 1 ? (m + mt - 1) / mt : 1, blocks = m > 1 ? mt / sc::kLanes : 1;
   const int64_t threads = at::get_num_threads(), grp = m > 1 ? 16 : 4;
   const int64_t share = (n * tiles + 4 * threads - 1) / (4 * threads);
-  const int64_t fit = 262144 / std::max<int64_t>(1, tl.kpanel * blocks);
+  const int64_t fit = (tl.kpanel < kp ? 4 : 1) * 262144 / std::max<int64_t>(1, tl.kpanel * blocks);
   const int64_t chunk = std::max<int64_t>(grp, std::min<int64_t>(fit, m > 1 ? share : n) / grp * grp);
   const int64_t per_tile = (n + chunk - 1) / chunk, items = tiles * per_tile;
   const int64_t tasks = std::min<int64_t>(threads, items);
@@ -369,6 +372,28 @@ at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Te
 #endif
   return run_rows(x, values.size(0), round_up(std::max<int64_t>(k, 1), 64), bias, static_cast<Isa>(isa),
                   [&](const sc::Activations& a, const sc::Output& o, int64_t r0, int64_t r1) { fn(d, w, a, o, r0, r1); });
+}
+
+// The launchers as torch operators, for torch.compile graphs and autograd-enabled calls: the graph calls them
+// through the dispatcher straight into C++ (the Python side adds their fake implementations when it loads
+// this module). They have no derivative: with autograd on, backward through them raises instead of
+// returning a silently wrong gradient (sparsecore.autograd differentiates the sparse modules).
+TORCH_LIBRARY_FRAGMENT(sparsecore, m) {
+  m.def("cpu_bitmap_linear(Tensor x, Tensor words, Tensor values, Tensor row_ptr, Tensor? bias, int k, int isa) -> Tensor");
+  m.def("cpu_columns_linear(Tensor x, Tensor cols, Tensor values, Tensor row_ptr, Tensor? bias, int k, int isa) -> Tensor");
+  m.def("cpu_nm_linear(Tensor x, Tensor values, Tensor positions, int n, int m, Tensor? bias, int isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparsecore, CPU, m) {
+  m.impl("cpu_bitmap_linear", &bitmap_linear);
+  m.impl("cpu_columns_linear", &columns_linear);
+  m.impl("cpu_nm_linear", &nm_linear);
+}
+
+TORCH_LIBRARY_IMPL(sparsecore, Autograd, m) {
+  m.impl("cpu_bitmap_linear", torch::autograd::autogradNotImplementedFallback());
+  m.impl("cpu_columns_linear", torch::autograd::autogradNotImplementedFallback());
+  m.impl("cpu_nm_linear", torch::autograd::autogradNotImplementedFallback());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
