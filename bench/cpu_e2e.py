@@ -16,7 +16,10 @@ compiled`` and ``<variant> compiled`` (planned first, then compiled), interleave
 batch of another bucket compiles again). Per row: median and min-max of the repeat medians,
 ``speedup_vs_best_dense`` against the faster of eager and compiled dense, ``model_MB`` resident bytes
 (parameters + buffers + backends' prepared state, ``bench.bench_models.model_bytes``), the planner's choices,
-and ``max_abs_err`` against the masked dense model in float64. ``--e2e-models`` picks the models.
+and ``max_abs_err`` against the masked dense model in float64. ``--e2e-models`` picks the models. MiniLM also
+runs as ``dense +attention`` and ``unstructured90 +attention`` (eager and compiled): the same models switched
+by ``sc.use_fast_attention`` to sparsecore's fused CPU attention where it times faster than SDPA (the row's
+note says what it chose).
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from .worker_client import Worker
 DEEPSPARSE_PYTHON = "/work/venv-deepsparse/bin/python"
 RUNNER = Path(__file__).resolve().parent / "deepsparse_runner.py"
 COMPILED = " compiled"  # provider-name suffix of the torch.compile (inductor) rows
+ATTENTION = " +attention"  # provider-name suffix of the models given sparsecore's fused CPU attention
 # Sleep after every timed call, every provider alike (bench.cpu_stats.time_rounds_ms): longer than the idle
 # spin of torch's OpenMP pool (libgomp's default: 300,000 pause instructions, tens of ms on some x86 CPUs), so
 # that the next contender does not share its cores with a pool that just ran. ONNX Runtime is told to stop
@@ -79,6 +83,12 @@ def _encoder_linears(mod: nn.Module, fqn: str) -> bool:
     return fqn.startswith("bert.encoder.") and isinstance(mod, nn.Linear)
 
 
+def _fast_attention(model: nn.Module, x: tuple) -> str:
+    """``sc.use_fast_attention`` on a MiniLM wrapper for its inputs ``(input_ids, attention_mask)``."""
+    choice = sc.use_fast_attention(model.bert, (x[0],), {"attention_mask": x[1]})
+    return f"attention: {choice.chosen} ({choice.reason})"
+
+
 def _backends(entries: list) -> str:
     counts: dict[str, int] = {}
     for e in entries:
@@ -88,11 +98,15 @@ def _backends(entries: list) -> str:
 
 def bench_model(name: str, dense: nn.Module, variants: dict[str, sc.SparsityConfig], inputs: dict[int, tuple],
                 args: argparse.Namespace, env: dict, filter_fn=None, log: Callable[[str], None] = print,
-                peers: Callable[[nn.Module, dict, int, tuple], ContextManager[Peers]] | None = None) -> list[dict]:
+                peers: Callable[[nn.Module, dict, int, tuple], ContextManager[Peers]] | None = None,
+                attention: Callable[[nn.Module, tuple], str] | None = None) -> list[dict]:
     """Rows for ``dense`` and each sparse variant at every batch of ``inputs`` (``{batch: model inputs}``).
 
     ``peers(dense, built, batch, x)``: a context that starts outside runtimes for that batch (``built``:
     ``{variant: (sparse model, masks, config)}``); they are timed with the torch providers, then stopped.
+    ``attention(model, x)``: switches a model to sparsecore's fused attention where it is faster, for input
+    ``x``, and says what it did; given, ``dense +attention`` and ``<variant> +attention`` (eager, and the
+    variants compiled) join the rows. ``speedup_vs_best_dense`` stays against torch's dense model.
     """
     dense = dense.eval()
     built = {}
@@ -100,16 +114,28 @@ def bench_model(name: str, dense: nn.Module, variants: dict[str, sc.SparsityConf
         masks = sc.magnitude_masks(dense, config, filter_fn)
         sparse = sc.sparsify(copy.deepcopy(dense), config, masks=masks).eval()
         built[vname] = (sparse, masks, config)
+    fused = {}  # provider -> (model, its variant or None for dense), the models given sparsecore's attention
+    if attention is not None:
+        fused["dense" + ATTENTION] = (copy.deepcopy(dense), None)
+        for vname, (_, masks, config) in built.items():
+            fused[vname + ATTENTION] = (sc.sparsify(copy.deepcopy(dense), config, masks=masks).eval(), vname)
     compile_models = getattr(args, "e2e_compile", True)
     compiled = {"dense": torch.compile(dense)} if compile_models else {}
     rows = []
     for batch, x in inputs.items():
-        models, entries = {"dense": dense}, {}
+        models, entries, notes = {"dense": dense}, {}, {}
         for vname, (sparse, _, _) in built.items():
             entries[vname] = sc.plan(sparse, x, use_cache=False, rep=args.plan_rep)
             models[vname] = sparse
             if compile_models and vname not in compiled:
                 compiled[vname] = torch.compile(sparse)  # after the first plan: compiling needs no eager call
+        for fname, (model, vname) in fused.items():
+            if vname is not None:
+                entries[fname] = sc.plan(model, x, use_cache=False, rep=args.plan_rep)
+            notes[fname] = attention(model, x)
+            models[fname] = model
+            if compile_models and vname is not None and fname not in compiled:
+                compiled[fname] = torch.compile(model)
         compile_s = {}
         for vname, fn in compiled.items():  # the first call at this batch traces and generates code
             t0 = time.perf_counter()
@@ -128,14 +154,17 @@ def bench_model(name: str, dense: nn.Module, variants: dict[str, sc.SparsityConf
         refs = {}
         for vname, model in models.items():
             t = timings[vname]
-            base = vname.removesuffix(COMPILED)
+            base = vname.removesuffix(COMPILED)            # the eager model behind the row
+            variant = base.removesuffix(ATTENTION)         # its pruning variant, or "dense"
             err = 0.0
-            if base != "dense":
-                if base not in refs:
+            if variant != "dense":
+                if variant not in refs:
                     x64 = tuple(t.double() if t.is_floating_point() else t for t in x)
-                    refs[base] = _no_grad_call(masked_copy(dense, built[base][1]).eval(), x64)  # float64
-                err = float((_no_grad_call(model, x).double() - refs[base]).abs().max())
-            config = built[base][2] if base != "dense" else None
+                    refs[variant] = _no_grad_call(masked_copy(dense, built[variant][1]).eval(), x64)  # float64
+                err = float((_no_grad_call(model, x).double() - refs[variant]).abs().max())
+            elif base != "dense":
+                err = float((_no_grad_call(model, x).double() - _no_grad_call(dense, x).double()).abs().max())
+            config = built[variant][2] if variant != "dense" else None
             rows.append({"model": name, "batch": batch, "seq": x[0].shape[1], PROVIDER: vname,
                          "pattern": "" if config is None else (f"{config.n}:{config.m}" if config.pattern == "nm"
                                                                else f"unstructured {config.sparsity:.0%}"),
@@ -144,7 +173,7 @@ def bench_model(name: str, dense: nn.Module, variants: dict[str, sc.SparsityConf
                          BEST_DENSE_MS: dense_ms, SPEEDUP: dense_ms / t.median_ms,
                          "model_MB": model_bytes(models[base]) / 2**20, "max_abs_err": err,
                          "backends": _backends(entries.get(base, [])) or "dense (nn.Linear)",
-                         "compile_s": compile_s.get(vname, ""), "note": "", **env})
+                         "compile_s": compile_s.get(vname, ""), "note": notes.get(base, ""), **env})
             r = rows[-1]
             built_in = f"  compiled in {compile_s[vname]:.1f} s" if vname in compile_s else ""
             log(f"    {name} b={batch} {vname:24s} {r[TIME_MS]:9.2f} ms [{r['time_min_ms']:.2f}-{r['time_max_ms']:.2f}]"
@@ -261,7 +290,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[di
               for b in batches}
     peers = functools.partial(deepsparse_peers, args=args, log=log)
     rows += bench_model("minilm", minilm, {"unstructured90": sc.SparsityConfig("unstructured", 0.9)}, inputs, args,
-                        env, filter_fn=_encoder_linears, log=log, peers=peers)
+                        env, filter_fn=_encoder_linears, log=log, peers=peers, attention=_fast_attention)
     return _write(out, rows, args, log)
 
 

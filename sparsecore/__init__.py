@@ -8,6 +8,7 @@ Prune (masks) -> pack (formats) -> swap modules (``sparsify``) -> plan backends 
 """
 __version__ = "0.1.0"
 
+from .attention import AttentionChoice, use_fast_attention  # noqa: E402
 from .backends import Backend, BackendUnavailable  # noqa: E402
 from .config import SparsityConfig  # noqa: E402
 from .formats import ChannelWeight, FormatError, NMWeight, PackedWeight, UnstructuredWeight  # noqa: E402
@@ -21,7 +22,7 @@ from .pruning.wanda import wanda_masks  # noqa: E402
 from .report import LayerReport, SparsityReport, file_report, last_report  # noqa: E402
 from .sparsify import sparse_modules, sparsify  # noqa: E402
 
-__all__ = ["Backend", "BackendUnavailable", "SparsityConfig", "ChannelWeight", "FormatError", "NMWeight",
+__all__ = ["AttentionChoice", "use_fast_attention", "Backend", "BackendUnavailable", "SparsityConfig", "ChannelWeight", "FormatError", "NMWeight",
            "PackedWeight", "UnstructuredWeight", "FileFormatError", "SkeletonMismatchError", "load", "read", "save",
            "PatternError", "SparseConv1D", "SparseConv2d", "SparseLinear", "pack", "plan", "magnitude_masks",
            "sparse_modules", "sparsify", "LayerReport", "SparsityReport", "file_report", "last_report", "resident_bytes",

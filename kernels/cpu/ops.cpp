@@ -200,13 +200,14 @@ at::Tensor run_rows(const at::Tensor& x, int64_t n, int64_t kp, const c10::optio
   // Work items are (activation tile, chunk of output features), tile-major, handed out from a shared
   // counter rather than split evenly up front: the threads work on the same tile at once (it stays in their
   // caches), and a thread that is descheduled or slower leaves its share to the others. A chunk is ~256k
-  // weight entries of one K panel times the tile's 16-row blocks, at most a quarter of a thread's share, and a multiple of
+  // weight entries of one K panel (4x that with several panels: more features per panel while it is in L2)
+  // times the tile's 16-row blocks, at most a quarter of a thread's share, and a multiple of
   // 16 features (the m > 1 kernels' output group; 4 at m == 1). Each output is computed the same way
   // whichever thread takes it.
   const int64_t tiles = m > 1 ? (m + mt - 1) / mt : 1, blocks = m > 1 ? mt / sc::kLanes : 1;
   const int64_t threads = at::get_num_threads(), grp = m > 1 ? 16 : 4;
   const int64_t share = (n * tiles + 4 * threads - 1) / (4 * threads);
-  const int64_t fit = 262144 / std::max<int64_t>(1, tl.kpanel * blocks);
+  const int64_t fit = (tl.kpanel < kp ? 4 : 1) * 262144 / std::max<int64_t>(1, tl.kpanel * blocks);
   const int64_t chunk = std::max<int64_t>(grp, std::min<int64_t>(fit, m > 1 ? share : n) / grp * grp);
   const int64_t per_tile = (n + chunk - 1) / chunk, items = tiles * per_tile;
   const int64_t tasks = std::min<int64_t>(threads, items);
