@@ -9,7 +9,7 @@
   itself; those samples are taken in the same interleaved rounds as the torch rows (``bench.worker_client``).
 
 Sparse variants are planned (``sparsecore.plan``, no cache) on the very input they are timed on; all
-providers of a batch are timed together (``bench.cpu_stats.time_rounds_ms``, ``PAUSE_S`` after every call).
+providers of a batch are timed together (``bench.cpu_stats.time_rounds_ms``, in turns of ``BLOCK`` calls).
 With ``--e2e-compile`` (the default) each model also runs under ``torch.compile`` (inductor): ``dense
 compiled`` and ``<variant> compiled`` (planned first, then compiled), interleaved with the eager rows;
 ``compile_s`` is the wall time of the first compiled call at that batch (tracing + code generation; a later
@@ -49,11 +49,12 @@ DEEPSPARSE_PYTHON = "/work/venv-deepsparse/bin/python"
 RUNNER = Path(__file__).resolve().parent / "deepsparse_runner.py"
 COMPILED = " compiled"  # provider-name suffix of the torch.compile (inductor) rows
 ATTENTION = " +attention"  # provider-name suffix of the models given sparsecore's fused CPU attention
-# Sleep after every timed call, every provider alike (bench.cpu_stats.time_rounds_ms): longer than the idle
-# spin of torch's OpenMP pool (libgomp's default: 300,000 pause instructions, tens of ms on some x86 CPUs), so
-# that the next contender does not share its cores with a pool that just ran. ONNX Runtime is told to stop
-# spinning when a call returns (bench/deepsparse_runner.py); DeepSparse's pool sleeps between calls.
-PAUSE_S = 0.03
+# Every provider is timed in turns of BLOCK back-to-back calls, the turns alternating between contenders, and
+# the first call of each turn is left out (bench.cpu_stats.time_rounds_ms): it pays for the switch (caches the
+# other contenders filled, a thread pool waking up, or the previous contender's still spinning: libgomp spins
+# for 300,000 pauses after a region), so that each is measured in its steady state, as a serving loop runs it.
+# The workers of outside runtimes run a whole turn per request.
+BLOCK = 4
 
 
 @dataclass
@@ -149,7 +150,7 @@ def bench_model(name: str, dense: nn.Module, variants: dict[str, sc.SparsityConf
                 _settle(models.values(), x)
             fns = {k: (lambda m=m: _no_grad_call(m, x)) for k, m in models.items()}
             timings = time_repeated({**fns, **ext.providers}, repeats=args.repeats, reps=args.reps, cap=None,
-                                    timer=functools.partial(time_rounds_ms, pause_s=PAUSE_S))
+                                    timer=functools.partial(time_rounds_ms, block=BLOCK))
         dense_ms = min(timings[k].median_ms for k in ("dense", "dense" + COMPILED) if k in timings)
         refs = {}
         for vname, model in models.items():

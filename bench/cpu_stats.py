@@ -18,7 +18,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping, Optional, Union
 
 from sparsecore.timing import time_interleaved_ms
 
@@ -35,10 +35,12 @@ class SelfTimed:
     """A provider that times itself: ``sample()`` runs it once and returns that run's wall time in ms.
 
     For work done in another process: the time is measured there, around the work only, and the request's
-    round trip is left out. ``sample`` raises ``ProviderFailed`` when it cannot give a time.
+    round trip is left out. ``sample`` raises ``ProviderFailed`` when it cannot give a time. ``samples(n)``,
+    if given, runs it ``n`` times back to back in one request and returns the ``n`` times.
     """
 
     sample: Callable[[], float]
+    samples: Optional[Callable[[int], list[float]]] = None
 
 
 Provider = Union[Callable[[], object], SelfTimed]
@@ -109,41 +111,54 @@ def time_repeated(fns: Mapping[str, Provider], *, repeats: int = 3, reps: int = 
 
 
 def time_rounds_ms(fns: Mapping[str, Provider], device: str = "cpu", *, warmup: int = 3, rep: int = 20,
-                   pause_s: float = 0.0) -> dict[str, Union[float, ProviderFailed]]:
-    """Median ms of each provider over ``rep`` rounds, taken in turn (a, b, c, c, b, a, a, ...); a ``Timer``.
+                   pause_s: float = 0.0, block: int = 1) -> dict[str, Union[float, ProviderFailed]]:
+    """Median ms of each provider over ``rep`` samples, taken in turn (a, b, c, c, b, a, a, ...); a ``Timer``.
 
     A plain callable is timed around its call with the host clock; a ``SelfTimed`` one contributes the time
-    it reports. ``warmup`` untimed rounds come first. ``pause_s``: a sleep after every call, outside the
-    timed region and the same for every provider, so that thread pools left spinning by the call just made
-    go idle before the next contender starts. A provider that raises ``ProviderFailed`` is not called again;
-    its entry is that exception instead of a median. CPU only (``device`` is for the ``Timer`` signature).
+    it reports. ``warmup`` untimed rounds come first. ``block`` > 1: each turn is ``block`` calls back to
+    back, of which the first is left out (it pays for the switch: caches the other contenders filled, a
+    thread pool waking up or another one still spinning) and the others are samples, so that every provider
+    is measured as a serving loop runs it, and the turns still alternate between contenders. ``pause_s``: a
+    sleep after every turn, outside the timed region and the same for every provider. A provider that
+    raises ``ProviderFailed`` is not called again; its entry is that exception instead of a median. CPU only
+    (``device`` is for the ``Timer`` signature).
 
     Example: ``time_rounds_ms({"torch": lambda: model(x), "ext": SelfTimed(worker_sample)}, rep=20)``
     """
     if device != "cpu":
         raise ValueError(f"time_rounds_ms times CPU providers only, got device {device!r}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    kept = block - 1 if block > 1 else 1
+    rounds = -(-rep // kept)
     failed: dict[str, ProviderFailed] = {}
     samples: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns.items())
-    for i in range(warmup + rep):
+    for i in range(warmup + rounds):
         for name, fn in (order if i % 2 == 0 else order[::-1]):  # no contender always goes first
             if name in failed:
                 continue
             try:
-                ms = _sample(fn)
+                ms = _turn(fn, block)
             except ProviderFailed as e:
                 failed[name] = e
                 continue
             if i >= warmup:
-                samples[name].append(ms)
+                samples[name] += ms[1:] if block > 1 else ms
             if pause_s:
                 _sleep(pause_s)
-    return {name: failed[name] if name in failed else statistics.median(samples[name]) for name in fns}
+    return {name: failed[name] if name in failed else statistics.median(samples[name][:rep]) for name in fns}
 
 
-def _sample(fn: Provider) -> float:
+def _turn(fn: Provider, calls: int) -> list[float]:
+    """``calls`` back-to-back samples of one provider (ms)."""
     if isinstance(fn, SelfTimed):
-        return fn.sample()
-    t0 = _now()
-    fn()
-    return (_now() - t0) * 1e3
+        if calls > 1 and fn.samples is not None:
+            return list(fn.samples(calls))
+        return [fn.sample() for _ in range(calls)]
+    out = []
+    for _ in range(calls):
+        t0 = _now()
+        fn()
+        out.append((_now() - t0) * 1e3)
+    return out

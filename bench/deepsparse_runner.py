@@ -51,19 +51,25 @@ def load(name: str, onnx: str, batch: int, threads: int, ids, mask) -> tuple[Cal
 
 
 def serve(calls: dict[str, Callable[[], object]], commands: TextIO, answers: TextIO) -> None:
-    """Answer ``run NAME`` with one call's wall time in ms until ``quit`` or end of input."""
+    """Answer ``run NAME [N]`` with the wall times in ms of N (default 1) back-to-back calls, space-separated,
+    until ``quit`` or end of input."""
     for line in commands:
-        verb, _, name = line.strip().partition(" ")
+        tokens = line.split()
+        verb, name, rest = (tokens + ["", ""])[0], (tokens + ["", ""])[1], tokens[2:]
         if verb == "quit":
             return
-        if verb != "run" or name not in calls:
-            answers.write(f"error expected 'run NAME' with NAME in {sorted(calls)} or 'quit', got {line.strip()!r}\n")
+        count = int(rest[0]) if len(rest) == 1 and rest[0].isdigit() and int(rest[0]) > 0 else (1 if not rest else 0)
+        if verb != "run" or name not in calls or count == 0:
+            answers.write(f"error expected 'run NAME [N]' with NAME in {sorted(calls)} and N >= 1, or 'quit', got "
+                          f"{line.strip()!r}\n")
         else:
             try:
-                t0 = time.perf_counter()
-                calls[name]()
-                ms = (time.perf_counter() - t0) * 1e3
-                answers.write(f"{ms:.6f}\n")
+                times = []
+                for _ in range(count):
+                    t0 = time.perf_counter()
+                    calls[name]()
+                    times.append((time.perf_counter() - t0) * 1e3)
+                answers.write(" ".join(f"{ms:.6f}" for ms in times) + "\n")
             except Exception as e:  # noqa: BLE001  (the bench turns it into an error row)
                 answers.write("error " + f"{type(e).__name__}: {e}".replace("\n", " ")[:300] + "\n")
         answers.flush()

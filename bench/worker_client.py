@@ -1,7 +1,8 @@
 """The bench's side of a self-timing worker (``bench/deepsparse_runner.py``'s protocol).
 
 A runtime that cannot live in the bench's process (DeepSparse needs its own venv) runs in a worker that
-loads the model once, then answers ``run NAME`` with the wall time of one call, measured in the worker.
+loads the model once, then answers ``run NAME [N]`` with the wall time of each of N (default 1) back-to-back
+calls, measured in the worker.
 ``Worker.provider(NAME)`` makes that a ``bench.cpu_stats.SelfTimed`` provider, timed in the same rounds as
 the torch providers. Every read has a deadline: a worker that dies, stalls or answers garbage raises
 ``ProviderFailed`` (and is killed), it never hangs the bench. POSIX only (``select`` on a pipe).
@@ -57,27 +58,32 @@ class Worker:
         """``name`` as a self-timed provider: each sample is one call's time as the worker measured it."""
         if name not in self.ready:
             raise ValueError(f"the worker serves {self.ready}, not {name!r}")
-        return SelfTimed(lambda: self.sample(name))
+        return SelfTimed(lambda: self.sample(name), lambda n: self.samples(name, n))
 
     def sample(self, name: str) -> float:
         """Runs ``name`` once in the worker: the call's wall time in ms, measured there."""
+        return self.samples(name, 1)[0]
+
+    def samples(self, name: str, n: int) -> list[float]:
+        """Runs ``name`` ``n`` times back to back in the worker: each call's wall time in ms, measured there."""
         if self.error:
             raise ProviderFailed(self.error)
+        request = f"run {name}" if n == 1 else f"run {name} {n}"
         try:
-            self._proc.stdin.write(f"run {name}\n".encode())
+            self._proc.stdin.write(f"{request}\n".encode())
             self._proc.stdin.flush()
         except OSError as e:  # a dead worker's stdin: BrokenPipeError
-            self._fail(f"could not send 'run {name}' ({type(e).__name__})")
-        line = self._read_line(self.answer_timeout_s, f"its answer to 'run {name}'")
+            self._fail(f"could not send {request!r} ({type(e).__name__})")
+        line = self._read_line(self.answer_timeout_s * n, f"its answer to {request!r}")
         if line.startswith("error "):
             raise ProviderFailed(f"{name}: {line[len('error '):]}")  # that runtime's call failed; the worker lives
         try:
-            ms = float(line)
+            times = [float(v) for v in line.split()]
         except ValueError:
-            ms = math.nan
-        if not (math.isfinite(ms) and ms >= 0):
-            self._fail(f"answered {line[:120]!r} to 'run {name}', not a time in ms")
-        return ms
+            times = []
+        if len(times) != n or not all(math.isfinite(ms) and ms >= 0 for ms in times):
+            self._fail(f"answered {line[:120]!r} to {request!r}, not {'a time' if n == 1 else f'{n} times'} in ms")
+        return times
 
     def close(self) -> None:
         """Asks the worker to quit; kills it if it has not within 10 s."""

@@ -138,3 +138,31 @@ def test_time_repeated_with_a_cap_needs_its_baseline_alive(clock):
     with pytest.raises(ProviderFailed, match="baseline 'dense'"):
         time_repeated({"dense": SelfTimed(dead), "b": plain(clock, "b", [1.0])}, repeats=2, reps=1, cap=4.0,
                       timer=time_rounds_ms)
+
+
+def test_turns_of_a_block_drop_their_first_call_and_alternate(clock):
+    # a's first call of every turn is slow (the switch); the others tell its steady state apart from b's
+    a = plain(clock, "a", [50.0, 2.0, 2.0, 2.0])
+    b = plain(clock, "b", [60.0, 3.0, 4.0, 3.0])
+    got = time_rounds_ms({"a": a, "b": b}, warmup=1, rep=6, block=4)
+    assert got == pytest.approx({"a": 2.0, "b": 3.0})
+    # warmup 1 + ceil(6 / 3) = 3 turns each, four calls per turn, turns alternating a, b, b, a, a, b
+    assert clock.log == ["a"] * 4 + ["b"] * 8 + ["a"] * 8 + ["b"] * 4
+
+
+def test_self_timed_turn_is_one_request_for_the_whole_block(clock):
+    requests = []
+
+    def samples(n: int) -> list[float]:
+        requests.append(n)
+        clock.take(500.0)  # the round trip: never a sample
+        return [40.0] + [5.0] * (n - 1)
+    ext = SelfTimed(lambda: pytest.fail("a block turn must not sample call by call"), samples)
+    got = time_rounds_ms({"a": plain(clock, "a", [1.0]), "ext": ext}, warmup=0, rep=5, block=3)
+    assert got == pytest.approx({"a": 1.0, "ext": 5.0})
+    assert requests == [3, 3, 3]  # ceil(5 / 2) turns
+
+
+def test_block_must_be_positive(clock):
+    with pytest.raises(ValueError, match="block"):
+        time_rounds_ms({"a": plain(clock, "a", [1.0])}, block=0)

@@ -28,7 +28,8 @@ FAKE = textwrap.dedent('''
     print(json.dumps({"ready": ["a", "b"], "errors": {"c": "ImportError: no c"}, "versions": {"a": "1.0"}}), flush=True)
     answered = 0
     for line in sys.stdin:
-        verb, _, name = line.strip().partition(" ")
+        verb, _, rest = line.strip().partition(" ")
+        name, _, count = rest.partition(" ")
         if verb == "quit":
             sys.exit(0)
         if answered >= n:
@@ -41,7 +42,7 @@ FAKE = textwrap.dedent('''
             if behaviour == "error":
                 print("error RuntimeError: engine failed", flush=True); continue
         answered += 1
-        print({"a": "7.25", "b": "3.5"}[name], flush=True)
+        print(" ".join([{"a": "7.25", "b": "3.5"}[name]] * int(count or 1)), flush=True)
 ''')
 
 
@@ -59,6 +60,7 @@ def test_ready_line_and_reported_times(fake_worker):
     with fake_worker() as w:
         assert (w.ready, w.errors, w.versions) == (["a", "b"], {"c": "ImportError: no c"}, {"a": "1.0"})
         assert [w.sample("a"), w.provider("b").sample(), w.sample("a")] == [7.25, 3.5, 7.25]
+        assert w.samples("b", 3) == [3.5] * 3 and w.provider("a").samples(2) == [7.25] * 2
         with pytest.raises(ValueError, match="not 'c'"):
             w.provider("c")
         proc = w._proc
@@ -125,13 +127,15 @@ def test_runner_serve_answers_the_time_of_the_call_only(monkeypatch):
     def broken():
         raise RuntimeError("bad\ninput")
     out = io.StringIO()
-    commands = io.StringIO("run x\nrun y\nrun z\nhello\nrun x\nquit\nrun x\n")
+    commands = io.StringIO("run x\nrun y\nrun z\nhello\nrun x\nrun x 3\nrun x 0\nquit\nrun x\n")
     deepsparse_runner.serve({"x": slow, "y": broken}, commands, out)
     lines = out.getvalue().splitlines()
     assert float(lines[0]) == pytest.approx(12.5) and float(lines[4]) == pytest.approx(12.5)
     assert lines[1] == "error RuntimeError: bad input"
-    assert lines[2].startswith("error expected 'run NAME' with NAME in ['x', 'y']") and "'run z'" in lines[2]
-    assert lines[3].startswith("error ") and len(lines) == 5  # nothing after quit
+    assert lines[2].startswith("error expected 'run NAME [N]' with NAME in ['x', 'y']") and "'run z'" in lines[2]
+    assert lines[3].startswith("error ")
+    assert [float(v) for v in lines[5].split()] == pytest.approx([12.5] * 3)  # three calls, three times
+    assert lines[6].startswith("error ") and len(lines) == 7  # N must be >= 1; nothing after quit
 
 
 def test_runner_ready_line_names_runtimes_that_failed_to_load(tmp_path):
@@ -167,7 +171,7 @@ def _fixed(fake_ms, timer):
 
 
 def test_e2e_rows_of_interleaved_peers_and_of_a_peer_that_dies(monkeypatch, seeded, fake_worker):
-    monkeypatch.setattr(cpu_e2e, "PAUSE_S", 0.0)
+    monkeypatch.setattr(cpu_e2e, "BLOCK", 1)  # one call per turn: the answers below count calls
     monkeypatch.setattr(cpu_e2e, "_SETTLE_S", 0.0)
     real = cpu_e2e.time_repeated
     fake_ms = {"dense": 14.5}
