@@ -126,14 +126,14 @@ def test_a_dead_build_lock_is_cleared_and_a_live_one_kept(tmp_path):
     import os
     import time
 
-    from sparsecore.kernels import cpu as cpu_kernels
+    from sparsecore.kernels.cpu import _extension
 
     dead, live = tmp_path / "dead", tmp_path / "live"
     dead.write_text("")
     live.write_text("")
-    old = time.time() - cpu_kernels._STALE_LOCK_S - 60
+    old = time.time() - _extension.STALE_LOCK_S - 60
     os.utime(dead, (old, old))
-    cpu_kernels._clear_stale_lock(dead)
-    cpu_kernels._clear_stale_lock(live)
-    cpu_kernels._clear_stale_lock(tmp_path / "absent")
+    _extension.clear_stale_lock(dead)
+    _extension.clear_stale_lock(live)
+    _extension.clear_stale_lock(tmp_path / "absent")
     assert not dead.exists() and live.exists()

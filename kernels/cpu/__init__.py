@@ -30,74 +30,36 @@ in L2 while every output feature re-reads them, and 16 output features at a time
 ``y``. Work items are (tile, chunk of output features), tile-major, shared out with ``at::parallel_for``
 (``torch.set_num_threads`` applies); the threads pack a tile together when they first need it.
 
-The extension is compiled with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and ninja) on the
-first call that needs it, never at import, into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``) under a name hashing the sources, flags, torch and Python versions and the CPU's
-features, so an edited source, another torch or another CPU gets its own build. If it
-cannot be built, ``why_unavailable()`` says why and the callers raise ``CpuKernelsUnavailable``.
+The extension is built (``kernels/cpu/_extension.py``: ``torch.utils.cpp_extension``, cached per sources, flags,
+torch, Python and CPU features) on the first call that needs it, never at import. If it cannot be built,
+``why_unavailable()`` says why and the callers raise ``CpuKernelsUnavailable``.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import platform
 import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
 import torch
 
-from .._host import needs_op, on_poison_change
+from .._host import needs_op
+from ._extension import X86, CpuKernelsUnavailable, build, isas, load_once, unavailable_reason
 
 __all__ = ["CpuKernelsUnavailable", "BitmapLayout", "ISAS", "extension", "why_unavailable", "available_isas",
-           "default_isa", "bitmap_layout", "bitmap_linear", "bitmap_linear_ref", "bitmap_dense", "ColumnLayout", "column_layout",
-           "column_layout_from", "column_dense",
+           "default_isa", "bitmap_layout", "bitmap_linear", "bitmap_linear_ref", "bitmap_dense", "ColumnLayout",
+           "column_layout", "column_layout_from", "column_dense",
            "columns_linear", "columns_linear_ref", "MAX_COLUMN_K", "nm_linear", "nm_linear_ref",
            "DTYPES"]
 
 ISAS = ("portable", "avx2", "avx512")          # plainest first; the index is the code the C++ side takes
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_DIR = Path(__file__).resolve().parent
-_X86 = platform.machine().lower() in ("x86_64", "amd64")
-_SOURCES = ("ops.cpp", "portable.cpp") + (("avx2.cpp", "avx512.cpp") if _X86 else ())
-_CFLAGS = ["-O3", "-fopenmp", "-std=c++17"] + ([] if _X86 else ["-DSPARSECORE_PORTABLE_ONLY"])
-_LDFLAGS = ["-fopenmp"]
-_CPU_FLAGS = ("avx2", "fma", "f16c", "bmi1", "bmi2", "popcnt", "avx512f", "avx512bw", "avx512vl", "avx512dq",
-              "avx512_vbmi2")
-
-
-class CpuKernelsUnavailable(RuntimeError):
-    """The native CPU kernels cannot run here (no compiler, failed build, unsupported instruction set)."""
-
-
-def _cpu_features() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return platform.machine() + ":" + ",".join(f for f in _CPU_FLAGS if f in flags)
-
-
-def _build_name() -> str:
-    h = hashlib.sha256()
-    for name in sorted(_SOURCES) + ["common.h"]:
-        h.update(name.encode() + b"\0" + (_DIR / name).read_bytes())
-    h.update(repr((_CFLAGS, _LDFLAGS, torch.__version__, _cpu_features(), platform.python_version())).encode())
-    return "sparsecore_cpu_" + h.hexdigest()[:16]
+_SOURCES = ("ops.cpp", "portable.cpp") + (("avx2.cpp", "avx512.cpp") if X86 else ())
 
 
 def _build() -> ModuleType:
-    from torch.utils import cpp_extension
-
-    cpp_extension.verify_ninja_availability()  # raises RuntimeError naming ninja
-    _clear_stale_lock(Path(cpp_extension._get_build_directory(_build_name(), False)) / "lock")
-    mod = cpp_extension.load(_build_name(), [str(_DIR / s) for s in _SOURCES], extra_cflags=_CFLAGS,
-                             extra_ldflags=_LDFLAGS, verbose=False)
-    on_poison_change(mod.set_poison)
+    mod = build("sparsecore_cpu", _SOURCES, ["common.h"])
     _register_fakes()
     return mod
 
@@ -117,54 +79,23 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"sparsecore::{name}", fn)
 
 
-# torch's build lock is a file that a killed build leaves behind, and every later build then waits for it
-# forever. A build takes minutes at most, so a lock older than this belongs to a dead build.
-_STALE_LOCK_S = 15 * 60
-
-
-def _clear_stale_lock(lock: Path) -> None:
-    try:
-        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-            lock.unlink()
-    except FileNotFoundError:
-        pass
-
-
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "module" or "error", set once
+_state: dict[str, object] = {}  # "module" or "error", set once; "isas"
 
 
 def extension() -> ModuleType:
     """The compiled extension (built on the first call, then cached); raises ``CpuKernelsUnavailable``."""
-    mod = _state.get("module")
-    if mod is not None:
-        return mod  # type: ignore[return-value]
-    with _lock:
-        if "module" not in _state and "error" not in _state:
-            try:
-                _state["module"] = _build()
-            except Exception as e:  # any build failure becomes the reason reported by why_unavailable
-                _state["error"] = f"the native CPU kernels could not be built: {type(e).__name__}: {e}".strip()
-    if "error" in _state:
-        raise CpuKernelsUnavailable(str(_state["error"]))
-    return _state["module"]  # type: ignore[return-value]
+    return load_once(_state, _lock, _build, "the native CPU kernels")
 
 
 def why_unavailable() -> Optional[str]:
     """``None`` if the extension builds (building it if needed), else the reason."""
-    try:
-        extension()
-    except CpuKernelsUnavailable as e:
-        return str(e)
-    return None
+    return unavailable_reason(extension)
 
 
 def available_isas() -> tuple[str, ...]:
     """Instruction-set paths this CPU runs, plainest first (builds the extension)."""
-    have = _state.get("isas")
-    if have is None:
-        have = _state["isas"] = tuple(extension().available_isas())
-    return have  # type: ignore[return-value]
+    return isas(_state, extension)
 
 
 def default_isa() -> str:

@@ -18,55 +18,26 @@ The widest the CPU runs is the default; ``isa`` forces one, and ``SPARSECORE_CPU
 ``portable`` select ``portable``, there being no AVX2 attention path).
 
 The extension is a sibling of the sparse linear one (``sparsecore.kernels.cpu``), built the same way on first
-use into torch's extension cache under a name hashing its sources, flags, torch and Python versions and the
-CPU's features; if it cannot be built, ``why_unavailable()`` says why and the launchers raise
+use (``kernels/cpu/_extension.py``); if it cannot be built, ``why_unavailable()`` says why and the launchers raise
 ``CpuKernelsUnavailable``.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import platform
 import threading
-from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
 import torch
 
-from .._host import on_poison_change
-from . import CpuKernelsUnavailable, _clear_stale_lock, _cpu_features
+from ._extension import X86, CpuKernelsUnavailable, build, isas, load_once, unavailable_reason
 
 __all__ = ["ATTENTION_ISAS", "attention", "attention_bshd", "attention_ref", "available_isas", "default_isa",
            "needs_copy", "why_unavailable"]
 
 ATTENTION_ISAS = ("portable", "avx512")  # the index is the code the C++ side takes
-_DIR = Path(__file__).resolve().parent
-_X86 = platform.machine().lower() in ("x86_64", "amd64")
-_SOURCES = ("attention.cpp",) + (("attention_avx512.cpp",) if _X86 else ())
-_CFLAGS = ["-O3", "-fopenmp", "-std=c++17"] + ([] if _X86 else ["-DSPARSECORE_PORTABLE_ONLY"])
-_LDFLAGS = ["-fopenmp"]
-
-
-def _build_name() -> str:
-    h = hashlib.sha256()
-    for name in sorted(_SOURCES) + ["attention.h"]:
-        h.update(name.encode() + b"\0" + (_DIR / name).read_bytes())
-    h.update(repr((_CFLAGS, _LDFLAGS, torch.__version__, _cpu_features(), platform.python_version())).encode())
-    return "sparsecore_attn_" + h.hexdigest()[:16]
-
-
-def _build() -> ModuleType:
-    from torch.utils import cpp_extension
-
-    cpp_extension.verify_ninja_availability()  # raises RuntimeError naming ninja
-    _clear_stale_lock(Path(cpp_extension._get_build_directory(_build_name(), False)) / "lock")
-    mod = cpp_extension.load(_build_name(), [str(_DIR / s) for s in _SOURCES], extra_cflags=_CFLAGS,
-                             extra_ldflags=_LDFLAGS, verbose=False)
-    on_poison_change(mod.set_poison)
-    return mod
-
+_SOURCES = ("attention.cpp",) + (("attention_avx512.cpp",) if X86 else ())
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module" or "error", set once; "isas"
@@ -74,35 +45,18 @@ _state: dict[str, object] = {}  # "module" or "error", set once; "isas"
 
 def extension() -> ModuleType:
     """The compiled attention extension (built on the first call, then cached); raises ``CpuKernelsUnavailable``."""
-    mod = _state.get("module")
-    if mod is not None:
-        return mod  # type: ignore[return-value]
-    with _lock:
-        if "module" not in _state and "error" not in _state:
-            try:
-                _state["module"] = _build()
-            except Exception as e:  # any build failure becomes the reason reported by why_unavailable
-                _state["error"] = f"the native CPU attention kernel could not be built: {type(e).__name__}: {e}".strip()
-    if "error" in _state:
-        raise CpuKernelsUnavailable(str(_state["error"]))
-    return _state["module"]  # type: ignore[return-value]
+    return load_once(_state, _lock, lambda: build("sparsecore_attn", _SOURCES, ["attention.h"]),
+                     "the native CPU attention kernel")
 
 
 def why_unavailable() -> Optional[str]:
     """``None`` if the extension builds (building it if needed), else the reason."""
-    try:
-        extension()
-    except CpuKernelsUnavailable as e:
-        return str(e)
-    return None
+    return unavailable_reason(extension)
 
 
 def available_isas() -> tuple[str, ...]:
     """Attention paths this CPU runs, plainest first (builds the extension)."""
-    have = _state.get("isas")
-    if have is None:
-        have = _state["isas"] = tuple(extension().available_isas())
-    return have  # type: ignore[return-value]
+    return isas(_state, extension)
 
 
 def default_isa() -> str:

@@ -134,8 +134,7 @@ class Packed {
       return;
     }
     xc_ = x.stride(1) == 1 ? x : x.contiguous();
-    tiles_ = (m_ + mt - 1) / mt;
-    const int64_t floats = tiles_ * kp * mt;
+    const int64_t tiles = (m_ + mt - 1) / mt, floats = tiles * kp * mt;
     if (floats * 4 <= kScratchMax) {
       data_ = thread_scratch(floats);
     } else {
@@ -148,9 +147,9 @@ class Packed {
     pack_ = isa == kAvx512 ? sc::pack_rows_avx512 : sc::pack_rows_portable;
 #endif
     dtype_ = dtype_of(xc_);
-    claimed_.reset(new std::atomic<int64_t>[tiles_]);
-    done_.reset(new std::atomic<int64_t>[tiles_]);
-    for (int64_t t = 0; t < tiles_; ++t) {
+    claimed_.reset(new std::atomic<int64_t>[tiles]);
+    done_.reset(new std::atomic<int64_t>[tiles]);
+    for (int64_t t = 0; t < tiles; ++t) {
       claimed_[t].store(0, std::memory_order_relaxed);
       done_[t].store(0, std::memory_order_relaxed);
     }
@@ -172,7 +171,7 @@ class Packed {
   }
 
  private:
-  int64_t kp_, mt_, m_, k_, tiles_ = 1;
+  int64_t kp_, mt_, m_, k_;
   at::Tensor owner_, xc_;
   float* data_ = nullptr;
   sc::DType dtype_ = sc::DType::F32;
